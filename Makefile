@@ -1,0 +1,51 @@
+# bise: common tasks. `make quickstart` and `make test` are the two set-up commands of the README; each creates
+# .venv and installs the project when needed (torch 2.14.1 / torchvision 0.29.1 pinned in pyproject.toml).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+MNIST  ?= ../shared/data/mnist
+
+.PHONY: help install quickstart test lint bench table-biased-mnist table-ablation table-efficiency table-civilcomments clean
+
+help:  ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[text,launchers,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install bise with all extras
+
+quickstart: $(STAMP)  ## reduced-scale demo: vanilla -> BISE -> prune -> baselines, a few minutes on CPU
+	$(BIN)/bise run experiment=quickstart
+
+test: $(STAMP)  ## the test suite (CPU, no network, no ../shared)
+	$(BIN)/python -m pytest tests
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check bise_cli tests benchmarks
+
+bench: $(STAMP)  ## benchmarks (minutes; some need the full MNIST in $(MNIST))
+	$(BIN)/python benchmarks/run_all.py --mnist $(MNIST)
+
+table-biased-mnist: $(STAMP)  ## paper Table: BiasedMNIST rho x seeds x {vanilla, BISE, BISE+FT} (GPU hours)
+	$(BIN)/bise run -m experiment=paper/biased_mnist dataset.root=$(MNIST)
+	$(BIN)/bise table outputs/sweeps/paper_biased_mnist --reference
+
+table-ablation: $(STAMP)  ## paper ablation: reweighting x MI at rho 0.99 (GPU hours)
+	$(BIN)/bise run -m experiment=paper/ablation dataset.root=$(MNIST)
+	$(BIN)/bise table outputs/sweeps/paper_ablation --reference
+
+table-efficiency: $(STAMP)  ## paper efficiency: sparsity, MACs, latency (GPU hours)
+	$(BIN)/bise run -m experiment=paper/efficiency dataset.root=$(MNIST)
+	$(BIN)/bise table outputs/sweeps/paper_efficiency --metrics sparsity_units sparsity_weights macs latency_ms_b1
+
+table-civilcomments: $(STAMP)  ## CivilComments with BERT (needs the WILDS CSV in datasets/civilcomments; GPU days)
+	$(BIN)/bise run -m experiment=paper/civilcomments
+	$(BIN)/bise table outputs/sweeps/paper_civilcomments --metrics acc acc_avg_group acc_worst_group dp_diff eo_diff
+
+clean:  ## remove runs, sweeps and caches (keeps datasets/)
+	rm -rf outputs/runs outputs/sweeps outputs/cache outputs/data

@@ -1,0 +1,137 @@
+"""The `bise` command: `run` (the pipeline, through Hydra), `data` (inspect a dataset), `table` (aggregate).
+
+Only this module and pipeline.py know Hydra. `bise run ARGS` hands ARGS to a Hydra app, so every Hydra feature
+works as documented: overrides, `-m` sweeps, `--cfg job`, `--help`, launchers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from bise_cli import __version__
+from bise_cli.errors import BiseError
+
+log = logging.getLogger("bise")
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+USAGE = f"""bise {__version__}: Bias-Invariant Subnetwork Extraction experiment runner
+
+usage: bise <command> [arguments]
+
+commands:
+  run [overrides]    train (or reuse) the vanilla model, run the BISE search, prune, evaluate, write records
+                     e.g.  bise run dataset=biased_mnist rho=0.99
+                           bise run -m rho=0.99,0.995,0.997 seed=0,1,2
+                           bise run experiment=quickstart
+                     `bise run --help` lists every config group; `bise run --cfg job` prints the config
+  data [overrides]   build the dataset only; print and write a summary and a sample grid
+  table DIR [opts]   mean +- std tables (md, tex, csv) over every record under DIR; `bise table --help`
+  version            print the version
+"""
+FAILED_JOBS: list[str] = []
+
+
+def _dirname(overrides: str) -> str:
+    """Folder name for a run: its overrides (no timestamp), made filesystem-safe; `default` when none."""
+    safe = re.sub(r"[^A-Za-z0-9=,._+-]", "_", overrides)
+    return safe[:200] or "default"
+
+
+if not OmegaConf.has_resolver("bise.dirname"):
+    OmegaConf.register_new_resolver("bise.dirname", _dirname)
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _guarded(task):
+    """Run a task; user errors become one-line messages. In a sweep a failed job never stops the others."""
+    def wrapper(cfg: DictConfig):
+        try:
+            return task(cfg)
+        except BiseError as error:
+            log.error("error: %s", error)
+            if _is_multirun():
+                FAILED_JOBS.append(str(_output_dir()))
+                return None
+            sys.exit(2)
+        except Exception:
+            if _is_multirun():
+                log.exception("job failed (traceback also in %s/status.json)", _output_dir())
+                FAILED_JOBS.append(str(_output_dir()))
+                return None
+            raise
+    return wrapper
+
+
+@_guarded
+def run_task(cfg: DictConfig):
+    from bise_cli import pipeline
+    from bise_cli.summary import print_run_summary
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    if plain.get("note"):
+        log.info(plain["note"])
+    records = pipeline.run(plain, _output_dir())
+    print_run_summary(records, note=plain.get("note", ""), out_dir=_output_dir())
+
+
+@_guarded
+def data_task(cfg: DictConfig):
+    from bise_cli import pipeline
+    from bise_cli.summary import write_data_summary
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    bundle = pipeline._load_data(plain)
+    write_data_summary(bundle, _output_dir())
+
+
+def _hydra_app(task, argv: list[str], program: str, extra: list[str] = ()) -> None:
+    import hydra
+
+    if not CONF_DIR.is_dir():
+        raise BiseError(f"config folder {CONF_DIR} not found; install bise from its source tree (pip install -e .)")
+    app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
+    sys.argv = [program, *argv, *extra]
+    app()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "run":
+            _hydra_app(run_task, rest, "bise run")
+            if FAILED_JOBS:
+                print(f"{len(FAILED_JOBS)} job(s) failed; see status.json in: {', '.join(FAILED_JOBS)}",
+                      file=sys.stderr)
+                sys.exit(1)
+        elif command == "data":
+            _hydra_app(data_task, rest, "bise data",
+                       ["hydra.run.dir=${output_root}/data/${bise.dirname:${hydra:job.override_dirname}}"])
+        elif command == "table":
+            from bise_cli.tables import table_command
+            sys.exit(table_command(rest))
+        elif command == "version":
+            print(__version__)
+        else:
+            raise BiseError(f"unknown command {command!r}; allowed: run, data, table, version (see bise --help)")
+    except BiseError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,81 @@
+"""Shared data containers: every dataset is a set of in-memory splits of (x, y, b) triples.
+
+`x` is one tensor per split (uint8 images for BiasedMNIST, stacked token ids for text), `y` the target and
+`b` the bias attribute. A split also carries an `encode` function that turns a batch of raw `x` into model
+input (e.g. uint8 -> normalised float), so datasets stay compact in memory and batching stays trivial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+SPLIT_NAMES = ("train", "search", "val", "test")
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass
+class Split:
+    """One split: raw inputs `x`, targets `y`, bias labels `b`, optional per-sample metadata columns."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    b: torch.Tensor
+    encode: Callable[[torch.Tensor], torch.Tensor] = _identity
+    meta: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.y)
+        if len(self.x) != n or len(self.b) != n:
+            raise ValueError(f"split sizes disagree: x {len(self.x)}, y {n}, b {len(self.b)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: torch.Tensor) -> "Split":
+        """The rows `index` of this split (metadata included)."""
+        return Split(self.x[index], self.y[index], self.b[index], self.encode,
+                     {k: v[index] for k, v in self.meta.items()})
+
+    def with_bias(self, b: torch.Tensor) -> "Split":
+        """The same split with its bias labels replaced (used by the unsupervised variant)."""
+        return Split(self.x, self.y, b, self.encode, self.meta)
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (encoded x, y, b) batches on `device`; shuffled with `generator` when asked."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            yield (self.encode(self.x[idx]).to(device), self.y[idx].to(device), self.b[idx].to(device))
+
+    def num_batches(self, batch_size: int) -> int:
+        return (len(self) + batch_size - 1) // batch_size
+
+
+@dataclass
+class DatasetBundle:
+    """All splits of one dataset plus what the rest of the pipeline needs to know about it.
+
+    `splits` holds `train` (vanilla training), `search` (BISE mask search), `val` (model selection; may be
+    missing) and `test`. `aligned` is the bias-aligned rule b == y used throughout (method.md §1).
+    `info` is free-form provenance (source, synthetic flag, counts) written into the run records.
+    """
+
+    name: str
+    splits: dict[str, Split]
+    num_classes: int
+    num_bias: int
+    info: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Split:
+        return self.splits[name]
+
+    def get(self, name: str) -> Split | None:
+        return self.splits.get(name)

@@ -1,0 +1,16 @@
+"""User-facing errors.
+
+`BiseError` carries a one-line message naming the bad value and what is allowed. The CLI prints it as
+`error: <message>` and exits with status 2, so users never see a traceback for bad input.
+"""
+
+
+class BiseError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+
+def check_choice(what: str, value, allowed) -> None:
+    """Raise BiseError unless `value` is one of `allowed`."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise BiseError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}")

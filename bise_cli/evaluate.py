@@ -1,0 +1,49 @@
+"""Evaluate one model on a dataset bundle: accuracy metrics on test (and val), disparity for binary tasks,
+WILDS overlapping-group metrics when the split carries identity columns, and bias leakage.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bise_cli.bise import fresh_probe_leakage
+from bise_cli.data.base import DatasetBundle
+from bise_cli.metrics import accuracy_metrics, disparity_metrics, overlapping_group_metrics
+from bise_cli.train import predict
+
+
+def split_metrics(model: nn.Module, bundle: DatasetBundle, split_name: str, batch_size: int, device) -> dict:
+    """Every metric of `split_name` (accuracy family, disparity when binary, WILDS groups when available)."""
+    split = bundle[split_name]
+    out = predict(model, split, batch_size, device)
+    metrics = accuracy_metrics(out["y"], out["b"], out["pred"], bundle.num_classes, bundle.num_bias)
+    if bundle.num_classes == 2 and bundle.num_bias == 2:
+        metrics.update(disparity_metrics(out["y"], out["b"], out["pred"]))
+    identities = split.meta.get("identities")
+    if identities is not None:
+        wilds = overlapping_group_metrics(out["y"], out["pred"], identities, bundle.info["identity_names"])
+        metrics["wilds_acc_avg_group"] = wilds["acc_avg_group"]
+        metrics["wilds_acc_worst_group"] = wilds["acc_worst_group"]
+        metrics["wilds_groups"] = wilds["groups"]
+        if bundle.info.get("groups") == "wilds":
+            # The user chose WILDS' 16 groups as *the* group definition: headline names follow it.
+            metrics["coarse_acc_worst_group"] = metrics["acc_worst_group"]
+            metrics["acc_worst_group"] = wilds["acc_worst_group"]
+            metrics["acc_avg_group"] = wilds["acc_avg_group"]
+    return metrics
+
+
+def evaluate_model(model: nn.Module, bundle: DatasetBundle, *, batch_size: int, device, probe: dict | None,
+                   seed: int) -> dict:
+    """Test metrics at the top level, validation metrics prefixed `val_`, and the fresh-probe `leakage`."""
+    model.eval()
+    metrics = split_metrics(model, bundle, "test", batch_size, device)
+    if bundle.get("val") is not None:
+        val = split_metrics(model, bundle, "val", batch_size, device)
+        metrics.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
+    if probe:
+        with torch.random.fork_rng(devices=[]):
+            metrics["leakage"] = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias,
+                                                     seed=seed, device=device, **probe)
+    return metrics

@@ -1,0 +1,175 @@
+"""Structured gates: one learnable scalar per channel or neuron, attached to a frozen model with hooks.
+
+Gate (method.md §2.3): parameter m per unit, forward always hard g = 1[m >= 0] (= 1[sigmoid(m/tau) >= 0.5]),
+backward straight-through with dg/dm = sigmoid'(m/tau)/tau. The trick `hard + soft - soft.detach()` gives
+exactly the hard value in the forward pass (x - x == 0 in floating point) and the soft derivative backwards.
+
+Modes: `vanilla` (gates are skipped, the model is untouched), `masked` (the above), `fixed` (hard binary
+values, no gradient). `masked` and `fixed` produce identical forward outputs.
+
+Where a gate sits is described by a `GatePoint` (the backbone declares its own list): the output or the input
+of a named submodule, and which tensor dimension holds the units. Hooks keep the backbone code unaware of
+gates, so the same mechanism serves convnets, ResNets and BERT.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+GATE_MODES = ("vanilla", "masked", "fixed")
+
+
+@dataclass(frozen=True)
+class GatePoint:
+    """A gate position: `where` is "output" or "input" of submodule `module`; units along `dim`.
+
+    `producer` names the conv/linear layer whose weight row i computes unit i (used by magnitude pruning);
+    empty means `module` itself."""
+
+    name: str
+    module: str
+    units: int
+    where: str = "output"
+    dim: int = 1
+    producer: str = ""
+
+
+class Gate(nn.Module):
+    """One gate layer: a vector of `units` parameters applied along dimension `dim` of a tensor."""
+
+    def __init__(self, units: int, init: float = 0.0, dim: int = 1):
+        super().__init__()
+        self.logits = nn.Parameter(torch.full((units,), float(init)))
+        self.dim = dim
+        self.tau = 1.0
+        self.mode = "masked"
+
+    def hard(self) -> torch.Tensor:
+        """The binary mask 1[m >= 0] as a float tensor (no gradient)."""
+        return (self.logits.detach() >= 0).to(self.logits.dtype)
+
+    def values(self) -> torch.Tensor | None:
+        """Gate values for the current mode; None in vanilla mode."""
+        if self.mode == "vanilla":
+            return None
+        if self.mode == "fixed":
+            return self.hard()
+        soft = torch.sigmoid(self.logits / self.tau)
+        return self.hard() + soft - soft.detach()
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        """Multiply `h` unit-wise by the gate values (broadcast over every other dimension)."""
+        g = self.values()
+        if g is None:
+            return h
+        shape = [1] * h.dim()
+        shape[self.dim] = -1
+        return h * g.to(h.dtype).view(shape)
+
+
+def _key(name: str) -> str:
+    # ModuleDict keys may not contain dots.
+    return name.replace(".", "__")
+
+
+class GateSet(nn.Module):
+    """All gates of one model, attached through forward hooks; detach() restores the plain model."""
+
+    def __init__(self, points: list[GatePoint], init: float = 0.0):
+        super().__init__()
+        if not points:
+            raise ValueError("a GateSet needs at least one gate point")
+        self.points = list(points)
+        self.gates = nn.ModuleDict({_key(p.name): Gate(p.units, init, p.dim) for p in self.points})
+        self._handles: list = []
+
+    def __iter__(self):
+        return iter(self.points)
+
+    def gate(self, name: str) -> Gate:
+        return self.gates[_key(name)]
+
+    def attach(self, model: nn.Module) -> "GateSet":
+        """Register one hook per gate point on `model` (idempotent: re-attaching detaches first)."""
+        self.detach()
+        for point in self.points:
+            module = model.get_submodule(point.module)
+            gate = self.gate(point.name)
+            if point.where == "output":
+                handle = module.register_forward_hook(lambda _m, _i, out, g=gate: g.apply(out))
+            elif point.where == "input":
+                handle = module.register_forward_pre_hook(
+                    lambda _m, args, g=gate: (g.apply(args[0]),) + tuple(args[1:]))
+            else:
+                raise ValueError(f"gate point {point.name}: where must be 'output' or 'input', not {point.where!r}")
+            self._handles.append(handle)
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in GATE_MODES:
+            raise ValueError(f"gate mode {mode!r}; allowed: {', '.join(GATE_MODES)}")
+        for gate in self.gates.values():
+            gate.mode = mode
+
+    @contextmanager
+    def mode(self, mode: str):
+        """Temporarily switch every gate to `mode`."""
+        previous = next(iter(self.gates.values())).mode
+        self.set_mode(mode)
+        try:
+            yield self
+        finally:
+            self.set_mode(previous)
+
+    def set_tau(self, tau: float) -> None:
+        for gate in self.gates.values():
+            gate.tau = float(tau)
+
+    def binary_masks(self) -> dict[str, torch.Tensor]:
+        """{gate name: bool tensor of kept units}."""
+        return {p.name: self.gate(p.name).hard().bool().cpu() for p in self.points}
+
+    def load_binary_masks(self, masks: dict[str, torch.Tensor], on: float = 1.0, off: float = -1.0) -> None:
+        """Set the parameters so that the hard gates equal `masks` (kept -> `on`, pruned -> `off`)."""
+        for point in self.points:
+            mask = masks[point.name].to(torch.bool)
+            if mask.numel() != point.units:
+                raise ValueError(f"mask {point.name} has {mask.numel()} units, expected {point.units}")
+            with torch.no_grad():
+                self.gate(point.name).logits.copy_(torch.where(mask, on, off).to(torch.float32))
+
+    def logits_snapshot(self) -> dict[str, torch.Tensor]:
+        return {p.name: self.gate(p.name).logits.detach().cpu().clone() for p in self.points}
+
+
+def unit_sparsity(masks: dict[str, torch.Tensor]) -> float:
+    """Fraction of gated units that are switched off."""
+    total = sum(m.numel() for m in masks.values())
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / total
+
+
+def kept_units(masks: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """{gate name: (kept, total)}."""
+    return {name: (int(m.sum()), m.numel()) for name, m in masks.items()}
+
+
+@contextmanager
+def capture_input(module: nn.Module):
+    """Record the input of `module` (e.g. the final classifier, i.e. the bottleneck features) on each forward.
+
+    Yields a dict whose "z" entry holds the latest captured tensor (not detached: gradients may flow)."""
+    store: dict[str, torch.Tensor] = {}
+    handle = module.register_forward_pre_hook(lambda _m, args: store.__setitem__("z", args[0]))
+    try:
+        yield store
+    finally:
+        handle.remove()

@@ -1,0 +1,104 @@
+"""Metrics from one table of per-sample predictions (y, b, prediction). Names are declared once here.
+
+Groups are the (y, b) cells present in the data. With accuracy A_g of group g:
+
+- acc              = fraction of samples with prediction == y
+- acc_unbiased     = mean over present (y, b) groups of A_g        (BiasedMNIST's "unbiased accuracy")
+- acc_aligned      = accuracy on samples with b == y
+- acc_conflicting  = accuracy on samples with b != y
+- acc_worst_group  = min over present groups of A_g
+- acc_avg_group    = the same number as acc_unbiased, under the name the text literature uses
+
+Disparity for binary tasks (fairlearn semantics, sensitive feature = b):
+
+- dp_diff = max_s P(pred = 1 | b = s) - min_s P(pred = 1 | b = s)          (demographic parity difference)
+- eo_diff = max(TPR difference, FPR difference) across values of b        (equalised odds difference)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ACCURACY_METRICS = ("acc", "acc_unbiased", "acc_aligned", "acc_conflicting", "acc_worst_group")
+DISPARITY_METRICS = ("dp_diff", "eo_diff")
+EFFICIENCY_METRICS = ("sparsity_units", "sparsity_weights", "params", "macs", "latency_ms_b1",
+                      "latency_ms_b100")
+LEAKAGE_METRICS = ("leakage", "leakage_head")
+ALL_METRICS = ACCURACY_METRICS + ("acc_avg_group",) + DISPARITY_METRICS + EFFICIENCY_METRICS + LEAKAGE_METRICS
+
+
+def _mean(mask: torch.Tensor, correct: torch.Tensor) -> float:
+    """Accuracy over the samples selected by `mask`; NaN when none are selected."""
+    count = int(mask.sum())
+    return float(correct[mask].float().mean()) if count else math.nan
+
+
+def group_accuracy_matrix(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor, num_classes: int,
+                          num_bias: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accuracy and sample count of every (y, b) cell; accuracy is NaN for empty cells."""
+    correct = (pred == y).double()
+    cell = y * num_bias + b
+    counts = torch.bincount(cell, minlength=num_classes * num_bias).double()
+    hits = torch.bincount(cell, weights=correct, minlength=num_classes * num_bias)
+    acc = torch.where(counts > 0, hits / counts.clamp(min=1), torch.full_like(counts, math.nan))
+    return acc.view(num_classes, num_bias), counts.view(num_classes, num_bias).long()
+
+
+def accuracy_metrics(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor, num_classes: int,
+                     num_bias: int) -> dict:
+    """Every accuracy metric of the module docstring plus the group matrix (as nested lists)."""
+    y, b, pred = y.long().cpu(), b.long().cpu(), pred.long().cpu()
+    correct = pred == y
+    matrix, counts = group_accuracy_matrix(y, b, pred, num_classes, num_bias)
+    present = matrix[counts > 0]
+    unbiased = float(present.mean()) if len(present) else math.nan
+    return {
+        "acc": _mean(torch.ones_like(correct), correct),
+        "acc_unbiased": unbiased,
+        "acc_aligned": _mean(b == y, correct),
+        "acc_conflicting": _mean(b != y, correct),
+        "acc_worst_group": float(present.min()) if len(present) else math.nan,
+        "acc_avg_group": unbiased,
+        "group_acc": [[None if math.isnan(v) else round(v, 6) for v in row] for row in matrix.tolist()],
+        "group_count": counts.tolist(),
+    }
+
+
+def disparity_metrics(y: torch.Tensor, s: torch.Tensor, pred: torch.Tensor) -> dict:
+    """Demographic parity and equalised odds differences of binary predictions across values of `s`."""
+    y, s, pred = y.long().cpu(), s.long().cpu(), pred.long().cpu()
+    selection, tpr, fpr = [], [], []
+    for value in torch.unique(s).tolist():
+        in_group = s == value
+        selection.append(float(pred[in_group].float().mean()))
+        positives, negatives = in_group & (y == 1), in_group & (y == 0)
+        if positives.any():
+            tpr.append(float(pred[positives].float().mean()))
+        if negatives.any():
+            fpr.append(float(pred[negatives].float().mean()))
+
+    def spread(values: list[float]) -> float:
+        return max(values) - min(values) if values else 0.0
+
+    return {"dp_diff": spread(selection), "eo_diff": max(spread(tpr), spread(fpr))}
+
+
+def overlapping_group_metrics(y: torch.Tensor, pred: torch.Tensor, memberships: torch.Tensor,
+                              names: list[str]) -> dict:
+    """WILDS-style evaluation over overlapping groups: for each identity column k and label v, the accuracy on
+    samples with identity k and y == v. Returns per-group accuracies, their mean and their minimum."""
+    correct = (pred.cpu() == y.cpu())
+    per_group = {}
+    for k, name in enumerate(names):
+        for label in (0, 1):
+            mask = memberships[:, k].bool().cpu() & (y.cpu() == label)
+            if mask.any():
+                per_group[f"{name}:1,y:{label}"] = _mean(mask, correct)
+    values = list(per_group.values())
+    return {
+        "groups": per_group,
+        "acc_avg_group": sum(values) / len(values) if values else math.nan,
+        "acc_worst_group": min(values) if values else math.nan,
+    }

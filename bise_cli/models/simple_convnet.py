@@ -1,0 +1,70 @@
+"""SimpleConvNet of ReBias / BISE for BiasedMNIST (method.md §3.1).
+
+4 blocks of [Conv 7x7 pad 3 -> BatchNorm -> activation] with 16/32/64/128 channels (times `width`), ReLU in
+the first three blocks and Tanh in the last, global average pooling, then `fc` (128 -> classes).
+Convs use Kaiming-normal (fan_out) init, BN weight 1 and bias 0. Gates sit after each activation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bise_cli.masking import GatePoint
+
+BASE_CHANNELS = (16, 32, 64, 128)
+
+
+def scaled_channels(width: float) -> list[int]:
+    """Channel counts for a width multiplier (at least one channel per block)."""
+    return [max(1, int(round(c * width))) for c in BASE_CHANNELS]
+
+
+class SimpleConvNet(nn.Module):
+    """The paper's BiasedMNIST backbone; `features(x)` returns the bottleneck (input of `fc`)."""
+
+    def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 3,
+                 channels: list[int] | None = None, kernel_size: int = 7):
+        super().__init__()
+        channels = list(channels) if channels is not None else scaled_channels(width)
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for i, out in enumerate(channels):
+            activation = nn.Tanh() if i == len(channels) - 1 else nn.ReLU()
+            layers += [nn.Conv2d(previous, out, kernel_size, padding=kernel_size // 2), nn.BatchNorm2d(out),
+                       activation]
+            previous = out
+        self.extracter = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(previous, num_classes)
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.fc
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.extracter(x)), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+    def gate_points(self) -> list[GatePoint]:
+        """One gate after each block's activation (240 gates at width 1)."""
+        return [GatePoint(f"block{i}", f"extracter.{3 * i + 2}", units, producer=f"extracter.{3 * i}")
+                for i, units in enumerate(self.channels)]
+
+    def constructor_kwargs(self) -> dict:
+        """Arguments that rebuild this architecture (saved with pruned checkpoints)."""
+        return {"num_classes": self.fc.out_features, "in_channels": self.extracter[0].in_channels,
+                "channels": list(self.channels), "kernel_size": self.kernel_size}

@@ -1,0 +1,96 @@
+"""Console summaries: the side-by-side stage table at the end of a run, and `bise data`'s dataset summary."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bise_cli.data import summarize_bundle
+from bise_cli.data.base import DatasetBundle
+from bise_cli.records import write_json
+
+console = Console()
+
+# (record key, column title, formatter)
+PERCENT = ("acc_unbiased", "acc_aligned", "acc_conflicting", "acc_worst_group", "sparsity_units",
+           "sparsity_weights", "leakage", "leakage_head")
+RUN_COLUMNS = [("acc", "acc"), ("acc_unbiased", "unbiased"), ("acc_aligned", "aligned"),
+               ("acc_conflicting", "conflicting"), ("acc_worst_group", "worst grp"), ("dp_diff", "DP diff"),
+               ("sparsity_units", "units off"), ("sparsity_weights", "weights off"), ("macs", "MMACs"),
+               ("latency_ms_b1", "ms (b1)"), ("leakage", "leakage"), ("leakage_head", "head leak")]
+
+
+def _format(key: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if key == "macs":
+        return f"{value / 1e6:.1f}"
+    if key.startswith("latency"):
+        return f"{value:.2f}"
+    if key in PERCENT or key == "acc" or key.startswith("dp_") or key.startswith("eo_"):
+        return f"{100 * value:.1f}"
+    return str(value)
+
+
+def print_run_summary(records: list[dict], note: str = "", out_dir: str | Path | None = None) -> None:
+    """One row per stage, accuracies and sparsities in %, MACs in millions."""
+    columns = [(k, title) for k, title in RUN_COLUMNS if any(r.get(k) is not None for r in records)]
+    title = "bise run: test metrics (%)" + (f"\n{note}" if note else "")
+    table = Table(title=title)
+    table.add_column("stage")
+    for _, heading in columns:
+        table.add_column(heading, justify="right")
+    for record in records:
+        table.add_row(record["stage"], *[_format(k, record.get(k)) for k, _ in columns])
+    console.print(table)
+    if out_dir is not None:
+        console.print(f"records: {Path(out_dir) / 'metrics.jsonl'}")
+
+
+def save_sample_grid(bundle: DatasetBundle, path: str | Path, per_class: int = 8) -> Path | None:
+    """A PNG grid with `per_class` samples of every class from each image split (None for non-image data)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = [name for name in ("train", "test") if bundle.get(name) is not None]
+    if not splits or bundle[splits[0]].x.dim() != 4:
+        return None
+    fig, axes = plt.subplots(len(splits) * bundle.num_classes, per_class,
+                             figsize=(per_class * 0.6, len(splits) * bundle.num_classes * 0.6))
+    for s, name in enumerate(splits):
+        split = bundle[name]
+        for c in range(bundle.num_classes):
+            rows = torch.nonzero(split.y == c).flatten()[:per_class]
+            for j in range(per_class):
+                ax = axes[s * bundle.num_classes + c, j]
+                ax.axis("off")
+                if j < len(rows):
+                    ax.imshow(split.x[rows[j]].permute(1, 2, 0).numpy())
+            axes[s * bundle.num_classes + c, 0].set_title(f"{name} y={c}", fontsize=5, loc="left")
+    fig.tight_layout(pad=0.1)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_data_summary(bundle: DatasetBundle, out_dir: str | Path) -> dict:
+    """Write summary.json (and a sample grid for images) into `out_dir` and print a table."""
+    out_dir = Path(out_dir)
+    summary = summarize_bundle(bundle)
+    write_json(out_dir / "summary.json", {**summary, "info": bundle.info})
+    grid = save_sample_grid(bundle, out_dir / "samples.png")
+    table = Table(title=f"{bundle.name} ({bundle.info.get('source', '?')})")
+    for heading in ("split", "size", "aligned", "bias counts"):
+        table.add_column(heading)
+    for name, row in summary.items():
+        fraction = row["aligned_fraction"]
+        table.add_row(name, str(row["size"]), "-" if fraction is None else f"{fraction:.4f}",
+                      " ".join(map(str, row["bias_counts"])))
+    console.print(table)
+    console.print(f"summary: {out_dir / 'summary.json'}" + (f"   samples: {grid}" if grid else ""))
+    return summary

@@ -1,0 +1,141 @@
+"""Training and prediction loops shared by vanilla training, fine-tuning and the baselines.
+
+`fit` trains every parameter that requires grad with a (optionally per-sample weighted) cross-entropy; the
+weights come from a function of (y, b), which is how BISE+FT and the reweighted-FT control reuse the loop.
+`predict` returns predictions (and optionally bottleneck features) for a whole split in eval mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bise_cli.data.base import Split
+from bise_cli.errors import BiseError, check_choice
+from bise_cli.masking import capture_input
+from bise_cli.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "multistep", "cosine", "linear")
+SampleWeights = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_optimizer(name: str, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                   eps: float = 1e-8) -> torch.optim.Optimizer:
+    """SGD (with momentum), Adam or AdamW. For AdamW, biases and norm weights get no weight decay (BERT recipe)."""
+    check_choice("optimizer", name, OPTIMIZERS)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps)
+    params = list(params)
+    named = [p for p in params if isinstance(p, tuple)]
+    if named:
+        decay = [p for n, p in named if not (n.endswith("bias") or "LayerNorm" in n or "norm" in n.lower())]
+        no_decay = [p for n, p in named if n.endswith("bias") or "LayerNorm" in n or "norm" in n.lower()]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, eps=eps)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps)
+
+
+def make_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int,
+                   milestones: list[int] | None = None, gamma: float = 0.1):
+    """Learning-rate schedule; returns (scheduler or None, "epoch" | "step": when to call scheduler.step())."""
+    check_choice("scheduler", name, SCHEDULERS)
+    if name == "none":
+        return None, "epoch"
+    if name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones or []), gamma=gamma), "epoch"
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs)), "epoch"
+    total = max(1, epochs * steps_per_epoch)
+    # Linear decay to zero without warm-up (the CivilComments/BERT recipe of method.md §3.5).
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total)), "step"
+
+
+def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """(1/B) sum_j w_j CE_j: normalised by the batch size, not by the sum of weights (method.md §2.5.1)."""
+    losses = F.cross_entropy(logits, y, reduction="none")
+    if weights is not None:
+        losses = losses * weights
+    return losses.mean()
+
+
+def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimizer: str = "sgd", lr: float = 0.1,
+        momentum: float = 0.9, weight_decay: float = 1e-4, scheduler: str = "none",
+        milestones: list[int] | None = None, gamma: float = 0.1, sample_weights: SampleWeights | None = None,
+        device: str | torch.device = "cpu", seed: int = 0, description: str = "train",
+        after_epoch: Callable[[int], None] | None = None) -> list[dict]:
+    """Train `model`'s trainable parameters on `split` and return one {epoch, loss, lr} row per epoch."""
+    if epochs < 0 or batch_size < 1:
+        raise BiseError(f"{description}: epochs must be >= 0 and batch_size >= 1 (got {epochs}, {batch_size})")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = named if optimizer == "adamw" else [p for _, p in named]
+    opt = make_optimizer(optimizer, params, lr, momentum, weight_decay)
+    sched, sched_unit = make_scheduler(scheduler, opt, epochs, split.num_batches(batch_size), milestones, gamma)
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    with progress_bar(description, epochs, split.num_batches(batch_size)) as bar:
+        for epoch in range(1, epochs + 1):
+            model.train()
+            total, count = 0.0, 0
+            for x, y, b in split.batches(batch_size, shuffle=True, generator=generator, device=device):
+                weights = sample_weights(y, b) if sample_weights is not None else None
+                loss = weighted_cross_entropy(model(x), y, weights)
+                if not torch.isfinite(loss):
+                    raise BiseError(f"{description}: the loss became {loss.item()} at epoch {epoch}; "
+                                    "lower the learning rate (train.lr) or check the data")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None and sched_unit == "step":
+                    sched.step()
+                total += loss.item() * len(y)
+                count += len(y)
+                bar.advance_batch()
+            if sched is not None and sched_unit == "epoch":
+                sched.step()
+            row = {"epoch": epoch, "loss": total / max(count, 1), "lr": opt.param_groups[0]["lr"]}
+            history.append(row)
+            bar.advance_epoch(f"loss {row['loss']:.4f}")
+            if after_epoch is not None:
+                after_epoch(epoch)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Split, batch_size: int = 256, device: str | torch.device = "cpu",
+            features: bool = False) -> dict[str, torch.Tensor]:
+    """Eval-mode predictions for a whole split: {"pred", "y", "b"} and, with features=True, the bottleneck "z"."""
+    was_training = model.training
+    model.eval()
+    preds, zs = [], []
+    with capture_input(model.classifier) as tap:
+        for x, _, _ in split.batches(batch_size, device=device):
+            preds.append(model(x).argmax(1).cpu())
+            if features:
+                zs.append(tap["z"].detach().cpu())
+    model.train(was_training)
+    out = {"pred": torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long), "y": split.y, "b": split.b}
+    if features:
+        out["z"] = torch.cat(zs) if zs else torch.zeros(0)
+    return out
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Switch off gradients for every parameter and put the model in eval mode (BISE's frozen backbone)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

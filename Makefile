@@ -13,7 +13,6 @@ help:  ## list targets
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[text,launchers,dev]'
 	touch $(STAMP)
 

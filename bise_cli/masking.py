@@ -1,7 +1,7 @@
 """Structured gates: one learnable scalar per channel or neuron, attached to a frozen model with hooks.
 
 Gate (method.md §2.3): parameter m per unit, forward always hard g = 1[m >= 0] (= 1[sigmoid(m/tau) >= 0.5]),
-backward straight-through with dg/dm = sigmoid'(m/tau)/tau. The trick `hard + soft - soft.detach()` gives
+backward straight-through with dg/dm = sigmoid'(m/tau)/tau. The trick `hard + (soft - soft.detach())` gives
 exactly the hard value in the forward pass (x - x == 0 in floating point) and the soft derivative backwards.
 
 Modes: `vanilla` (gates are skipped, the model is untouched), `masked` (the above), `fixed` (hard binary
@@ -59,7 +59,8 @@ class Gate(nn.Module):
         if self.mode == "fixed":
             return self.hard()
         soft = torch.sigmoid(self.logits / self.tau)
-        return self.hard() + soft - soft.detach()
+        # Parenthesised on purpose: (soft - soft) is exactly 0, so the forward value is exactly the hard gate.
+        return self.hard() + (soft - soft.detach())
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         """Multiply `h` unit-wise by the gate values (broadcast over every other dimension)."""

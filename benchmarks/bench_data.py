@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from common import parse_args, timer
-
 from bise_cli.data.biased_mnist import build_biased_mnist
 from bise_cli.data.mnist_source import load_digits
+
+from common import parse_args, timer
 
 
 def main() -> None:

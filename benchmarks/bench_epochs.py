@@ -11,13 +11,14 @@ from __future__ import annotations
 import time
 
 import torch
-from common import parse_args
 
 from bise_cli.bise import SearchSettings, run_search
 from bise_cli.data.base import Split
 from bise_cli.masking import GateSet
 from bise_cli.models import build_backbone
 from bise_cli.train import fit, freeze, predict
+
+from common import parse_args
 
 
 def images_per_second(fn, n_images: int) -> float:

@@ -63,7 +63,7 @@ class SearchSettings:
     track_test: bool = True
     eval_batch_size: int = 500
 
-    def validate(self) -> "SearchSettings":
+    def validate(self) -> SearchSettings:
         check_choice("pruning.reweighting", self.reweighting, REWEIGHTINGS)
         check_choice("pruning.mi_subset", self.mi_subset, MI_SUBSETS)
         check_choice("pruning.cache_features", self.cache_features, CACHE_MODES)

@@ -34,6 +34,8 @@ commands:
   version            print the version
 """
 FAILED_JOBS: list[str] = []
+# Overrides that do not change results: not written as record keys (and not part of run folder names).
+NOT_RECORD_KEYS = ("device", "dataset.root", "output_root", "name")
 
 
 def _dirname(overrides: str) -> str:
@@ -55,6 +57,23 @@ def _is_multirun() -> bool:
 def _output_dir() -> Path:
     from hydra.core.hydra_config import HydraConfig
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _override_keys(plain: dict) -> dict:
+    """{key: value} of the job's command-line overrides (so records carry what a sweep varies); values are read
+    back from the composed config so they keep their types; group choices (e.g. experiment) stay strings."""
+    from hydra.core.hydra_config import HydraConfig
+
+    keys = {}
+    for override in HydraConfig.get().overrides.task:
+        key, _, raw = override.lstrip("+~").partition("=")
+        if key in NOT_RECORD_KEYS or key.startswith("hydra"):
+            continue
+        value = plain
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        keys[key] = value if isinstance(value, (str, int, float, bool)) else raw
+    return keys
 
 
 def _guarded(task):
@@ -83,6 +102,7 @@ def run_task(cfg: DictConfig):
     from bise_cli.summary import print_run_summary
 
     plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["record_keys"] = {**_override_keys(plain), **(plain.get("record_keys") or {})}
     if plain.get("note"):
         log.info(plain["note"])
     records = pipeline.run(plain, _output_dir())

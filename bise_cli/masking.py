@@ -69,7 +69,7 @@ class Gate(nn.Module):
             return h
         shape = [1] * h.dim()
         shape[self.dim] = -1
-        return h * g.to(h.dtype).view(shape)
+        return h * g.to(h).view(shape)  # to(h): same dtype and device as the activations
 
 
 def _key(name: str) -> str:
@@ -94,7 +94,7 @@ class GateSet(nn.Module):
     def gate(self, name: str) -> Gate:
         return self.gates[_key(name)]
 
-    def attach(self, model: nn.Module) -> "GateSet":
+    def attach(self, model: nn.Module) -> GateSet:
         """Register one hook per gate point on `model` (idempotent: re-attaching detaches first)."""
         self.detach()
         for point in self.points:

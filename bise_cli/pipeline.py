@@ -27,6 +27,7 @@ from bise_cli.masking import GateSet, kept_units
 from bise_cli.models import build_backbone
 from bise_cli.prune import prune_model, save_pruned
 from bise_cli.records import RunDir, StageCache, config_hash, read_jsonl, write_json, write_text
+from bise_cli.report import write_report
 from bise_cli.train import fit, freeze, predict
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ STAGES = ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude")
 # Bump a stage's version when its computation changes, so stale cache entries are not reused.
 STAGE_VERSIONS = {"vanilla": 1, "identification": 1, "bise": 1, "bise_ft": 1, "reweighted_ft": 1,
                   "random": 1, "magnitude": 1}
-RECORD_KEYS = ("dataset", "backbone", "rho", "seed")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -71,6 +71,7 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
     except BaseException as error:
         run_dir.fail(error)
         raise
+    write_report(run_dir.path, cfg, run_dir.records, cfg.get("note", ""))
     run_dir.set_status("done", config_hash=fingerprint, seconds=round(time.perf_counter() - started, 1))
     return run_dir.records
 
@@ -115,20 +116,19 @@ class Context:
         self.cfg, self.bundle, self.device, self.run_dir, self.cache = cfg, bundle, device, run_dir, cache
         self.seed = int(cfg["seed"])
         self.protocol = cfg["dataset"].get("protocol", {})
-        data_settings = {k: v for k, v in cfg["dataset"].items() if k != "root"}
+        # Where the files live does not change the data; what they are (source) does.
+        data_settings = {k: v for k, v in cfg["dataset"].items() if k not in ("root", "cache_dir")}
         self.vanilla_key = {"stage": "vanilla", "version": STAGE_VERSIONS["vanilla"], "dataset": data_settings,
                             "data_source": bundle.info.get("source"), "rho": cfg["rho"], "seed": self.seed,
                             "backbone": cfg["backbone"], "train": cfg["train"]}
 
     # ---------------------------------------------------------------------------------------------- helpers
     def record(self, stage: str, metrics: dict) -> None:
-        keys = {k: self.cfg[k] if k in self.cfg else self.cfg[k.split(".")[0]] for k in RECORD_KEYS}
-        keys["dataset"] = self.cfg["dataset"]["name"]
-        keys["backbone"] = self.cfg["backbone"]["name"]
-        extra = dict(self.cfg.get("record_keys") or {})
-        record = {"stage": stage, "keys": list(keys) + list(extra), **keys, **extra,
-                  "run_dir": str(self.run_dir.path), **metrics}
-        self.run_dir.add_record(record)
+        """Append one self-describing record: stage, the config keys (`keys` names them), then the metrics."""
+        keys = {"dataset": self.cfg["dataset"]["name"], "backbone": self.cfg["backbone"]["name"],
+                "rho": self.cfg["rho"], "seed": self.seed, **(self.cfg.get("record_keys") or {})}
+        self.run_dir.add_record({"stage": stage, "keys": list(keys), **keys, "run_dir": str(self.run_dir.path),
+                                 **metrics})
 
     def new_backbone(self):
         b = self.cfg["backbone"]
@@ -218,7 +218,7 @@ class Context:
         if cached is None:
             search_split, rho = self.bias_labels(model)
             settings = SearchSettings(**{k: v for k, v in p.items() if k != "name"})
-            gates = GateSet(model.gate_points(), init=settings.gate_init).attach(model)
+            gates = GateSet(model.gate_points(), init=settings.gate_init).to(self.device).attach(model)
             seed = seed_stage(self.seed, "bise")
             try:
                 result = run_search(model, gates, search_split, self.bundle.get("val"), self.bundle["test"],
@@ -253,16 +253,14 @@ class Context:
         if cached is not None:
             return cached["metrics"]
         model = copy.deepcopy(vanilla_model)
-        gates = None
-        if masks is not None:
-            gates = GateSet(model.gate_points()).attach(model)
-            gates.load_binary_masks(masks)
-            gates.set_mode("fixed")
-            gates.requires_grad_(False)
         for param in model.parameters():
             param.requires_grad_(True)
-        if gates is not None:
-            gates.requires_grad_(False)
+        gates = None
+        if masks is not None:
+            # Fixed (detached) binary gates: pruned units stay exactly zero while the surviving weights train.
+            gates = GateSet(model.gate_points()).to(self.device).attach(model)
+            gates.load_binary_masks(masks)
+            gates.set_mode("fixed")
         search = self.bundle["search"]
         table = self.weights_table(search, float(self.cfg["rho"])).to(self.device)
         seed = seed_stage(self.seed, stage)

@@ -46,3 +46,30 @@ def idx_dir(tmp_path) -> Path:
         write_idx(tmp_path / f"{stem}-images-idx3-ubyte", images, compress=True)
         write_idx(tmp_path / f"{stem}-labels-idx1-ubyte", labels, compress=True)
     return tmp_path
+
+
+# Overrides that shrink every stage to seconds on CPU (embedded digits, a tiny network, 2 mask epochs).
+TINY_OVERRIDES = [
+    "dataset.source=embedded", "dataset.max_samples=300", "backbone.width=0.125", "train.epochs=1",
+    "train.milestones=[1]", "pruning.tau_period=1", "pruning.tau_min=0.3", "pruning.head_pretrain_epochs=1",
+    "pruning.head_refine_epochs=1", "pruning.gate_init=1.0", "finetune.epochs=1", "leakage_probe.epochs=1",
+    "latency.repeats=1", "latency.warmup=0", "rho=0.9",
+]
+TIMING_KEYS = ("latency_ms_b1", "latency_ms_b100", "latency_ms_b1_dense", "latency_ms_b100_dense",
+               "train_seconds", "run_dir")
+
+
+def compose_config(overrides: list[str]) -> dict:
+    """The resolved config for `overrides`, as the CLI would build it, as a plain dict."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import bise_cli.cli as cli
+
+    with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]

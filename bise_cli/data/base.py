@@ -7,8 +7,8 @@ input (e.g. uint8 -> normalised float), so datasets stay compact in memory and b
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
@@ -37,12 +37,12 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, index: torch.Tensor) -> "Split":
+    def subset(self, index: torch.Tensor) -> Split:
         """The rows `index` of this split (metadata included)."""
         return Split(self.x[index], self.y[index], self.b[index], self.encode,
                      {k: v[index] for k, v in self.meta.items()})
 
-    def with_bias(self, b: torch.Tensor) -> "Split":
+    def with_bias(self, b: torch.Tensor) -> Split:
         """The same split with its bias labels replaced (used by the unsupervised variant)."""
         return Split(self.x, self.y, b, self.encode, self.meta)
 

@@ -90,7 +90,8 @@ def _digits_from_files(files: dict[str, Path], source: str) -> Digits:
     arrays = {key: torch.from_numpy(read_idx(path).copy()) for key, path in files.items()}
     for split in ("train", "test"):
         if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
-            raise BiseError(f"MNIST {split} images and labels disagree in length under {files[f'{split}_images'].parent}")
+            folder = files[f"{split}_images"].parent
+            raise BiseError(f"MNIST {split} images and labels disagree in length under {folder}")
     return Digits(arrays["train_images"], arrays["train_labels"].long(), arrays["test_images"],
                   arrays["test_labels"].long(), source, str(files["train_images"].parent))
 

@@ -1,0 +1,111 @@
+"""The `bise` command in subprocesses: help, config printing, a run, bad input, a sweep + table, kill/resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bise_cli.records import read_jsonl
+
+from conftest import TINY_OVERRIDES, without_timing
+
+
+def bise(*args: str, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-m", "bise_cli", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"bise {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def test_help_and_config(tmp_path):
+    assert "run [overrides]" in bise("--help", cwd=tmp_path).stdout
+    assert "pruning: bise" in bise("run", "--help", cwd=tmp_path).stdout
+    job = bise("run", "dataset=biased_mnist", "rho=0.99", "--cfg", "job", cwd=tmp_path).stdout
+    assert "rho: 0.99" in job and "name: biased_mnist" in job and "tau_min: 0.001" in job
+    bad = bise("frobnicate", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: unknown command 'frobnicate'; allowed: run, data, table, version (see bise --help)")
+
+
+def test_quickstart_run_with_tiny_settings(tmp_path):
+    result = bise("run", "experiment=quickstart", *TINY_OVERRIDES, "output_root=out", cwd=tmp_path)
+    run_dir = tmp_path / "out" / "runs"
+    [folder] = list(run_dir.iterdir())
+    assert folder.name.startswith("experiment=quickstart")
+    records = read_jsonl(folder / "metrics.jsonl")
+    assert [r["stage"] for r in records] == ["vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude"]
+    assert json.loads((folder / "status.json").read_text())["state"] == "done"
+    assert (folder / "config.yaml").is_file() and (folder / "run.log").is_file()
+    assert "REDUCED-SCALE DEMO" in result.stdout  # the summary table says it is not the paper's numbers
+    assert "bise_ft" in result.stdout
+
+
+def test_bad_input_gives_one_line_error(tmp_path):
+    result = bise("run", *TINY_OVERRIDES, "rho=1.5", "output_root=out", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "rho must be in (0, 1], got 1.5" in result.stderr + result.stdout
+
+
+def test_data_command_writes_summary(tmp_path):
+    bise("data", "dataset.source=embedded", "rho=0.9", "output_root=out", cwd=tmp_path)
+    [folder] = list((tmp_path / "out" / "data").iterdir())
+    summary = json.loads((folder / "summary.json").read_text())
+    assert set(summary) >= {"train", "search", "val", "test"}
+    assert summary["train"]["size"] == 4000 and len(summary["train"]["bias_counts"]) == 10
+    assert abs(summary["train"]["aligned_fraction"] - 0.9) < 1e-9
+    assert (folder / "samples.png").stat().st_size > 1000
+
+
+def test_two_seed_sweep_then_table_then_rerun_skips(tmp_path):
+    args = ("run", "-m", *TINY_OVERRIDES, "stages=[vanilla,bise]", "seed=0,1", "name=sweep", "output_root=out")
+    bise(*args, cwd=tmp_path)
+    sweep = tmp_path / "out" / "sweeps" / "sweep"
+    runs = sorted(p.name for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
+    assert len(runs) == 2 and all("seed=" in r for r in runs)
+    table = bise("table", str(sweep), "--format", "md", cwd=tmp_path).stdout
+    assert "vanilla" in table and "bise" in table
+    assert (sweep / "table.md").is_file() and (sweep / "table.csv").is_file()
+    before = [read_jsonl(sweep / r / "metrics.jsonl") for r in runs]
+    start = time.perf_counter()
+    rerun = bise(*args, cwd=tmp_path)
+    assert "already done" in rerun.stderr + rerun.stdout
+    assert [read_jsonl(sweep / r / "metrics.jsonl") for r in runs] == before
+    assert time.perf_counter() - start < 60  # generous: only imports and reading status files
+
+
+def test_killed_run_resumes_to_the_same_records(tmp_path):
+    overrides = [*TINY_OVERRIDES, "stages=[vanilla,bise,random]", "pruning.tau_min=0.0001", "output_root=out"]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    bise("run", *overrides, cwd=reference)
+    [expected_dir] = list((reference / "out" / "runs").iterdir())
+    expected = read_jsonl(expected_dir / "metrics.jsonl")
+
+    work = tmp_path / "work"
+    work.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "bise_cli", "run", *overrides], cwd=work,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    vanilla_cache = work / "out" / "cache" / "vanilla"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (vanilla_cache.is_dir() and any(vanilla_cache.glob("*.pt"))):
+        time.sleep(0.05)
+    time.sleep(0.3)  # now inside the 14-epoch BISE search
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    [run_dir] = list((work / "out" / "runs").iterdir())
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "running"
+    written = [r["stage"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    assert written == ["vanilla", "bise", "random"][:len(written)] and len(written) < 3
+
+    bise("run", *overrides, cwd=work)
+    resumed = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["stage"] for r in resumed] == ["vanilla", "bise", "random"]
+    assert without_timing(resumed) == without_timing(expected)

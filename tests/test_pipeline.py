@@ -1,0 +1,91 @@
+"""The pipeline end to end in-process on tiny settings: records, caching, skipping, determinism, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bise_cli import pipeline
+from bise_cli.errors import BiseError
+from bise_cli.metrics import ACCURACY_METRICS, EFFICIENCY_METRICS
+from bise_cli.prune import load_pruned
+from bise_cli.records import read_jsonl
+
+from conftest import TINY_OVERRIDES, compose_config, without_timing
+
+
+def _cfg(tmp_path, *extra):
+    return compose_config([*TINY_OVERRIDES, f"output_root={tmp_path / 'outputs'}", *extra])
+
+
+def test_full_stage_list_writes_one_record_per_stage(tmp_path):
+    cfg = _cfg(tmp_path)
+    records = pipeline.run(cfg, tmp_path / "run")
+    assert [r["stage"] for r in records] == ["vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude"]
+    assert read_jsonl(tmp_path / "run" / "metrics.jsonl") == json.loads(json.dumps(records))
+    for record in records:
+        assert {"dataset", "backbone", "rho", "seed"} <= set(record["keys"])
+        assert record["dataset"] == "biased_mnist" and record["rho"] == 0.9 and record["seed"] == 0
+        for name in ACCURACY_METRICS + EFFICIENCY_METRICS + ("leakage",):
+            assert record[name] is not None, (record["stage"], name)
+        assert 0 <= record["acc_unbiased"] <= 1 and 0 <= record["leakage"] <= 1
+    bise = records[1]
+    assert 0 <= bise["sparsity_units"] <= 1 and bise["leakage_head"] is not None
+    # The matched baselines keep exactly as many units per layer as BISE.
+    assert records[4]["sparsity_units"] == pytest.approx(bise["sparsity_units"])
+    assert records[5]["sparsity_units"] == pytest.approx(bise["sparsity_units"])
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "done"
+    masks = torch.load(tmp_path / "run" / "masks.pt")["masks"]
+    model = load_pruned(tmp_path / "run" / "pruned_bise.pt")
+    assert sum(int(m.sum()) for m in masks.values()) == sum(model.channels)
+
+
+def test_second_run_reuses_the_caches_and_a_done_run_is_skipped(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, "stages=[vanilla,bise]")
+    first = pipeline.run(cfg, tmp_path / "a")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached stage was recomputed")
+
+    monkeypatch.setattr(pipeline, "fit", no_training)
+    monkeypatch.setattr(pipeline, "run_search", no_training)
+    second = pipeline.run(cfg, tmp_path / "b")  # another run dir, same settings: everything from the cache
+    assert without_timing(first) == without_timing(second)
+    assert [r["latency_ms_b1"] for r in first] == [r["latency_ms_b1"] for r in second]  # cached with the stage
+    assert pipeline.run(cfg, tmp_path / "a") == first  # done: skipped, records read back
+
+
+def test_same_seed_same_metrics_and_other_seed_differs(tmp_path):
+    runs = [pipeline.run(_cfg(tmp_path / str(i), "stages=[vanilla,bise]", f"seed={s}", "cache=false"),
+                         tmp_path / str(i) / "run") for i, s in enumerate((0, 0, 1))]
+    assert without_timing(runs[0]) == without_timing(runs[1])
+    assert runs[0][0]["acc"] != runs[2][0]["acc"] or runs[0][0]["group_acc"] != runs[2][0]["group_acc"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages=[vanilla,prune_everything]", "unknown stage 'prune_everything'"),
+    ("pruning.gamma=-1", "gamma"),
+    ("pruning.tau_factor=1.5", "never stops"),
+    ("device=tpu", "unknown device 'tpu'"),
+    ("rho=1.5", "rho must be in"),
+])
+def test_bad_input_is_one_clear_error_and_marks_the_run_failed(tmp_path, override, message):
+    with pytest.raises(BiseError, match=message):
+        pipeline.run(_cfg(tmp_path, override), tmp_path / "run")
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and message.split("'")[0] in status["error"]
+
+
+def test_failure_keeps_records_already_written(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, "stages=[vanilla,bise]")
+
+    def broken(*args, **kwargs):
+        raise BiseError("the BISE objective became nan at epoch 1; lower pruning.mask_lr or pruning.gamma")
+
+    monkeypatch.setattr(pipeline, "run_search", broken)
+    with pytest.raises(BiseError, match="nan"):
+        pipeline.run(cfg, tmp_path / "run")
+    assert [r["stage"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == ["vanilla"]

@@ -60,7 +60,7 @@ class SearchSettings:
     augment: bool = False
     selection: str = "best_val"
     selection_metric: str = "acc"
-    track_test: bool = True
+    track_test: bool = False
     eval_batch_size: int = 500
 
     def validate(self) -> SearchSettings:

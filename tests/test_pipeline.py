@@ -89,3 +89,12 @@ def test_failure_keeps_records_already_written(tmp_path, monkeypatch):
     with pytest.raises(BiseError, match="nan"):
         pipeline.run(cfg, tmp_path / "run")
     assert [r["stage"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == ["vanilla"]
+
+
+def test_unsupervised_variant_uses_identification_model(tmp_path):
+    records = pipeline.run(_cfg(tmp_path, "stages=[vanilla,bise]", "bias_labels=identification",
+                                "pruning.reweighting=group_inverse_freq"), tmp_path / "run")
+    bise = records[1]
+    # rho used for reweighting is now the measured agreement of pseudo bias labels with y, not the nominal 0.9.
+    assert 0 < bise["rho_reweighting"] <= 1 and bise["rho_reweighting"] != 0.9
+    assert list((tmp_path / "outputs" / "cache" / "identification").glob("*.pt"))

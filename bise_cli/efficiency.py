@@ -1,0 +1,81 @@
+"""Size and speed of dense vs pruned models: parameters, weight sparsity, MACs and measured latency.
+
+- weights counted for sparsity: the `.weight` tensors of conv and linear layers (FFW's convention; BN
+  parameters and biases are left out).
+- MACs: torch.utils.flop_counter on one input (FLOPs / 2), i.e. the multiply-accumulates of convs, linears
+  and matmuls, fvcore-style.
+- latency: median wall time of a forward pass in inference mode, after warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from bise_cli.masking import kept_units, unit_sparsity
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prunable_weights(model: nn.Module) -> int:
+    """Number of elements in the weights of conv and linear layers."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)))
+
+
+def weight_sparsity(dense: nn.Module, pruned: nn.Module) -> float:
+    """Fraction of conv/linear weights removed: 1 - pruned / dense."""
+    return 1.0 - prunable_weights(pruned) / prunable_weights(dense)
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on `example` (pass a batch of one for per-input MACs)."""
+    model.eval()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(example)
+    return counter.get_total_flops() // 2
+
+
+def measure_latency(model: nn.Module, example: torch.Tensor, repeats: int = 10, warmup: int = 2) -> float:
+    """Median milliseconds per forward pass on `example`."""
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + max(1, repeats)):
+            if example.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(example)
+            if example.is_cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _batch(example: torch.Tensor, size: int) -> torch.Tensor:
+    return example[:1].repeat(size, *([1] * (example.dim() - 1)))
+
+
+def efficiency_report(dense: nn.Module, pruned: nn.Module, masks: dict[str, torch.Tensor] | None,
+                      example: torch.Tensor, device, repeats: int = 10, warmup: int = 2) -> dict:
+    """Every efficiency metric of `pruned` (and the dense reference) for one input `example` (batch of one)."""
+    example = example.to(device)
+    models = {"": pruned} if dense is pruned else {"": pruned, "_dense": dense}
+    report = {"sparsity_units": unit_sparsity(masks) if masks else 0.0,
+              "sparsity_weights": weight_sparsity(dense, pruned), "params": count_params(pruned),
+              "params_dense": count_params(dense), "macs": count_macs(pruned, _batch(example, 1)),
+              "macs_dense": count_macs(dense, _batch(example, 1))}
+    for suffix, model in models.items():
+        for batch in (1, 100):
+            report[f"latency_ms_b{batch}{suffix}"] = measure_latency(model, _batch(example, batch), repeats, warmup)
+    if dense is pruned:
+        report.update(latency_ms_b1_dense=report["latency_ms_b1"], latency_ms_b100_dense=report["latency_ms_b100"])
+    if masks:
+        report["kept_units"] = {name: list(pair) for name, pair in kept_units(masks).items()}
+    return report

@@ -6,6 +6,7 @@ works as documented: overrides, `-m` sweeps, `--cfg job`, `--help`, launchers.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import sys
@@ -33,6 +34,7 @@ commands:
   table DIR [opts]   mean +- std tables (md, tex, csv) over every record under DIR; `bise table --help`
   version            print the version
 """
+MAX_DIRNAME = 200
 FAILED_JOBS: list[str] = []
 # Overrides that do not change results: not written as record keys (and not part of run folder names).
 NOT_RECORD_KEYS = ("device", "dataset.root", "output_root", "name")
@@ -41,7 +43,9 @@ NOT_RECORD_KEYS = ("device", "dataset.root", "output_root", "name")
 def _dirname(overrides: str) -> str:
     """Folder name for a run: its overrides (no timestamp), made filesystem-safe; `default` when none."""
     safe = re.sub(r"[^A-Za-z0-9=,._+-]", "_", overrides)
-    return safe[:200] or "default"
+    if len(safe) > MAX_DIRNAME:  # long override lists: a readable prefix plus a hash keeps names unique
+        safe = f"{safe[:MAX_DIRNAME - 17]}-{hashlib.sha256(overrides.encode()).hexdigest()[:16]}"
+    return safe or "default"
 
 
 if not OmegaConf.has_resolver("bise.dirname"):
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(1)
         elif command == "data":
             _hydra_app(data_task, rest, "bise data",
-                       ["hydra.run.dir=${output_root}/data/${bise.dirname:${hydra:job.override_dirname}}"])
+                       ["hydra.run.dir='${output_root}/data/${bise.dirname:${hydra:job.override_dirname}}'"])
         elif command == "table":
             from bise_cli.tables import table_command
             sys.exit(table_command(rest))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bise_cli.records import read_jsonl
 
-from conftest import TINY_OVERRIDES, without_timing
+from conftest import TINY_OVERRIDES, TINY_SETTINGS, without_timing
 
 
 def bise(*args: str, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -35,10 +35,10 @@ def test_help_and_config(tmp_path):
 
 
 def test_quickstart_run_with_tiny_settings(tmp_path):
-    result = bise("run", "experiment=quickstart", *TINY_OVERRIDES, "output_root=out", cwd=tmp_path)
+    result = bise("run", "experiment=quickstart", *TINY_SETTINGS, "output_root=out", cwd=tmp_path)
     run_dir = tmp_path / "out" / "runs"
     [folder] = list(run_dir.iterdir())
-    assert folder.name.startswith("experiment=quickstart")
+    assert "experiment=quickstart" in folder.name and len(folder.name) <= 200
     records = read_jsonl(folder / "metrics.jsonl")
     assert [r["stage"] for r in records] == ["vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude"]
     assert json.loads((folder / "status.json").read_text())["state"] == "done"

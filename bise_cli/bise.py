@@ -60,6 +60,7 @@ class SearchSettings:
     augment: bool = False
     selection: str = "best_val"
     selection_metric: str = "acc"
+    also_select_by: tuple = ()
     track_test: bool = False
     eval_batch_size: int = 500
 
@@ -98,6 +99,8 @@ class SearchResult:
     cached_features: bool
     approximate_cache: bool
     settings: dict = field(default_factory=dict)
+    # Best masks under other validation metrics ({metric: {"epoch", "masks"}}), recorded for comparison.
+    alternatives: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- reweighting
@@ -235,7 +238,8 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
                                weight_decay=settings.mask_weight_decay)
     tau = settings.tau0
     history: list[dict] = []
-    best = {"value": -math.inf, "epoch": 0, "masks": gates.binary_masks()}
+    tracked = [settings.selection_metric, *[m for m in settings.also_select_by if m != settings.selection_metric]]
+    bests = {m: {"value": -math.inf, "epoch": 0, "masks": gates.binary_masks()} for m in tracked}
     epochs = settings.num_epochs
     with progress_bar("BISE search", epochs, search.num_batches(settings.batch_size)) as bar, \
             capture_input(model.classifier) as tap:
@@ -281,8 +285,10 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
                    "val_acc": val_metrics[settings.selection_metric] if val_metrics else None,
                    "test_acc": test_metrics["acc"] if test_metrics else None,
                    "test_acc_unbiased": test_metrics["acc_unbiased"] if test_metrics else None}
-            if val_metrics is not None and row["val_acc"] is not None and row["val_acc"] >= best["value"]:
-                best = {"value": row["val_acc"], "epoch": epoch, "masks": masks}
+            for metric, best in bests.items():
+                value = val_metrics.get(metric) if val_metrics else None
+                if value is not None and not math.isnan(value) and value >= best["value"]:  # ties: later epoch
+                    bests[metric] = {"value": value, "epoch": epoch, "masks": masks}
             if epoch % settings.tau_period == 0:
                 tau *= settings.tau_factor
                 row["head_acc_refined"] = head_epochs(settings.head_refine_epochs, "fixed")
@@ -297,8 +303,12 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
     use_best = settings.selection == "best_val" and val is not None
     if settings.selection == "best_val" and val is None:
         log.warning("pruning.selection=best_val but the dataset has no validation split: using the last masks")
+    best = bests[settings.selection_metric]
+    alternatives = {m: {"epoch": b["epoch"], "masks": b["masks"]} for m, b in bests.items()
+                    if m != settings.selection_metric and use_best}
     return SearchResult(masks=best["masks"] if use_best else last, last_masks=last,
                         best_epoch=best["epoch"] if use_best else len(history), history=history,
+                        alternatives=alternatives,
                         head_state={k: v.cpu() for k, v in head.state_dict().items()},
                         cached_features=use_cache, approximate_cache=approximate, settings=asdict(settings))
 

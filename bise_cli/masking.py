@@ -108,12 +108,19 @@ class GateSet(nn.Module):
             else:
                 raise ValueError(f"gate point {point.name}: where must be 'output' or 'input', not {point.where!r}")
             self._handles.append(handle)
+        # Backbones with mask-dependent layers (BERT's mask-aware LayerNorm) are told about the gates.
+        if hasattr(model, "bind_gates"):
+            model.bind_gates(self)
+        object.__setattr__(self, "_model", model)  # a plain reference, not a registered submodule
         return self
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        model = self.__dict__.pop("_model", None)
+        if model is not None and hasattr(model, "bind_gates"):
+            model.bind_gates(None)
 
     def set_mode(self, mode: str) -> None:
         if mode not in GATE_MODES:

@@ -90,10 +90,14 @@ def _run_stages(cfg: dict, run_dir: RunDir) -> None:
     ctx.record("vanilla", metrics)
     if not set(stages) - {"vanilla"}:
         return
-    search = ctx.bise_search(model) if {"bise", "bise_ft", "random", "magnitude"} & set(stages) else None
-    for stage in stages[stages.index("vanilla") + 1:] if "vanilla" in stages else stages:
+    needs_masks = {"bise", "bise_ft", "random", "magnitude"} & set(stages)
+    search = ctx.bise_search(model) if needs_masks else None
+    for stage in [s for s in stages if s != "vanilla"]:  # vanilla always runs first: it is what BISE prunes
         if stage == "bise":
-            ctx.record("bise", search["metrics"])
+            selection = {"selection": ctx.cfg["pruning"]["selection_metric"]}
+            ctx.record("bise", search["metrics"], selection if search["alternatives"] else None)
+            for metric, metrics in search["alternatives"].items():
+                ctx.record("bise", metrics, {"selection": metric})
         elif stage == "bise_ft":
             ctx.record("bise_ft", ctx.finetune(model, search["masks"], "bise_ft", search["key"]))
         elif stage == "reweighted_ft":
@@ -123,10 +127,11 @@ class Context:
                             "backbone": cfg["backbone"], "train": cfg["train"]}
 
     # ---------------------------------------------------------------------------------------------- helpers
-    def record(self, stage: str, metrics: dict) -> None:
+    def record(self, stage: str, metrics: dict, extra_keys: dict | None = None) -> None:
         """Append one self-describing record: stage, the config keys (`keys` names them), then the metrics."""
         keys = {"dataset": self.cfg["dataset"]["name"], "backbone": self.cfg["backbone"]["name"],
-                "rho": self.cfg["rho"], "seed": self.seed, **(self.cfg.get("record_keys") or {})}
+                "rho": self.cfg["rho"], "seed": self.seed, **(self.cfg.get("record_keys") or {}),
+                **(extra_keys or {})}
         self.run_dir.add_record({"stage": stage, "keys": list(keys), **keys, "run_dir": str(self.run_dir.path),
                                  **metrics})
 
@@ -232,8 +237,13 @@ class Context:
             metrics.update(best_epoch=result.best_epoch, search_epochs=len(result.history),
                            cached_features=result.cached_features, approximate_cache=result.approximate_cache,
                            rho_reweighting=rho)
+            alternatives = {}
+            for metric, alt in result.alternatives.items():
+                alt_pruned = prune_model(model, alt["masks"])
+                alternatives[metric] = {**self.evaluate(alt_pruned, dense=model, masks=alt["masks"]),
+                                        "best_epoch": alt["epoch"]}
             cached = {"masks": result.masks, "last_masks": result.last_masks, "history": result.history,
-                      "head_state": result.head_state, "metrics": metrics}
+                      "head_state": result.head_state, "metrics": metrics, "alternatives": alternatives}
             self.cache.save("bise", key, cached)
         else:
             log.info("BISE search from cache (%s)", self.cache.path("bise", key))

@@ -25,5 +25,5 @@ def build_backbone(name: str, num_classes: int, **kwargs) -> nn.Module:
         return ResNet18(num_classes=num_classes, weights=kwargs.get("weights"))
     # Imported lazily: transformers is an optional extra and slow to import.
     from bise_cli.models.bert import BertClassifier
-    return BertClassifier(num_classes=num_classes, pretrained=kwargs.get("pretrained"),
+    return BertClassifier(num_classes=num_classes, pretrained=kwargs.get("pretrained", "tiny"),
                           config_overrides=kwargs.get("config_overrides"))

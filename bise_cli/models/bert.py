@@ -135,7 +135,7 @@ class BertClassifier(nn.Module):
             layer.output.LayerNorm.bind(None if gates is None else gates.gate(f"layer{i}.output"))
 
     # ------------------------------------------------------------------------------------------- pruning
-    def pruned_copy(self, masks: dict[str, torch.Tensor]) -> "BertClassifier":
+    def pruned_copy(self, masks: dict[str, torch.Tensor]) -> BertClassifier:
         """A standalone smaller copy: FFN neurons and pooler units removed; masked hidden outputs of each FFN
         zeroed (the residual stream keeps its width) with a fixed mask in the mask-aware LayerNorm."""
         from bise_cli.prune import kept_indices

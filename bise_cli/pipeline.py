@@ -9,6 +9,7 @@ a stage's record (metrics, latency included) is cached with it: resumed runs wri
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -32,10 +33,11 @@ from bise_cli.train import fit, freeze, predict
 
 log = logging.getLogger(__name__)
 
-STAGES = ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude")
+STAGES = ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude", "ffw")
+MASK_STAGES = ("bise", "bise_ft", "random", "magnitude")  # need BISE's structured masks
 # Bump a stage's version when its computation changes, so stale cache entries are not reused.
 STAGE_VERSIONS = {"vanilla": 1, "identification": 1, "bise": 1, "bise_ft": 1, "reweighted_ft": 1,
-                  "random": 1, "magnitude": 1}
+                  "random": 1, "magnitude": 1, "ffw": 1}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -80,6 +82,12 @@ def _run_stages(cfg: dict, run_dir: RunDir) -> None:
     stages = list(cfg["stages"])
     for stage in stages:
         check_choice("stage", stage, STAGES)
+    method = cfg["pruning"]["name"]
+    if method == "ffw" and set(MASK_STAGES) & set(stages):
+        raise BiseError(f"pruning=ffw runs the ffw stage; stages {sorted(set(MASK_STAGES) & set(stages))} need "
+                        "pruning=bise (e.g. bise run pruning=ffw stages=[vanilla,ffw])")
+    if "ffw" in stages and method != "ffw":
+        raise BiseError("the ffw stage needs pruning=ffw (e.g. bise run pruning=ffw stages=[vanilla,ffw])")
     device = resolve_device(cfg["device"])
     torch.use_deterministic_algorithms(bool(cfg["deterministic"]), warn_only=True)
     bundle = _load_data(cfg)
@@ -90,7 +98,7 @@ def _run_stages(cfg: dict, run_dir: RunDir) -> None:
     ctx.record("vanilla", metrics)
     if not set(stages) - {"vanilla"}:
         return
-    needs_masks = {"bise", "bise_ft", "random", "magnitude"} & set(stages)
+    needs_masks = set(MASK_STAGES) & set(stages)
     search = ctx.bise_search(model) if needs_masks else None
     for stage in [s for s in stages if s != "vanilla"]:  # vanilla always runs first: it is what BISE prunes
         if stage == "bise":
@@ -104,6 +112,18 @@ def _run_stages(cfg: dict, run_dir: RunDir) -> None:
             ctx.record("reweighted_ft", ctx.finetune(model, None, "reweighted_ft", ctx.vanilla_key))
         elif stage in ("random", "magnitude"):
             ctx.record(stage, ctx.matched_baseline(model, search, stage))
+        elif stage == "ffw":
+            ctx.record("ffw", ctx.ffw(model))
+
+
+def _settings(kind, options: dict, skip: tuple):
+    """Build a settings dataclass from the `pruning` config; unknown keys are one clear error."""
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(options) - names - set(skip))
+    if unknown:
+        raise BiseError(f"pruning={options.get('name')} has no option(s) {', '.join(unknown)}; "
+                        f"allowed: {', '.join(sorted(names))}")
+    return kind(**{k: v for k, v in options.items() if k in names})
 
 
 def _load_data(cfg: dict) -> DatasetBundle:
@@ -222,7 +242,7 @@ class Context:
         cached = self.cache.load("bise", key)
         if cached is None:
             search_split, rho = self.bias_labels(model)
-            settings = SearchSettings(**{k: v for k, v in p.items() if k != "name"})
+            settings = _settings(SearchSettings, p, ("name",))
             gates = GateSet(model.gate_points(), init=settings.gate_init).to(self.device).attach(model)
             seed = seed_stage(self.seed, "bise")
             try:
@@ -315,4 +335,31 @@ class Context:
         pruned = prune_model(model, masks)
         metrics = self.evaluate(pruned, dense=model, masks=masks)
         self.cache.save(stage, key, {"metrics": metrics, "masks": masks})
+        return metrics
+
+    def ffw(self, model) -> dict:
+        """The FFW baseline: unstructured gates trained on part of the unbiased val split (method.md §2.13)."""
+        from bise_cli.ffw import FFWSettings, apply_weight_masks, run_ffw, weight_sparsity
+
+        p = self.cfg["pruning"]
+        key = {**self.vanilla_key, "stage": "ffw", "version": STAGE_VERSIONS["ffw"], "pruning": p}
+        cached = self.cache.load("ffw", key)
+        if cached is not None:
+            return cached["metrics"]
+        val = self.bundle.get("val")
+        if val is None:
+            raise BiseError("FFW trains on an unbiased split: this dataset has no val split")
+        order = torch.randperm(len(val), generator=torch.Generator().manual_seed(self.seed))
+        cut = int(len(val) * p["train_fraction"])
+        settings = _settings(FFWSettings, p, ("name", "train_fraction", "reweighting"))
+        seed = seed_stage(self.seed, "ffw")
+        result = run_ffw(model, val.subset(order[:cut]), val.subset(order[cut:]), num_bias=self.bundle.num_bias,
+                         settings=settings, device=self.device, seed=seed)
+        pruned = apply_weight_masks(model, result.weight_masks)
+        metrics = self.evaluate(pruned)
+        # Unstructured pruning keeps every shape: count the zeroed weights instead of the removed ones.
+        metrics.update(sparsity_weights=weight_sparsity(result.weight_masks), sparsity_units=None,
+                       best_epoch=result.best_epoch, search_epochs=len(result.history))
+        write_json(self.run_dir.file("ffw_history.json"), result.history)
+        self.cache.save("ffw", key, {"metrics": metrics, "masks": result.weight_masks})
         return metrics

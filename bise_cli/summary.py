@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -13,7 +14,8 @@ from bise_cli.data import summarize_bundle
 from bise_cli.data.base import DatasetBundle
 from bise_cli.records import write_json
 
-console = Console()
+# Logs and CI capture output without a terminal: give tables room instead of rich's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 # (record key, column title, formatter)
 PERCENT = ("acc_unbiased", "acc_aligned", "acc_conflicting", "acc_worst_group", "sparsity_units",

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -180,7 +181,7 @@ def print_rich(summary: pd.DataFrame, title: str) -> None:
     table.add_column("n", justify="right")
     for _, row in summary.iterrows():
         table.add_row(*[str(row[k]) for k in by], *[_cell(row, m, " ± ") for m in metrics], str(int(row["n"])))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def table_command(argv: list[str]) -> int:

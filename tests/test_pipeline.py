@@ -13,7 +13,7 @@ from bise_cli.metrics import ACCURACY_METRICS, EFFICIENCY_METRICS
 from bise_cli.prune import load_pruned
 from bise_cli.records import read_jsonl
 
-from conftest import TINY_OVERRIDES, compose_config, without_timing
+from conftest import TINY_OVERRIDES, TINY_SETTINGS, compose_config, without_timing
 
 
 def _cfg(tmp_path, *extra):
@@ -98,3 +98,16 @@ def test_unsupervised_variant_uses_identification_model(tmp_path):
     # rho used for reweighting is now the measured agreement of pseudo bias labels with y, not the nominal 0.9.
     assert 0 < bise["rho_reweighting"] <= 1 and bise["rho_reweighting"] != 0.9
     assert list((tmp_path / "outputs" / "cache" / "identification").glob("*.pt"))
+
+
+def test_ffw_stage_runs_and_is_refused_with_bise_stages(tmp_path):
+    tiny = [o for o in TINY_SETTINGS if not o.startswith("pruning.")]  # the smoke preset tunes BISE's keys
+    overrides = ["pruning=ffw", "pruning.max_epochs=2", "pruning.head_max_epochs=2", "pruning.t_patience=0"]
+    cfg = compose_config([*tiny, f"output_root={tmp_path / 'outputs'}", *overrides, "stages=[vanilla,ffw]"])
+    records = pipeline.run(cfg, tmp_path / "run")
+    ffw = records[1]
+    assert ffw["stage"] == "ffw" and 0 <= ffw["sparsity_weights"] <= 1 and ffw["macs"] == records[0]["macs"]
+    with pytest.raises(BiseError, match="need pruning=bise"):
+        pipeline.run(_cfg(tmp_path, *overrides, "stages=[vanilla,bise]"), tmp_path / "run2")
+    with pytest.raises(BiseError, match="needs pruning=ffw"):
+        pipeline.run(_cfg(tmp_path, "stages=[vanilla,ffw]"), tmp_path / "run3")

@@ -116,14 +116,20 @@ def _run_stages(cfg: dict, run_dir: RunDir) -> None:
             ctx.record("ffw", ctx.ffw(model))
 
 
-def _settings(kind, options: dict, skip: tuple):
-    """Build a settings dataclass from the `pruning` config; unknown keys are one clear error."""
+def pruning_settings(options: dict):
+    """The validated settings of the `pruning` config: SearchSettings (bise) or FFWSettings (ffw); unknown keys
+    are one clear error."""
+    from bise_cli.ffw import FFWSettings
+
+    check_choice("pruning", options.get("name"), ("bise", "ffw"))
+    kind, skip = (SearchSettings, ("name",)) if options["name"] == "bise" else \
+        (FFWSettings, ("name", "train_fraction", "reweighting"))
     names = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(options) - names - set(skip))
     if unknown:
         raise BiseError(f"pruning={options.get('name')} has no option(s) {', '.join(unknown)}; "
                         f"allowed: {', '.join(sorted(names))}")
-    return kind(**{k: v for k, v in options.items() if k in names})
+    return kind(**{k: v for k, v in options.items() if k in names}).validate()
 
 
 def _load_data(cfg: dict) -> DatasetBundle:
@@ -242,7 +248,7 @@ class Context:
         cached = self.cache.load("bise", key)
         if cached is None:
             search_split, rho = self.bias_labels(model)
-            settings = _settings(SearchSettings, p, ("name",))
+            settings = pruning_settings(p)
             gates = GateSet(model.gate_points(), init=settings.gate_init).to(self.device).attach(model)
             seed = seed_stage(self.seed, "bise")
             try:
@@ -339,7 +345,7 @@ class Context:
 
     def ffw(self, model) -> dict:
         """The FFW baseline: unstructured gates trained on part of the unbiased val split (method.md §2.13)."""
-        from bise_cli.ffw import FFWSettings, apply_weight_masks, run_ffw, weight_sparsity
+        from bise_cli.ffw import apply_weight_masks, run_ffw, weight_sparsity
 
         p = self.cfg["pruning"]
         key = {**self.vanilla_key, "stage": "ffw", "version": STAGE_VERSIONS["ffw"], "pruning": p}
@@ -351,7 +357,7 @@ class Context:
             raise BiseError("FFW trains on an unbiased split: this dataset has no val split")
         order = torch.randperm(len(val), generator=torch.Generator().manual_seed(self.seed))
         cut = int(len(val) * p["train_fraction"])
-        settings = _settings(FFWSettings, p, ("name", "train_fraction", "reweighting"))
+        settings = pruning_settings(p)
         seed = seed_stage(self.seed, "ffw")
         result = run_ffw(model, val.subset(order[:cut]), val.subset(order[cut:]), num_bias=self.bundle.num_bias,
                          settings=settings, device=self.device, seed=seed)

@@ -82,7 +82,7 @@ def test_two_seed_sweep_then_table_then_rerun_skips(tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_records(tmp_path):
-    overrides = [*TINY_OVERRIDES, "stages=[vanilla,bise,random]", "pruning.tau_min=0.0001", "output_root=out"]
+    overrides = [*TINY_OVERRIDES, "stages=[vanilla,bise,random]", "pruning.tau_min=0.001", "output_root=out"]
     reference = tmp_path / "reference"
     reference.mkdir()
     bise("run", *overrides, cwd=reference)
@@ -97,7 +97,7 @@ def test_killed_run_resumes_to_the_same_records(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and not (vanilla_cache.is_dir() and any(vanilla_cache.glob("*.pt"))):
         time.sleep(0.05)
-    time.sleep(0.3)  # now inside the 14-epoch BISE search
+    time.sleep(0.3)  # now inside the 10-epoch BISE search
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     [run_dir] = list((work / "out" / "runs").iterdir())

@@ -10,11 +10,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import bise_cli.cli  # noqa: F401  (registers the bise.dirname resolver used by the hydra section)
-from bise_cli.bise import SearchSettings
 from bise_cli.cli import CONF_DIR
 from bise_cli.data import DATASETS
 from bise_cli.models import build_backbone
-from bise_cli.pipeline import STAGES
+from bise_cli.pipeline import STAGES, pruning_settings
 from bise_cli.train import make_optimizer, make_scheduler
 
 GROUP_FILES = sorted(p.relative_to(CONF_DIR) for p in CONF_DIR.glob("*/**/*.yaml") if p.parts[-2] != "launcher"
@@ -44,8 +43,8 @@ def test_every_group_file_is_covered():
 def test_config_composes_and_builds(path):
     cfg = _compose(_overrides_for(path))
     assert all(stage in STAGES for stage in cfg["stages"])
-    settings = SearchSettings(**{k: v for k, v in cfg["pruning"].items() if k != "name"}).validate()
-    assert settings.num_epochs >= 1
+    settings = pruning_settings(cfg["pruning"])
+    assert getattr(settings, "num_epochs", getattr(settings, "max_epochs", 0)) >= 1
     for recipe in (cfg["train"], cfg["finetune"]):
         params = [torch.nn.Parameter(torch.zeros(2))]
         opt = make_optimizer(recipe["optimizer"], params, recipe["lr"], recipe["momentum"], recipe["weight_decay"])

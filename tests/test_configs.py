@@ -64,3 +64,12 @@ def test_command_line_example_composes_exactly_as_written():
     cfg = _compose(["dataset=biased_mnist", "rho=0.99"])
     assert cfg["rho"] == 0.99 and cfg["dataset"]["name"] == "biased_mnist"
     assert cfg["train"]["epochs"] == 80 and cfg["pruning"]["tau_min"] == 0.001
+
+
+@pytest.mark.parametrize("launcher, target", [("local_parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
+def test_launcher_presets_compose(launcher, target):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)

@@ -21,8 +21,8 @@ from common import parse_args
 
 def run(seed: int, mnist: str, out: Path) -> list[dict]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=quickstart", f"dataset.root={mnist}", f"seed={seed}",
-                                           "dataset.source=files"])
+        # Same overrides as `bise run experiment=quickstart dataset.root=... seed=S`: the stage caches are shared.
+        cfg = compose("config", overrides=["experiment=quickstart", f"dataset.root={mnist}", f"seed={seed}"])
     return pipeline.run(OmegaConf.to_container(cfg, resolve=True), out / f"seed={seed}")
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bise_cli import pipeline
+from bise_cli import pipeline, stages
 from bise_cli.errors import BiseError
 from bise_cli.metrics import ACCURACY_METRICS, EFFICIENCY_METRICS
 from bise_cli.prune import load_pruned
@@ -50,8 +50,8 @@ def test_second_run_reuses_the_caches_and_a_done_run_is_skipped(tmp_path, monkey
     def no_training(*args, **kwargs):
         raise AssertionError("a cached stage was recomputed")
 
-    monkeypatch.setattr(pipeline, "fit", no_training)
-    monkeypatch.setattr(pipeline, "run_search", no_training)
+    monkeypatch.setattr(stages, "fit", no_training)
+    monkeypatch.setattr(stages, "run_search", no_training)
     second = pipeline.run(cfg, tmp_path / "b")  # another run dir, same settings: everything from the cache
     assert without_timing(first) == without_timing(second)
     assert [r["latency_ms_b1"] for r in first] == [r["latency_ms_b1"] for r in second]  # cached with the stage
@@ -85,7 +85,7 @@ def test_failure_keeps_records_already_written(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise BiseError("the BISE objective became nan at epoch 1; lower pruning.mask_lr or pruning.gamma")
 
-    monkeypatch.setattr(pipeline, "run_search", broken)
+    monkeypatch.setattr(stages, "run_search", broken)
     with pytest.raises(BiseError, match="nan"):
         pipeline.run(cfg, tmp_path / "run")
     assert [r["stage"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == ["vanilla"]
@@ -111,3 +111,16 @@ def test_ffw_stage_runs_and_is_refused_with_bise_stages(tmp_path):
         pipeline.run(_cfg(tmp_path, *overrides, "stages=[vanilla,bise]"), tmp_path / "run2")
     with pytest.raises(BiseError, match="needs pruning=ffw"):
         pipeline.run(_cfg(tmp_path, "stages=[vanilla,ffw]"), tmp_path / "run3")
+
+
+def test_vanilla_checkpoint_is_used_and_a_mismatch_is_one_clear_error(tmp_path):
+    from bise_cli.models import build_backbone
+
+    good = tmp_path / "vanilla.pt"
+    torch.save(build_backbone("simple_convnet", 10, width=0.125).state_dict(), good)
+    records = pipeline.run(_cfg(tmp_path, "stages=[vanilla]", f"vanilla_checkpoint={good}"), tmp_path / "a")
+    assert records[0]["stage"] == "vanilla" and "train_seconds" not in records[0]
+    wrong = tmp_path / "wide.pt"
+    torch.save(build_backbone("simple_convnet", 10, width=0.5).state_dict(), wrong)
+    with pytest.raises(BiseError, match="does not match backbone=simple_convnet"):
+        pipeline.run(_cfg(tmp_path, "stages=[vanilla]", f"vanilla_checkpoint={wrong}"), tmp_path / "b")

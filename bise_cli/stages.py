@@ -128,7 +128,7 @@ class Stages:
         freeze(model)
         metrics = self.cache.load("vanilla_metrics", self.vanilla_key)
         if metrics is None:
-            metrics = {**self.evaluate(model), "train_seconds": weights["train_seconds"]}
+            metrics = {**self.evaluate(model), "train_seconds": weights.get("train_seconds")}
             self.cache.save("vanilla_metrics", self.vanilla_key, metrics)
         return model, metrics
 

@@ -210,4 +210,10 @@ def table_command(argv: list[str]) -> int:
         if fmt == args.format:
             print(text)
     print(f"tables written to {out}/table.{{md,tex,csv}}")
+    try:  # sweep plots are a convenience: a plotting problem must not cost the tables
+        from bise_cli.plots import plot_sweep
+
+        print("plots: " + ", ".join(str(path) for path in plot_sweep(args.dir, out)))
+    except Exception as error:  # noqa: BLE001
+        log.warning("sweep plots skipped: %s", error)
     return 0

@@ -73,6 +73,7 @@ def test_two_seed_sweep_then_table_then_rerun_skips(tmp_path):
     table = bise("table", str(sweep), "--format", "md", cwd=tmp_path).stdout
     assert "vanilla" in table and "bise" in table
     assert (sweep / "table.md").is_file() and (sweep / "table.csv").is_file()
+    assert (sweep / "accuracy_vs_sparsity.png").stat().st_size > 2000
     before = [read_jsonl(sweep / r / "metrics.jsonl") for r in runs]
     start = time.perf_counter()
     rerun = bise(*args, cwd=tmp_path)

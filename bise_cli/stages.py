@@ -105,13 +105,12 @@ class Stages:
     def vanilla(self):
         """Train (or load) the vanilla model on the biased training split; its weights are cached by the training
         settings alone, its metrics also by the evaluation settings."""
+        seed = seed_stage(self.seed, "vanilla")  # before construction: the initialisation is part of the stage
         model = self.new_backbone().to(self.device)
         if self.cfg.get("vanilla_checkpoint"):
             return self.load_vanilla_checkpoint(model, self.cfg["vanilla_checkpoint"])
         weights = self.cache.load("vanilla", self.train_key)
         if weights is None:
-            seed = seed_stage(self.seed, "vanilla")
-            model = self.new_backbone().to(self.device)
             t = self.cfg["train"]
             started = time.perf_counter()
             history = fit(model, self.bundle["train"], epochs=t["epochs"], batch_size=t["batch_size"],

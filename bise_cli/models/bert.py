@@ -83,6 +83,7 @@ def _load_hf_model(pretrained: str | None, num_classes: int, config_overrides: d
     name = resolve_text_model(pretrained)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the fresh classifier head is expected, not worth a warning
+    hf_logging.disable_progress_bar()  # a per-load bar clutters run logs
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             name, num_labels=num_classes, local_files_only=Path(name).exists(), **(config_overrides or {}))

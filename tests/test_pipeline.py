@@ -124,3 +124,24 @@ def test_vanilla_checkpoint_is_used_and_a_mismatch_is_one_clear_error(tmp_path):
     torch.save(build_backbone("simple_convnet", 10, width=0.5).state_dict(), wrong)
     with pytest.raises(BiseError, match="does not match backbone=simple_convnet"):
         pipeline.run(_cfg(tmp_path, "stages=[vanilla]", f"vanilla_checkpoint={wrong}"), tmp_path / "b")
+
+
+def test_civilcomments_with_bert_end_to_end_on_a_wilds_layout_file(tmp_path):
+    pytest.importorskip("transformers")
+    from bise_cli.data.synthetic_text import write_synthetic_civilcomments
+
+    root = tmp_path / "civil"
+    write_synthetic_civilcomments(root / "civilcomments_v1.0" / "all_data_with_identities.csv", 240, 0.9, seed=0)
+    cfg = compose_config([
+        "dataset=civilcomments", "backbone=bert", "backbone.pretrained=tiny", "dataset.source=files",
+        f"dataset.root={root}", "dataset.max_length=16", "dataset.groups=wilds", "train.epochs=1",
+        "train.lr=0.001", "pruning.tau_period=1", "pruning.tau_min=0.3", "pruning.head_pretrain_epochs=1",
+        "pruning.head_refine_epochs=1", "finetune.epochs=1", "leakage_probe.epochs=1", "latency.repeats=1",
+        "latency.warmup=0", "stages=[vanilla,bise,bise_ft,random]", f"output_root={tmp_path / 'outputs'}"])
+    records = pipeline.run(cfg, tmp_path / "run")
+    assert [r["stage"] for r in records] == ["vanilla", "bise", "bise", "bise_ft", "random"]
+    assert [r.get("selection") for r in records[1:3]] == ["acc_worst_group", "acc"]
+    for record in records:
+        assert record["dataset"] == "civilcomments" and 0 <= record["dp_diff"] <= 1 and 0 <= record["eo_diff"] <= 1
+        assert record["wilds_acc_worst_group"] == record["acc_worst_group"]  # groups=wilds is the headline
+        assert record["macs"] > 0 and record["leakage"] is not None

@@ -243,6 +243,8 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
     tracked = [settings.selection_metric, *[m for m in settings.also_select_by if m != settings.selection_metric]]
     bests = {m: {"value": -math.inf, "epoch": 0, "masks": gates.binary_masks()} for m in tracked}
     epochs = settings.num_epochs
+    log.info("BISE search: %d mask epochs, %d gates, head epochs on %s features", epochs,
+             sum(p.units for p in gates.points), "cached" if use_cache else "recomputed")
     with progress_bar("BISE search", epochs, search.num_batches(settings.batch_size)) as bar, \
             capture_input(model.classifier) as tap:
         for epoch in range(1, epochs + 1):

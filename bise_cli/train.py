@@ -8,7 +8,6 @@ weights come from a function of (y, b), which is how BISE+FT and the reweighted-
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 import torch
@@ -82,6 +81,8 @@ def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimiz
     sched, sched_unit = make_scheduler(scheduler, opt, epochs, split.num_batches(batch_size), milestones, gamma)
     generator = torch.Generator().manual_seed(seed)
     history = []
+    log.info("%s: %d epochs of %d batches (%s, lr %g) on %s", description, epochs, split.num_batches(batch_size),
+             optimizer, lr, device)
     with progress_bar(description, epochs, split.num_batches(batch_size)) as bar:
         for epoch in range(1, epochs + 1):
             model.train()
@@ -136,6 +137,3 @@ def freeze(model: nn.Module) -> nn.Module:
         p.requires_grad_(False)
     return model.eval()
 
-
-def is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -24,7 +24,7 @@ def main() -> None:
     overrides = ["experiment=quickstart", "dataset.source=files", f"dataset.root={args.mnist}", f"rho={args.rho}",
                  f"dataset.max_samples={args.digits}", "train.epochs=12", "train.milestones=[10]",
                  "finetune.epochs=2", f"seed={args.seed}", "name=reduced",
-                 "note=REDUCED RUN on full MNIST files (not the paper's scale)"]
+                 "note='REDUCED RUN on full MNIST files, not the paper scale'"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
     start = time.perf_counter()

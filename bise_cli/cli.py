@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -80,6 +81,18 @@ def _override_keys(plain: dict) -> dict:
     return keys
 
 
+def _interrupt_on_sigterm() -> None:
+    """Turn SIGTERM (cluster time limits, `timeout`) into an exception, so the run is marked failed with the
+    reason instead of staying "running"; a re-run resumes it from its finished stages."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt("terminated by SIGTERM")
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (some launchers): keep the default behaviour
+        pass
+
+
 def _guarded(task):
     """Run a task; user errors become one-line messages. In a sweep a failed job never stops the others."""
     def wrapper(cfg: DictConfig):
@@ -107,6 +120,7 @@ def run_task(cfg: DictConfig):
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain["record_keys"] = {**_override_keys(plain), **(plain.get("record_keys") or {})}
+    _interrupt_on_sigterm()
     if plain.get("note"):
         log.info(plain["note"])
     records = pipeline.run(plain, _output_dir())

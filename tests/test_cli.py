@@ -110,3 +110,19 @@ def test_killed_run_resumes_to_the_same_records(tmp_path):
     resumed = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["stage"] for r in resumed] == ["vanilla", "bise", "random"]
     assert without_timing(resumed) == without_timing(expected)
+
+
+def test_sigterm_marks_the_run_failed_with_the_reason(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "bise_cli", "run", *TINY_OVERRIDES, "pruning.tau_min=0.001",
+                                "output_root=out"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cache = tmp_path / "out" / "cache" / "vanilla"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (cache.is_dir() and any(cache.glob("*.pt"))):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    [run_dir] = list((tmp_path / "out" / "runs").iterdir())
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] in ("failed", "done")  # done only if the signal came after the last stage
+    if status["state"] == "failed":
+        assert "SIGTERM" in status["error"]

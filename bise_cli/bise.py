@@ -1,12 +1,14 @@
-"""The BISE mask search (method.md §2): reweighted CE + bias-MI penalty on hard structured gates of a frozen model.
+"""The BISE mask search (BISE, CVPR 2026, Sec. 3): reweighted CE + bias-MI penalty on hard structured gates of a
+frozen model.
 
-Per batch (§2.6): forward the gated model (hard gates, straight-through gradients), L_r = (1/B) sum r(y,b) CE,
-I = normalised plug-in MI between the true bias and the bias head's softmax on the bias-conflicting samples,
-gates step on alpha*L_r + gamma*I, the bias head steps on its own CE over stopgrad(z). The head is
-pre-trained for `head_pretrain_epochs` on the ungated model and refined for `head_refine_epochs` after every
-temperature drop; without augmentation those head-only epochs run on cached bottleneck features (§2.14),
-which is exact. Temperature: tau <- tau_factor * tau every `tau_period` epochs; stop once tau <= tau_min.
-Selection: the masks of the epoch with the best validation metric (ties to the later epoch), or the last.
+Per batch: forward the gated model (hard gates, straight-through gradients), L_r = (1/B) sum r(y, b) CE, and
+for every bias attribute k, I_k = normalised plug-in MI between b_k and its bias head's softmax on the samples
+conflicting on k (b_k != y); the gates step on alpha*L_r + gamma*sum_k I_k, each head steps on its own CE over
+stopgrad(z). The heads are pre-trained for `head_pretrain_epochs` on the ungated model and refined for
+`head_refine_epochs` after every temperature drop; without augmentation those head-only epochs run on cached
+bottleneck features, which is exact. Temperature: tau <- tau_factor * tau every `tau_period` epochs; stop once
+tau <= tau_min (100 epochs with the paper's numbers). Selection: the masks of the epoch with the best
+validation metric (ties to the later epoch), or the last masks when the dataset has no validation split.
 """
 
 from __future__ import annotations
@@ -19,16 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bise_cli.data.base import Split
+from bise_cli.data.base import Split, bias_columns
 from bise_cli.errors import BiseError, check_choice
 from bise_cli.masking import GateSet, capture_input, unit_sparsity
 from bise_cli.metrics import accuracy_metrics
+from bise_cli.probe import feature_epoch, head_accuracy, make_head, mean_over_attributes, model_epoch
 from bise_cli.progress import progress_bar
+from bise_cli.reweighting import SampleWeights
 from bise_cli.train import predict, weighted_cross_entropy
 
 log = logging.getLogger(__name__)
 
-REWEIGHTINGS = ("nominal_rho", "group_inverse_freq", "none")
 MI_SUBSETS = ("conflicting", "all")
 CACHE_MODES = ("auto", "on", "off")
 SELECTIONS = ("best_val", "last")
@@ -36,7 +39,7 @@ SELECTIONS = ("best_val", "last")
 
 @dataclass
 class SearchSettings:
-    """Every number of the search; defaults are the paper's (method.md §2.3-2.8)."""
+    """Every number of the search; defaults are the paper's (the official code's defaults)."""
 
     gate_init: float = 0.0
     tau0: float = 1.0
@@ -55,7 +58,6 @@ class SearchSettings:
     alpha: float = 1.0
     gamma: float = 1.0
     mi_subset: str = "conflicting"
-    reweighting: str = "nominal_rho"
     cache_features: str = "auto"
     augment: bool = False
     selection: str = "best_val"
@@ -65,7 +67,6 @@ class SearchSettings:
     eval_batch_size: int = 500
 
     def validate(self) -> SearchSettings:
-        check_choice("pruning.reweighting", self.reweighting, REWEIGHTINGS)
         check_choice("pruning.mi_subset", self.mi_subset, MI_SUBSETS)
         check_choice("pruning.cache_features", self.cache_features, CACHE_MODES)
         check_choice("pruning.selection", self.selection, SELECTIONS)
@@ -95,41 +96,13 @@ class SearchResult:
     last_masks: dict[str, torch.Tensor]
     best_epoch: int
     history: list[dict]
-    head_state: dict
-    pretrain_head_state: dict
+    head_states: list[dict]           # one per bias attribute
+    pretrain_head_states: list[dict]
     cached_features: bool
     approximate_cache: bool
     settings: dict = field(default_factory=dict)
     # Best masks under other validation metrics ({metric: {"epoch", "masks"}}), recorded for comparison.
     alternatives: dict = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------- reweighting
-
-def group_weights(reweighting: str, y: torch.Tensor, b: torch.Tensor, num_classes: int, num_bias: int,
-                  rho: float | None) -> torch.Tensor:
-    """Weight r(y, b) for every (class, bias) cell (method.md §2.5.1).
-
-    nominal_rho: aligned (b == y) 1/(C*rho), conflicting (C-1)/(C*(1-rho)) with the nominal rho.
-    group_inverse_freq: 1/(G * p(y, b)) with G = C*K cells and p the empirical frequency (counts clamped >= 1).
-    none: 1 everywhere."""
-    check_choice("pruning.reweighting", reweighting, REWEIGHTINGS)
-    if reweighting == "none":
-        return torch.ones(num_classes, num_bias)
-    if reweighting == "group_inverse_freq":
-        counts = torch.bincount(y * num_bias + b, minlength=num_classes * num_bias).double().clamp(min=1)
-        freq = counts / len(y)
-        return (1.0 / (num_classes * num_bias * freq)).float().view(num_classes, num_bias)
-    if rho is None or not 0 < rho <= 1:
-        raise BiseError(f"nominal_rho reweighting needs rho in (0, 1], got {rho}")
-    c = num_classes
-    aligned = 1.0 / (c * rho)
-    # rho = 1 has no conflicting samples: their weight is irrelevant, 0 avoids a division by zero.
-    conflicting = (c - 1) / (c * (1 - rho)) if rho < 1 else 0.0
-    table = torch.full((num_classes, num_bias), conflicting)
-    idx = torch.arange(min(num_classes, num_bias))
-    table[idx, idx] = aligned
-    return table
 
 
 # --------------------------------------------------------------------------------------------- MI estimator
@@ -144,63 +117,96 @@ def normalized_mutual_information(b: torch.Tensor, q: torch.Tensor, num_bias: in
     return mi / math.log(num_bias)
 
 
-# ---------------------------------------------------------------------------------------------- bias head
-
-def make_head(dim: int, num_bias: int, lr: float, momentum: float, weight_decay: float, seed: int):
-    """A linear bias head and its own persistent SGD optimiser."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = nn.Linear(dim, num_bias)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return head, opt
-
-
-def train_head_on_features(head: nn.Linear, opt: torch.optim.Optimizer, z: torch.Tensor, b: torch.Tensor,
-                           epochs: int, batch_size: int, generator: torch.Generator) -> None:
-    """Head-only epochs on cached features: same batches as `train_head_on_model` given the same generator."""
-    device = head.weight.device
-    for _ in range(epochs):
-        order = torch.randperm(len(b), generator=generator)
-        for start in range(0, len(b), batch_size):
-            idx = order[start:start + batch_size]
-            loss = F.cross_entropy(head(z[idx].to(device)), b[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-
-def train_head_on_model(head: nn.Linear, opt: torch.optim.Optimizer, model: nn.Module, split: Split,
-                        epochs: int, batch_size: int, generator: torch.Generator, device) -> None:
-    """Head-only epochs recomputing the frozen model's features every batch (the literal reference path)."""
-    with capture_input(model.classifier) as tap:
-        for _ in range(epochs):
-            for x, _, b in split.batches(batch_size, shuffle=True, generator=generator, device=device):
-                with torch.no_grad():
-                    model(x)
-                loss = F.cross_entropy(head(tap["z"].detach()), b)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-
-@torch.no_grad()
-def head_accuracy(head: nn.Linear, z: torch.Tensor, b: torch.Tensor) -> float:
-    device = head.weight.device
-    return float((head(z.to(device)).argmax(1).cpu() == b).float().mean()) if len(b) else math.nan
 
 
 # -------------------------------------------------------------------------------------------------- search
 
-def _evaluate(model, split: Split | None, num_classes, num_bias, batch_size, device) -> dict | None:
+class _Heads:
+    """One linear bias head per attribute with its own SGD, trained on cached or recomputed features."""
+
+    def __init__(self, model: nn.Module, search: Split, num_bias: int, settings: SearchSettings, use_cache: bool,
+                 generator: torch.Generator, seed: int, device):
+        self.model, self.search, self.settings, self.use_cache = model, search, settings, use_cache
+        self.generator, self.device = generator, device
+        dim = model.classifier.in_features
+        self.pairs = [make_head(dim, num_bias, settings.head_lr, settings.head_momentum,
+                                settings.head_weight_decay, seed + k) for k in range(len(search.bias_columns))]
+        for head, _ in self.pairs:
+            head.to(device)
+
+    def train(self, epochs: int, gates: GateSet, mode: str) -> list[float]:
+        """`epochs` head-only epochs with the gates in `mode`; returns each head's accuracy on the search set."""
+        s = self.settings
+        with gates.mode(mode):
+            if epochs and not self.use_cache:
+                for _ in range(epochs):
+                    model_epoch(self.pairs, self.model, self.search, s.batch_size, self.generator, self.device)
+            z = predict(self.model, self.search, s.eval_batch_size, self.device, features=True)["z"]
+            if epochs and self.use_cache:
+                for _ in range(epochs):
+                    feature_epoch(self.pairs, z, self.search.b, s.batch_size, self.generator)
+        return [head_accuracy(head, z, b) for (head, _), b in zip(self.pairs, self.search.bias_columns, strict=True)]
+
+    def states(self) -> list[dict]:
+        return [{k: v.detach().cpu().clone() for k, v in head.state_dict().items()} for head, _ in self.pairs]
+
+
+def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, weights: SampleWeights,
+                settings: SearchSettings, num_bias: int, generator, device, epoch: int, bar, tap) -> dict:
+    """One pass of the gates over the search split; returns the epoch's mean losses and head accuracy."""
+    sums = {"loss_ce": 0.0, "mi": 0.0, "mi_batches": 0, "head_hits": 0, "n": 0}
+    for x, y, b in search.batches(settings.batch_size, shuffle=True, generator=generator, device=device):
+        logits = model(x)
+        z = tap["z"]
+        loss_ce = weighted_cross_entropy(logits, y, weights(y, b))
+        objective = settings.alpha * loss_ce
+        mi_total = None
+        for (head, _), column in zip(heads.pairs, bias_columns(b), strict=True):
+            subset = (column != y) if settings.mi_subset == "conflicting" else torch.ones_like(y, dtype=torch.bool)
+            if subset.any() and settings.gamma > 0:
+                # The head's weights are detached here: the MI gradient reaches the gates only.
+                q = F.softmax(F.linear(z[subset], head.weight.detach(), head.bias.detach()), dim=1)
+                mi = normalized_mutual_information(column[subset], q, num_bias)
+                mi_total = mi if mi_total is None else mi_total + mi
+        if mi_total is not None:
+            objective = objective + settings.gamma * mi_total
+            sums["mi"] += mi_total.item()
+            sums["mi_batches"] += 1
+        if not torch.isfinite(objective):
+            raise BiseError(f"the BISE objective became {objective.item()} at epoch {epoch}; "
+                            "lower pruning.mask_lr or pruning.gamma")
+        mask_opt.zero_grad(set_to_none=True)
+        objective.backward()
+        # Each head steps on its own CE over the detached features (after the gates' backward pass).
+        hits = 0
+        for (head, opt), column in zip(heads.pairs, bias_columns(b), strict=True):
+            head_logits = head(z.detach())
+            loss = F.cross_entropy(head_logits, column)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            hits += int((head_logits.argmax(1) == column).sum())
+        mask_opt.step()
+        for _, opt in heads.pairs:
+            opt.step()
+        sums["loss_ce"] += loss_ce.item() * len(y)
+        sums["head_hits"] += hits / len(heads.pairs)
+        sums["n"] += len(y)
+        bar.advance_batch()
+    return {"loss_ce": sums["loss_ce"] / sums["n"],
+            "mi": sums["mi"] / sums["mi_batches"] if sums["mi_batches"] else None,
+            "head_acc": sums["head_hits"] / sums["n"]}
+
+
+def _evaluate(model, split: Split | None, num_classes, num_bias, bias_names, batch_size, device) -> dict | None:
     if split is None or len(split) == 0:
         return None
     out = predict(model, split, batch_size, device)
-    return accuracy_metrics(out["y"], out["b"], out["pred"], num_classes, num_bias)
+    return accuracy_metrics(out["y"], out["b"], out["pred"], num_classes, num_bias, bias_names)
 
 
 def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | None, test: Split | None, *,
-               num_classes: int, num_bias: int, rho: float | None, settings: SearchSettings, device="cpu",
-               seed: int = 0) -> SearchResult:
+               num_classes: int, num_bias: int, weights: SampleWeights, settings: SearchSettings,
+               bias_names: tuple[str, ...] = ("bias",), device="cpu", seed: int = 0) -> SearchResult:
     """Run the BISE search on a frozen `model` with `gates` attached; returns the selected masks and history."""
     settings.validate()
     model.eval()
@@ -210,31 +216,16 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
     gates.set_tau(settings.tau0)
     gates.set_mode("masked")
     generator = torch.Generator().manual_seed(seed)
-    weights = group_weights(settings.reweighting, search.y, search.b, num_classes, num_bias, rho).to(device)
+    weights = weights.to(device)
     use_cache = settings.cache_features == "on" or (settings.cache_features == "auto" and not settings.augment)
     approximate = use_cache and settings.augment
     if approximate:
         log.warning("bias-head epochs use cached features of un-augmented inputs: an approximation")
-
-    dim = model.classifier.in_features
-    head, head_opt = make_head(dim, num_bias, settings.head_lr, settings.head_momentum,
-                               settings.head_weight_decay, seed)
-    head.to(device)
-
-    def head_epochs(epochs: int, mode: str) -> float:
-        """Train the head for `epochs` with the gates in `mode`; returns its accuracy on the search set."""
-        with gates.mode(mode):
-            if epochs and not use_cache:
-                train_head_on_model(head, head_opt, model, search, epochs, settings.batch_size, generator, device)
-            z = predict(model, search, settings.eval_batch_size, device, features=True)["z"]
-            if epochs and use_cache:
-                train_head_on_features(head, head_opt, z, search.b, epochs, settings.batch_size, generator)
-        return head_accuracy(head, z, search.b)
-
-    head_acc = head_epochs(settings.head_pretrain_epochs, "vanilla")
-    pretrain_head_state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
-    log.info("bias head pre-trained for %d epochs: accuracy %.3f on the search set",
-             settings.head_pretrain_epochs, head_acc)
+    heads = _Heads(model, search, num_bias, settings, use_cache, generator, seed, device)
+    head_acc = heads.train(settings.head_pretrain_epochs, gates, "vanilla")
+    pretrain_states = heads.states()
+    log.info("bias head(s) pre-trained for %d epochs: accuracy %s on the search set",
+             settings.head_pretrain_epochs, ", ".join(f"{a:.3f}" for a in head_acc))
 
     mask_opt = torch.optim.SGD(gates.parameters(), lr=settings.mask_lr, momentum=settings.mask_momentum,
                                weight_decay=settings.mask_weight_decay)
@@ -243,98 +234,52 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
     tracked = [settings.selection_metric, *[m for m in settings.also_select_by if m != settings.selection_metric]]
     bests = {m: {"value": -math.inf, "epoch": 0, "masks": gates.binary_masks()} for m in tracked}
     epochs = settings.num_epochs
-    log.info("BISE search: %d mask epochs, %d gates, head epochs on %s features", epochs,
-             sum(p.units for p in gates.points), "cached" if use_cache else "recomputed")
+    log.info("BISE search: %d mask epochs, %d gated units, %d bias head(s) on %s features", epochs,
+             sum(p.units for p in gates.points), len(heads.pairs), "cached" if use_cache else "recomputed")
     with progress_bar("BISE search", epochs, search.num_batches(settings.batch_size)) as bar, \
             capture_input(model.classifier) as tap:
         for epoch in range(1, epochs + 1):
-            sums = {"loss_ce": 0.0, "mi": 0.0, "mi_batches": 0, "head_hits": 0, "n": 0}
-            for x, y, b in search.batches(settings.batch_size, shuffle=True, generator=generator, device=device):
-                logits = model(x)
-                z = tap["z"]
-                loss_ce = weighted_cross_entropy(logits, y, weights[y, b])
-                objective = settings.alpha * loss_ce
-                subset = (b != y) if settings.mi_subset == "conflicting" else torch.ones_like(b, dtype=torch.bool)
-                if subset.any() and settings.gamma > 0:
-                    # The head's weights are detached here: the MI gradient reaches the gates only (§2.5.2).
-                    q = F.softmax(F.linear(z[subset], head.weight.detach(), head.bias.detach()), dim=1)
-                    mi = normalized_mutual_information(b[subset], q, num_bias)
-                    objective = objective + settings.gamma * mi
-                    sums["mi"] += mi.item()
-                    sums["mi_batches"] += 1
-                if not torch.isfinite(objective):
-                    raise BiseError(f"the BISE objective became {objective.item()} at epoch {epoch}; "
-                                    "lower pruning.mask_lr or pruning.gamma")
-                mask_opt.zero_grad(set_to_none=True)
-                objective.backward()
-                head_logits = head(z.detach())
-                head_loss = F.cross_entropy(head_logits, b)
-                head_opt.zero_grad(set_to_none=True)
-                head_loss.backward()
-                mask_opt.step()
-                head_opt.step()
-                sums["loss_ce"] += loss_ce.item() * len(y)
-                sums["head_hits"] += int((head_logits.argmax(1) == b).sum())
-                sums["n"] += len(y)
-                bar.advance_batch()
-
+            row = {"epoch": epoch, "tau": tau, **_mask_epoch(model, gates, heads, mask_opt, search, weights,
+                                                             settings, num_bias, generator, device, epoch, bar, tap)}
             masks = gates.binary_masks()
             with gates.mode("fixed"):
-                val_metrics = _evaluate(model, val, num_classes, num_bias, settings.eval_batch_size, device)
-                test_metrics = (_evaluate(model, test, num_classes, num_bias, settings.eval_batch_size, device)
-                                if settings.track_test else None)
-            row = {"epoch": epoch, "tau": tau, "loss_ce": sums["loss_ce"] / sums["n"],
-                   "mi": sums["mi"] / sums["mi_batches"] if sums["mi_batches"] else None,
-                   "head_acc": sums["head_hits"] / sums["n"], "sparsity_units": unit_sparsity(masks),
-                   "val_acc": val_metrics[settings.selection_metric] if val_metrics else None,
-                   "test_acc": test_metrics["acc"] if test_metrics else None,
-                   "test_acc_unbiased": test_metrics["acc_unbiased"] if test_metrics else None}
+                val_metrics = _evaluate(model, val, num_classes, num_bias, bias_names, settings.eval_batch_size,
+                                        device)
+                test_metrics = (_evaluate(model, test, num_classes, num_bias, bias_names,
+                                          settings.eval_batch_size, device) if settings.track_test else None)
+            row.update(sparsity_units=unit_sparsity(masks),
+                       val_acc=val_metrics[settings.selection_metric] if val_metrics else None,
+                       test_acc=test_metrics["acc"] if test_metrics else None,
+                       test_acc_unbiased=test_metrics["acc_unbiased"] if test_metrics else None)
             for metric, best in bests.items():
                 value = val_metrics.get(metric) if val_metrics else None
                 if value is not None and not math.isnan(value) and value >= best["value"]:  # ties: later epoch
                     bests[metric] = {"value": value, "epoch": epoch, "masks": masks}
             if epoch % settings.tau_period == 0:
                 tau *= settings.tau_factor
-                row["head_acc_refined"] = head_epochs(settings.head_refine_epochs, "fixed")
+                row["head_acc_refined"] = mean_over_attributes(heads.train(settings.head_refine_epochs, gates,
+                                                                           "fixed"))
                 gates.set_tau(tau)
             history.append(row)
             val_text = f"val {row['val_acc']:.3f} " if row["val_acc"] is not None else ""
             bar.advance_epoch(f"{val_text}sparsity {row['sparsity_units']:.2f} tau {tau:.2g}")
             if tau <= settings.tau_min:
                 break
+    return _select(gates, bests, history, heads, pretrain_states, settings, val is not None, use_cache,
+                   approximate)
 
+
+def _select(gates: GateSet, bests: dict, history: list[dict], heads: _Heads, pretrain_states: list[dict],
+            settings: SearchSettings, has_val: bool, use_cache: bool, approximate: bool) -> SearchResult:
+    """The selected masks: best validation epoch, or the last masks without a validation split."""
     last = gates.binary_masks()
-    use_best = settings.selection == "best_val" and val is not None
-    if settings.selection == "best_val" and val is None:
+    use_best = settings.selection == "best_val" and has_val
+    if settings.selection == "best_val" and not has_val:
         log.warning("pruning.selection=best_val but the dataset has no validation split: using the last masks")
     best = bests[settings.selection_metric]
     alternatives = {m: {"epoch": b["epoch"], "masks": b["masks"]} for m, b in bests.items()
                     if m != settings.selection_metric and use_best}
     return SearchResult(masks=best["masks"] if use_best else last, last_masks=last,
                         best_epoch=best["epoch"] if use_best else len(history), history=history,
-                        alternatives=alternatives,
-                        head_state={k: v.cpu() for k, v in head.state_dict().items()},
-                        pretrain_head_state=pretrain_head_state,
+                        alternatives=alternatives, head_states=heads.states(), pretrain_head_states=pretrain_states,
                         cached_features=use_cache, approximate_cache=approximate, settings=asdict(settings))
-
-
-# --------------------------------------------------------------------------------------- bias leakage probe
-
-def fresh_probe_leakage(model: nn.Module, train: Split, test: Split, num_bias: int, *, epochs: int = 20,
-                        batch_size: int = 100, lr: float = 0.1, seed: int = 0, device="cpu") -> float:
-    """Accuracy on `test` of a new linear bias probe trained on `train` bottleneck features of `model`."""
-    z_train = predict(model, train, 500, device, features=True)["z"]
-    z_test = predict(model, test, 500, device, features=True)["z"]
-    head, opt = make_head(z_train.shape[1], num_bias, lr, 0.9, 1e-4, seed)
-    head.to(device)
-    train_head_on_features(head, opt, z_train, train.b, epochs, batch_size, torch.Generator().manual_seed(seed))
-    return head_accuracy(head, z_test, test.b)
-
-
-def head_leakage(head_state: dict, model: nn.Module, test: Split, device="cpu") -> float:
-    """Accuracy of the search's own bias head on `test` bottleneck features of `model`."""
-    weight = head_state["weight"]
-    head = nn.Linear(weight.shape[1], weight.shape[0])
-    head.load_state_dict(head_state)
-    z = predict(model, test, 500, device, features=True)["z"]
-    return head_accuracy(head.to(device), z, test.b)

@@ -7,6 +7,7 @@ works as documented: overrides, `-m` sweeps, `--cfg job`, `--help`, launchers.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import signal
@@ -16,11 +17,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bise_cli import __version__
-from bise_cli.errors import BiseError
+from bise_cli.errors import BiseError, Terminated
 
 log = logging.getLogger("bise")
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package; the top-level conf/ links here
 USAGE = f"""bise {__version__}: Bias-Invariant Subnetwork Extraction experiment runner
 
 usage: bise <command> [arguments]
@@ -85,7 +86,7 @@ def _interrupt_on_sigterm() -> None:
     """Turn SIGTERM (cluster time limits, `timeout`) into an exception, so the run is marked failed with the
     reason instead of staying "running"; a re-run resumes it from its finished stages."""
     def handler(signum, frame):
-        raise KeyboardInterrupt("terminated by SIGTERM")
+        raise Terminated("terminated by SIGTERM")
 
     try:
         signal.signal(signal.SIGTERM, handler)
@@ -93,17 +94,51 @@ def _interrupt_on_sigterm() -> None:
         pass
 
 
+def interrupt_exit_code(error: BaseException) -> int:
+    """Shell convention 128 + signal number: 143 for SIGTERM, 130 for Ctrl-C (SIGINT)."""
+    return 128 + (signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT)
+
+
+def _interrupt_message(error: BaseException, out_dir: Path | None) -> str:
+    what = "SIGTERM" if isinstance(error, Terminated) else "Ctrl-C"
+    try:
+        state = json.loads((out_dir / "status.json").read_text()).get("state") if out_dir else None
+    except (OSError, ValueError):
+        state = None
+    if state == "failed":
+        return f"interrupted ({what}): run marked failed; re-run the same command to resume"
+    return f"interrupted ({what})"
+
+
+def _log_to_file(message: str, level: int = logging.ERROR) -> None:
+    """Write `message` to the run's log file only (the console gets it once, on stderr)."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _fail(message: str, code: int) -> None:
+    """One line on stderr (and in run.log), then exit with `code`."""
+    _log_to_file(message)
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def _guarded(task):
-    """Run a task; user errors become one-line messages. In a sweep a failed job never stops the others."""
+    """Run a task; user errors, file-system errors and interrupts become one-line messages on stderr (rc 2, 1,
+    143/130). In a sweep a failed job never stops the others (an interrupt stops the sweep)."""
     def wrapper(cfg: DictConfig):
         try:
             return task(cfg)
-        except BiseError as error:
-            log.error("error: %s", error)
+        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM through _interrupt_on_sigterm
+            _fail(_interrupt_message(error, _output_dir()), interrupt_exit_code(error))
+        except (BiseError, OSError) as error:
             if _is_multirun():
+                log.error("error: %s (job %s)", error, _output_dir())
                 FAILED_JOBS.append(str(_output_dir()))
                 return None
-            sys.exit(2)
+            _fail(f"error: {error}", 2 if isinstance(error, BiseError) else 1)
         except Exception:
             if _is_multirun():
                 log.exception("job failed (traceback also in %s/status.json)", _output_dir())
@@ -113,14 +148,30 @@ def _guarded(task):
     return wrapper
 
 
+def _validated(cfg: DictConfig) -> dict:
+    """The job's config as a plain dict, every setting checked (warnings logged) before anything runs."""
+    from bise_cli.validate import validate_config
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for warning in validate_config(plain):
+        log.warning(warning)
+    return plain
+
+
 @_guarded
 def run_task(cfg: DictConfig):
+    from bise_cli.validate import check_writable
+
+    _interrupt_on_sigterm()
+    plain = _validated(cfg)
+    plain["record_keys"] = {**_override_keys(plain), **(plain.get("record_keys") or {})}
+    check_writable(_output_dir())
+    if plain.get("cache"):
+        check_writable(Path(plain["output_root"]) / "cache")
+
     from bise_cli import pipeline
     from bise_cli.summary import print_run_summary
 
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain["record_keys"] = {**_override_keys(plain), **(plain.get("record_keys") or {})}
-    _interrupt_on_sigterm()
     if plain.get("note"):
         log.info(plain["note"])
     records = pipeline.run(plain, _output_dir())
@@ -129,11 +180,15 @@ def run_task(cfg: DictConfig):
 
 @_guarded
 def data_task(cfg: DictConfig):
+    from bise_cli.validate import check_writable
+
+    plain = _validated(cfg)
+    check_writable(_output_dir())
+
     from bise_cli import pipeline
     from bise_cli.summary import write_data_summary
 
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    bundle = pipeline._load_data(plain)
+    bundle = pipeline.load_data(plain)
     write_data_summary(bundle, _output_dir())
 
 
@@ -141,7 +196,7 @@ def _hydra_app(task, argv: list[str], program: str, extra: list[str] = ()) -> No
     import hydra
 
     if not CONF_DIR.is_dir():
-        raise BiseError(f"config folder {CONF_DIR} not found; install bise from its source tree (pip install -e .)")
+        raise BiseError(f"config folder {CONF_DIR} not found; reinstall bise (pip install -e . or the wheel)")
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
     sys.argv = [program, *argv, *extra]
     app()
@@ -160,8 +215,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{len(FAILED_JOBS)} job(s) failed; see status.json in: {', '.join(FAILED_JOBS)}",
                       file=sys.stderr)
                 sys.exit(1)
-        elif command == "data":
-            _hydra_app(data_task, rest, "bise data",
+        elif command == "data":  # default folder outputs/data/<overrides>, unless the user chose one
+            chosen = any(arg.lstrip("+").startswith("hydra.run.dir=") for arg in rest)
+            _hydra_app(data_task, rest, "bise data", [] if chosen else
                        ["hydra.run.dir='${output_root}/data/${bise.dirname:${hydra:job.override_dirname}}'"])
         elif command == "table":
             from bise_cli.tables import table_command
@@ -173,3 +229,6 @@ def main(argv: list[str] | None = None) -> None:
     except BiseError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as error:  # outside a job (while composing the config, importing, ...)
+        print(_interrupt_message(error, None), file=sys.stderr)
+        sys.exit(interrupt_exit_code(error))

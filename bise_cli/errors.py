@@ -14,3 +14,8 @@ def check_choice(what: str, value, allowed) -> None:
     allowed = list(allowed)
     if value not in allowed:
         raise BiseError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM (a cluster time limit, `timeout`, `kill`): handled like Ctrl-C, so the run
+    is marked failed with the reason and resumes when re-run, but the command exits 143 instead of 130."""

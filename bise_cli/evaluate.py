@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bise_cli.bise import fresh_probe_leakage
 from bise_cli.data.base import DatasetBundle
 from bise_cli.metrics import accuracy_metrics, disparity_metrics, overlapping_group_metrics
+from bise_cli.probe import fresh_probe_leakage, mean_over_attributes
 from bise_cli.train import predict
 
 
@@ -17,8 +17,9 @@ def split_metrics(model: nn.Module, bundle: DatasetBundle, split_name: str, batc
     """Every metric of `split_name` (accuracy family, disparity when binary, WILDS groups when available)."""
     split = bundle[split_name]
     out = predict(model, split, batch_size, device)
-    metrics = accuracy_metrics(out["y"], out["b"], out["pred"], bundle.num_classes, bundle.num_bias)
-    if bundle.num_classes == 2 and bundle.num_bias == 2:
+    metrics = accuracy_metrics(out["y"], out["b"], out["pred"], bundle.num_classes, bundle.num_bias,
+                               bundle.bias_names)
+    if bundle.num_classes == 2 and bundle.num_bias == 2 and bundle.num_attributes == 1:
         metrics.update(disparity_metrics(out["y"], out["b"], out["pred"]))
     identities = split.meta.get("identities")
     if identities is not None:
@@ -36,7 +37,8 @@ def split_metrics(model: nn.Module, bundle: DatasetBundle, split_name: str, batc
 
 def evaluate_model(model: nn.Module, bundle: DatasetBundle, *, batch_size: int, device, probe: dict | None,
                    seed: int) -> dict:
-    """Test metrics at the top level, validation metrics prefixed `val_`, and the fresh-probe `leakage`."""
+    """Test metrics at the top level, validation metrics prefixed `val_`, and the fresh-probe `leakage` (the
+    mean over bias attributes; `leakage_<attribute>` each when there are several)."""
     model.eval()
     metrics = split_metrics(model, bundle, "test", batch_size, device)
     if bundle.get("val") is not None:
@@ -44,6 +46,9 @@ def evaluate_model(model: nn.Module, bundle: DatasetBundle, *, batch_size: int, 
         metrics.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
     if probe:
         with torch.random.fork_rng(devices=[]):
-            metrics["leakage"] = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias,
-                                                     seed=seed, device=device, **probe)
+            leakage = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, seed=seed,
+                                          device=device, **probe)
+        metrics["leakage"] = mean_over_attributes(leakage)
+        if len(leakage) > 1:
+            metrics.update({f"leakage_{name}": value for name, value in zip(bundle.bias_names, leakage, strict=True)})
     return metrics

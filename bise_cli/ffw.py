@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from bise_cli.bise import head_accuracy, make_head, normalized_mutual_information
+from bise_cli.bise import normalized_mutual_information
 from bise_cli.data.base import Split
 from bise_cli.errors import BiseError, check_choice
 from bise_cli.masking import capture_input
+from bise_cli.probe import head_accuracy, head_step, make_head
 from bise_cli.progress import progress_bar
 from bise_cli.train import predict
 
@@ -253,11 +254,7 @@ def train_head_to_plateau(head: nn.Linear, opt: torch.optim.Optimizer, z: torch.
         total = 0.0
         for start in range(0, len(b), batch_size):
             idx = order[start:start + batch_size]
-            loss = F.cross_entropy(head(z[idx].to(device)), b[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
+            total += head_step(head, opt, z[idx].to(device), b[idx].to(device)).item() * len(idx)
         if plateau.step(total / max(len(b), 1)):
             return epoch
     return max_epochs

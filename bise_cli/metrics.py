@@ -9,6 +9,12 @@ Groups are the (y, b) cells present in the data. With accuracy A_g of group g:
 - acc_worst_group  = min over present groups of A_g
 - acc_avg_group    = the same number as acc_unbiased, under the name the text literature uses
 
+With several bias attributes (b of shape (N, A), e.g. Multi-Color MNIST's left and right colours), the groups
+are the 2^A alignment patterns instead (attribute k aligned iff b_k == y), each pooled over its samples as the
+BISE and DebiAN code do; acc_unbiased is their mean, acc_worst_group their minimum, acc_aligned the accuracy on
+samples aligned on every attribute and acc_conflicting on samples conflicting on every attribute. Each pattern
+has its own metric, e.g. acc_both_aligned, acc_left_aligned_right_conflicting (`pattern_name`).
+
 Disparity for binary tasks (fairlearn semantics, sensitive feature = b):
 
 - dp_diff = max_s P(pred = 1 | b = s) - min_s P(pred = 1 | b = s)          (demographic parity difference)
@@ -46,10 +52,46 @@ def group_accuracy_matrix(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor, 
     return acc.view(num_classes, num_bias), counts.view(num_classes, num_bias).long()
 
 
-def accuracy_metrics(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor, num_classes: int,
-                     num_bias: int) -> dict:
-    """Every accuracy metric of the module docstring plus the group matrix (as nested lists)."""
+def pattern_name(names: tuple[str, ...] | list[str], aligned: tuple[bool, ...]) -> str:
+    """Metric name of one alignment pattern: acc_both_aligned, acc_left_aligned_right_conflicting, ..."""
+    words = ["aligned" if a else "conflicting" for a in aligned]
+    if len(names) == 2 and words[0] == words[1]:
+        return f"acc_both_{words[0]}"
+    return "acc_" + "_".join(f"{n}_{w}" for n, w in zip(names, words, strict=True))
+
+
+def multi_attribute_metrics(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor,
+                            names: tuple[str, ...] | list[str]) -> dict:
+    """Accuracy metrics over the 2^A alignment patterns of A bias attributes (see the module docstring)."""
     y, b, pred = y.long().cpu(), b.long().cpu(), pred.long().cpu()
+    correct = pred == y
+    aligned = b == y.unsqueeze(1)
+    patterns = {}
+    for code in range(2 ** b.shape[1]):
+        pattern = tuple(not (code >> (b.shape[1] - 1 - k)) & 1 for k in range(b.shape[1]))  # aligned first
+        mask = (aligned == torch.tensor(pattern)).all(1)
+        patterns[pattern_name(names, pattern)] = (_mean(mask, correct), int(mask.sum()))
+    present = [acc for acc, count in patterns.values() if count]
+    unbiased = sum(present) / len(present) if present else math.nan
+    return {
+        "acc": _mean(torch.ones_like(correct), correct),
+        "acc_unbiased": unbiased,
+        "acc_aligned": _mean(aligned.all(1), correct),
+        "acc_conflicting": _mean((~aligned).all(1), correct),
+        "acc_worst_group": min(present) if present else math.nan,
+        "acc_avg_group": unbiased,
+        **{name: acc for name, (acc, _) in patterns.items()},
+        "group_count": {name: count for name, (_, count) in patterns.items()},
+    }
+
+
+def accuracy_metrics(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor, num_classes: int,
+                     num_bias: int, bias_names: tuple[str, ...] | list[str] | None = None) -> dict:
+    """Every accuracy metric of the module docstring plus the group matrix (as nested lists)."""
+    if b.dim() == 2 and b.shape[1] > 1:
+        names = bias_names or [f"bias{k}" for k in range(b.shape[1])]
+        return multi_attribute_metrics(y, b, pred, names)
+    y, b, pred = y.long().cpu(), b.long().cpu().flatten(), pred.long().cpu()
     correct = pred == y
     matrix, counts = group_accuracy_matrix(y, b, pred, num_classes, num_bias)
     present = matrix[counts > 0]

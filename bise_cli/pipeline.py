@@ -1,10 +1,11 @@
-"""The experiment recipe, top to bottom: data -> vanilla -> BISE search -> prune -> baselines -> records.
+"""The experiment recipe, top to bottom: check -> data -> vanilla -> BISE search -> fine-tuning and baselines
+-> records -> report.
 
-`run(cfg, out_dir)` takes the resolved config as a plain dict (only this module, stages.py and cli.py know the
-config layout); the stages themselves live in stages.py. Every stage's result is cached under
-`outputs/cache/<stage>/` by the hash of the settings it depends on, so a repeated or resumed run recomputes
-nothing that is already known, and a stage's record (metrics, latency included) is cached with it: resumed runs
-write the same records.
+`run(cfg, out_dir)` takes the resolved config as a plain dict. Every stage result is cached by
+`StageCache.get_or_compute` under a key that includes a fingerprint of the data actually loaded, so a repeated
+or resumed run recomputes nothing that is already known and never reuses a result computed from other inputs.
+A run counts as done only when its status says so for the same settings and its records are complete and
+intact; otherwise it is redone from the stage caches.
 """
 
 from __future__ import annotations
@@ -16,22 +17,26 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from bise_cli import stages
+from bise_cli.cache import StageCache
 from bise_cli.data import build_dataset, summarize_bundle
 from bise_cli.data.base import DatasetBundle
-from bise_cli.errors import BiseError, check_choice
-from bise_cli.records import RunDir, StageCache, config_hash, read_jsonl, write_json, write_text
+from bise_cli.errors import BiseError
+from bise_cli.fingerprint import fingerprint_bundle
+from bise_cli.records import RunDir, check_record_keys, config_hash, make_record, write_json, write_text
 from bise_cli.report import write_report
-from bise_cli.stages import Stages, pruning_settings
 
 log = logging.getLogger(__name__)
 
+# The stages this runner implements, in the order they print (names and titles are declared in names.py).
 STAGES = ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude", "ffw")
 MASK_STAGES = ("bise", "bise_ft", "random", "magnitude")  # need BISE's structured masks
+# Settings that never change a result: left out of the run's identity.
+NOT_RESULT_KEYS = ("device", "hydra", "output_root", "name", "note", "cache")
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` picks CUDA when available, else CPU."""
-    check_choice("device", device, ("auto", "cpu", "cuda"))
+    """`auto` picks CUDA when available, else CPU (the value itself is checked by validate_config)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -41,68 +46,89 @@ def resolve_device(device: str) -> torch.device:
 
 def run(cfg: dict, out_dir: str | Path) -> list[dict]:
     """Run every stage in `cfg["stages"]` into `out_dir`; skip the run when it is already done."""
+    from bise_cli.validate import check_writable, validate_config
+
+    validate_config(cfg)  # every setting, the device first, before anything is read or trained
+    check_record_keys(cfg.get("record_keys") or {})
+    device = resolve_device(cfg["device"])
     run_dir = RunDir(out_dir)
-    fingerprint = config_hash({k: v for k, v in cfg.items() if k not in ("device", "hydra")})
-    status = run_dir.status()
-    if status.get("state") == "done" and status.get("config_hash") == fingerprint:
+    # The run's identity: every setting that can change a result, plus the device that measures latency.
+    identity = config_hash({**{k: v for k, v in cfg.items() if k not in NOT_RESULT_KEYS}, "device": device.type})
+    records = run_dir.finished_records(identity)
+    if records is not None:
         log.info("already done, skipping: %s", run_dir.path)
-        return read_jsonl(run_dir.file("metrics.jsonl"))
+        return records
+    check_writable(run_dir.path)
+    if cfg["cache"]:
+        check_writable(stages.cache_root(cfg))
     write_text(run_dir.file("config.yaml"), OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    run_dir.set_status("running", config_hash=fingerprint)
+    run_dir.set_status("running", config_hash=identity)
     started = time.perf_counter()
     try:
-        _run_stages(cfg, run_dir)
+        recipe(cfg, device, run_dir)
     except BaseException as error:
         run_dir.fail(error)
         raise
     write_report(run_dir.path, cfg, run_dir.records, cfg.get("note", ""))
-    run_dir.set_status("done", config_hash=fingerprint, seconds=round(time.perf_counter() - started, 1))
+    run_dir.finish(identity, seconds=round(time.perf_counter() - started, 1))
     return run_dir.records
 
 
-def _run_stages(cfg: dict, run_dir: RunDir) -> None:
-    stages = list(cfg["stages"])
-    for stage in stages:
-        check_choice("stage", stage, STAGES)
-    method = cfg["pruning"]["name"]
-    if method == "ffw" and set(MASK_STAGES) & set(stages):
-        raise BiseError(f"pruning=ffw runs the ffw stage; stages {sorted(set(MASK_STAGES) & set(stages))} need "
-                        "pruning=bise (e.g. bise run pruning=ffw stages=[vanilla,ffw])")
-    if "ffw" in stages and method != "ffw":
-        raise BiseError("the ffw stage needs pruning=ffw (e.g. bise run pruning=ffw stages=[vanilla,ffw])")
-    pruning_settings(cfg["pruning"])  # bad search settings fail before anything is trained
-    device = resolve_device(cfg["device"])
+def recipe(cfg: dict, device: torch.device, run_dir: RunDir) -> None:
+    """The experiment: data, the vanilla model, the BISE search, then the stages that build on them."""
+    chosen = list(cfg["stages"])
+    check_stage_combination(chosen, cfg["pruning"]["name"])
+    stages.pruning_settings(cfg["pruning"])  # bad search settings fail before anything is trained
     torch.use_deterministic_algorithms(bool(cfg["deterministic"]), warn_only=True)
-    bundle = _load_data(cfg)
-    write_json(run_dir.file("data_summary.json"), {"info": bundle.info, "splits": summarize_bundle(bundle)})
-    ctx = Stages(cfg, bundle, device, run_dir, StageCache(Path(cfg["output_root"]) / "cache", cfg["cache"]))
 
-    model, metrics = ctx.vanilla()
-    ctx.record("vanilla", metrics)
-    if not set(stages) - {"vanilla"}:
-        return
-    needs_masks = set(MASK_STAGES) & set(stages)
-    search = ctx.bise_search(model) if needs_masks else None
-    for stage in [s for s in stages if s != "vanilla"]:  # vanilla always runs first: it is what BISE prunes
+    # 1. Data, fingerprinted once: every cache key below includes what was actually loaded.
+    bundle = load_data(cfg)
+    fingerprint = fingerprint_bundle(bundle)
+    write_json(run_dir.file("data_summary.json"), {"info": bundle.info, "fingerprint": fingerprint,
+                                                   "splits": summarize_bundle(bundle)})
+    ctx = stages.Context(cfg, bundle, device, StageCache(stages.cache_root(cfg), cfg["cache"]), run_dir,
+                         fingerprint["sha256"])
+
+    def record(stage: str, metrics: dict, extra: dict | None = None) -> None:
+        run_dir.add_record(make_record(stage, metrics, cfg, {**(extra or {}), "data_sha256": fingerprint["sha256"]}))
+
+    # 2. The vanilla model: what BISE prunes, so it always runs first.
+    model, metrics, vanilla_key = stages.vanilla(ctx)
+    record("vanilla", metrics)
+
+    # 3. The BISE search, when a stage needs its masks.
+    search = stages.bise_search(ctx, model, vanilla_key) if set(MASK_STAGES) & set(chosen) else None
+
+    # 4. Everything else, in the order asked for.
+    for stage in [s for s in chosen if s != "vanilla"]:
         if stage == "bise":
-            selection = {"selection": ctx.cfg["pruning"]["selection_metric"]}
-            ctx.record("bise", search["metrics"], selection if search["alternatives"] else None)
-            for metric, metrics in search["alternatives"].items():
-                ctx.record("bise", metrics, {"selection": metric})
+            selection = cfg["pruning"]["selection_metric"] if search["alternatives"] else None
+            record("bise", search["metrics"], {"selection": selection} if selection else None)
+            for metric, alternative in search["alternatives"].items():
+                record("bise", alternative, {"selection": metric})
         elif stage == "bise_ft":
-            ctx.record("bise_ft", ctx.finetune(model, search["masks"], "bise_ft", search["key"]))
+            record(stage, stages.finetune(ctx, model, search["masks"], stage, search["key"]))
         elif stage == "reweighted_ft":
-            ctx.record("reweighted_ft", ctx.finetune(model, None, "reweighted_ft", ctx.vanilla_key))
+            record(stage, stages.finetune(ctx, model, None, stage, vanilla_key))
         elif stage in ("random", "magnitude"):
-            ctx.record(stage, ctx.matched_baseline(model, search, stage))
+            record(stage, stages.matched_baseline(ctx, model, search, stage))
         elif stage == "ffw":
-            ctx.record("ffw", ctx.ffw(model))
+            record(stage, stages.ffw(ctx, model, vanilla_key))
 
 
-def _load_data(cfg: dict) -> DatasetBundle:
+def check_stage_combination(chosen: list[str], method: str) -> None:
+    """FFW and BISE's mask stages need different `pruning` configs."""
+    if method == "ffw" and set(MASK_STAGES) & set(chosen):
+        raise BiseError(f"pruning=ffw runs the ffw stage; stages {sorted(set(MASK_STAGES) & set(chosen))} need "
+                        "pruning=bise (e.g. bise run pruning=ffw stages=[vanilla,ffw])")
+    if "ffw" in chosen and method != "ffw":
+        raise BiseError("the ffw stage needs pruning=ffw (e.g. bise run pruning=ffw stages=[vanilla,ffw])")
+
+
+def load_data(cfg: dict) -> DatasetBundle:
+    """The dataset named by `cfg["dataset"]`, built with its own options."""
     d = cfg["dataset"]
     options = {k: v for k, v in d.items() if k not in ("name", "source", "root", "max_samples", "protocol")}
     return build_dataset(d["name"], rho=cfg["rho"], seed=cfg["seed"], source=d["source"], root=d["root"],
                          max_samples=d["max_samples"], **options)
-
 

@@ -1,4 +1,7 @@
 """Plots saved per run and per sweep (matplotlib, Agg backend): each function writes one PNG and returns its path.
+
+Stage colours, titles and metric units come from `bise_cli.names`; this module never reads records itself
+(`bise table` hands `plot_sweep` the records it loaded), so it depends on nothing above `names`.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import pandas as pd  # noqa: E402
 
-STAGE_COLOURS = {"vanilla": "black", "bise": "tab:blue", "bise_ft": "tab:cyan", "reweighted_ft": "tab:purple",
-                 "random": "tab:orange", "magnitude": "tab:green", "ffw": "tab:red"}
+from bise_cli.names import heading, stage, stage_rank  # noqa: E402
+from bise_cli.names import metric as declared_metric  # noqa: E402
 
 
 def _save(fig, path) -> Path:
@@ -57,35 +60,43 @@ def plot_kept_units(kept: dict[str, tuple[int, int]], path) -> Path:
     return _save(fig, path)
 
 
+def _by_stage(df: pd.DataFrame):
+    """(stage name, its records) in the declared stage order."""
+    groups = dict(list(df.groupby("stage", sort=False)))
+    return [(name, groups[name]) for name in sorted(groups, key=stage_rank)]
+
+
 def plot_accuracy_vs_sparsity(df: pd.DataFrame, path, metric: str = "acc_unbiased") -> Path:
     """Mean ± std over seeds of `metric` against unit sparsity, one colour per stage."""
+    x_metric, y_metric = declared_metric("sparsity_units"), declared_metric(metric)
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for stage, group in df.groupby("stage", sort=False):
+    for name, group in _by_stage(df):
         if metric not in group or "sparsity_units" not in group:
             continue
-        x = group["sparsity_units"].fillna(0.0) * 100
-        y = group[metric] * 100
+        x = pd.to_numeric(group["sparsity_units"], errors="coerce").fillna(0.0) * x_metric.scale
+        y = pd.to_numeric(group[metric], errors="coerce") * y_metric.scale
         ax.errorbar(x.mean(), y.mean(), xerr=x.std() if len(x) > 1 else None, yerr=y.std() if len(y) > 1 else None,
-                    fmt="o", color=STAGE_COLOURS.get(stage, "grey"), label=stage, capsize=3)
-    ax.set_xlabel("units switched off (%)")
-    ax.set_ylabel(f"{metric} (%)")
+                    fmt="o", color=stage(name).colour, label=stage(name).title, capsize=3)
+    ax.set_xlabel(heading(x_metric))
+    ax.set_ylabel(heading(y_metric))
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def plot_sweep(root, out_dir=None) -> list[Path]:
-    """Accuracy vs sparsity, and unbiased accuracy per stage, over every record under `root`."""
-    from bise_cli.tables import load_records
-
-    df = load_records(root)
-    out_dir = Path(out_dir or root)
-    paths = [plot_accuracy_vs_sparsity(df, out_dir / "accuracy_vs_sparsity.png")]
-    if "acc_unbiased" in df:
-        means = df.groupby("stage", sort=False)["acc_unbiased"].agg(["mean", "std"]) * 100
+def plot_sweep(records: pd.DataFrame, out_dir) -> list[Path]:
+    """Accuracy vs sparsity, and unbiased accuracy per stage, over the records of a sweep (one row per record,
+    as `bise_cli.tables.load_records` returns them); the PNGs go into `out_dir`."""
+    out_dir = Path(out_dir)
+    paths = [plot_accuracy_vs_sparsity(records, out_dir / "accuracy_vs_sparsity.png")]
+    if "acc_unbiased" in records:
+        shown = declared_metric("acc_unbiased")
+        stages = _by_stage(records)
+        values = [pd.to_numeric(group["acc_unbiased"], errors="coerce") * shown.scale for _, group in stages]
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.bar(means.index, means["mean"], yerr=means["std"].fillna(0), capsize=3,
-               color=[STAGE_COLOURS.get(s, "grey") for s in means.index])
-        ax.set_ylabel("unbiased accuracy (%)")
+        ax.bar([stage(name).title for name, _ in stages], [v.mean() for v in values],
+               yerr=[0.0 if len(v) < 2 else v.std() for v in values], capsize=3,
+               color=[stage(name).colour for name, _ in stages])
+        ax.set_ylabel(heading(shown))
         ax.tick_params(axis="x", rotation=30)
         paths.append(_save(fig, out_dir / "accuracy_by_stage.png"))
     return paths

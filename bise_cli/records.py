@@ -4,14 +4,15 @@ Files are written atomically (temporary file in the same folder, then os.replace
 leaves either the old or the new version of a file, never half of one. `metrics.jsonl` is rewritten whole after
 each stage from the in-memory record list, so a resumed run cannot duplicate or lose a record.
 
-Stage caches live in `<outputs>/cache/<stage>/<hash>.pt`, where the hash is taken over the JSON of exactly the
-settings that determine the stage's result; every run with the same settings reuses the entry.
+A record is self-describing: `stage`, `keys` (the names of its config fields), the whole resolved config
+flattened to dotted names (so `bise table` groups the same way however a command was typed), then the metrics.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -67,10 +68,67 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """Every JSON object of a JSONL file (a missing file is empty; a bad line raises ValueError)."""
     path = Path(path)
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def file_sha256(path: str | Path) -> str | None:
+    path = Path(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------- records
+
+# Fields every record sets itself; `record_keys` may not override them.
+RESERVED_FIELDS = ("stage", "keys", "run_dir", "data_sha256", "selection")
+# Config entries that never change a result (or are lists of stages): left out of records.
+NOT_RECORD_SETTINGS = ("hydra", "device", "output_root", "name", "note", "cache", "stages", "record_keys")
+
+
+def flatten_config(cfg: dict, prefix: str = "") -> dict:
+    """{dotted.name: value} for every leaf of `cfg`; lists become compact JSON text (hashable in tables);
+    `dataset.name` and `backbone.name` are shortened to `dataset` and `backbone`."""
+    flat = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if not prefix and key in NOT_RECORD_SETTINGS:
+            continue
+        if name in ("dataset.root",):
+            continue
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(_clean(list(value)), separators=(",", ":"))
+        else:
+            flat[{"dataset.name": "dataset", "backbone.name": "backbone"}.get(name, name)] = value
+    return flat
+
+
+def check_record_keys(record_keys: dict) -> None:
+    """`record_keys` add constant fields; a reserved field (stage, keys, ...) cannot be rewritten."""
+    from bise_cli.errors import BiseError
+    from bise_cli.names import METRICS
+
+    clash = sorted(set(record_keys) & (set(RESERVED_FIELDS) | {m.name for m in METRICS}))
+    if clash:
+        raise BiseError(f"record_keys cannot set the reserved record field(s) {', '.join(clash)}")
+
+
+def make_record(stage: str, metrics: dict, cfg: dict, extra: dict | None = None) -> dict:
+    """One self-describing record: stage, the names of its config fields, the flattened config, the metrics."""
+    config = flatten_config(cfg)
+    for key, value in (cfg.get("record_keys") or {}).items():
+        # Overrides echoed into record_keys (sweep keys) repeat a config value; a different value is a clash.
+        if key in config and config[key] != value and str(config[key]) != str(value):
+            from bise_cli.errors import BiseError
+            raise BiseError(f"record_keys.{key}={value!r} contradicts the config value {config[key]!r}")
+        config.setdefault(key, value)
+    extra = extra or {}
+    return {"stage": stage, "keys": [*config, *[k for k in extra if k == "selection"]], **config, **extra,
+            **metrics}
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:
@@ -82,34 +140,6 @@ def config_hash(settings: dict) -> str:
     """Short stable hash of a JSON-serialisable settings dict (key order does not matter)."""
     text = json.dumps(_clean(settings), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-class StageCache:
-    """Content-addressed cache of stage results: `<root>/<stage>/<hash>.pt`, shared across runs."""
-
-    def __init__(self, root: str | Path, enabled: bool = True):
-        self.root = Path(root)
-        self.enabled = enabled
-
-    def path(self, stage: str, settings: dict) -> Path:
-        return self.root / stage / f"{config_hash(settings)}.pt"
-
-    def load(self, stage: str, settings: dict) -> Any | None:
-        path = self.path(stage, settings)
-        if not self.enabled or not path.is_file():
-            return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # a corrupt entry (e.g. disk full) is recomputed, not fatal
-            return None
-
-    def save(self, stage: str, settings: dict, value: Any) -> Path | None:
-        if not self.enabled:
-            return None
-        path = self.path(stage, settings)
-        save_torch(path, value)
-        write_json(path.with_suffix(".json"), settings)  # human-readable: what this entry was computed from
-        return path
 
 
 class RunDir:
@@ -124,11 +154,34 @@ class RunDir:
         return self.path / name
 
     def status(self) -> dict:
+        """The status record, or {} when it is missing or unreadable (bytes, a list, half a file)."""
         path = self.file("status.json")
         try:
-            return json.loads(path.read_text()) if path.is_file() else {}
-        except json.JSONDecodeError:
+            status = json.loads(path.read_text()) if path.is_file() else {}
+        except (ValueError, OSError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             return {}
+        return status if isinstance(status, dict) else {}
+
+    def finished_records(self, identity: str) -> list[dict] | None:
+        """The records of a finished run with the same settings, or None when it must be (re)done: not done,
+        other settings, or records that lost lines, do not parse or were edited since the run finished."""
+        status = self.status()
+        if status.get("state") != "done" or status.get("config_hash") != identity:
+            return None
+        path = self.file("metrics.jsonl")
+        if file_sha256(path) != status.get("records_sha256"):
+            logging.getLogger(__name__).warning("%s is incomplete or changed since the run finished: redoing the "
+                                                "run from the stage caches", path)
+            return None
+        try:
+            return read_jsonl(path)
+        except ValueError:
+            return None
+
+    def finish(self, identity: str, **extra) -> None:
+        """Mark the run done, with a checksum of its records (what `finished_records` verifies)."""
+        self.set_status("done", config_hash=identity, records=len(self.records),
+                        records_sha256=file_sha256(self.file("metrics.jsonl")), **extra)
 
     def set_status(self, state: str, **extra) -> None:
         write_json(self.file("status.json"), {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -8,11 +8,12 @@ import json
 import logging
 from pathlib import Path
 
+from bise_cli.names import METRIC_NAMES, format_value, heading
 from bise_cli.records import write_text
 
 log = logging.getLogger(__name__)
 
-# Paper defaults (method.md §2, §3.1) that a run may change; the report lists every difference.
+# Paper defaults that a run may change; the report lists every difference.
 PAPER_DEFAULTS = {
     "biased_mnist": {
         "backbone.name": "simple_convnet", "backbone.width": 1.0, "dataset.max_samples": None,
@@ -30,13 +31,6 @@ PAPER_DEFAULTS = {
         "pruning.head_refine_epochs": 50, "bias_labels": "ground_truth",
     },
 }
-REPORT_METRICS = [("acc", "accuracy"), ("acc_unbiased", "unbiased"), ("acc_aligned", "aligned"),
-                  ("acc_conflicting", "conflicting"), ("acc_worst_group", "worst group"), ("dp_diff", "DP diff"),
-                  ("eo_diff", "EO diff"), ("leakage", "bias probe (fresh)"), ("leakage_head", "bias head"),
-                  ("sparsity_units", "units off"), ("sparsity_weights", "weights off"), ("params", "params"),
-                  ("macs", "MACs"), ("latency_ms_b1", "latency b1 (ms)"), ("latency_ms_b100", "latency b100 (ms)")]
-
-
 def _lookup(cfg: dict, dotted: str):
     value = cfg
     for part in dotted.split("."):
@@ -52,14 +46,13 @@ def deviations(cfg: dict) -> list[tuple[str, object, object]]:
     return [(key, _lookup(cfg, key), paper) for key, paper in defaults.items() if _lookup(cfg, key) != paper]
 
 
-def _cell(key: str, value) -> str:
-    if value is None:
-        return "–"
-    if key in ("params", "macs"):
-        return f"{value / 1e6:.2f} M"
-    if key.startswith("latency"):
-        return f"{value:.2f}"
-    return f"{100 * value:.1f} %"
+def report_metrics(records: list[dict]) -> list[str]:
+    """Every metric declared in bise_cli.names that a record carries, in declared order; `acc_avg_group` only where
+    it differs from `acc_unbiased` (it is the same number unless another group definition is chosen)."""
+    present = [m for m in METRIC_NAMES if any(r.get(m) is not None for r in records)]
+    if all(r.get("acc_avg_group") == r.get("acc_unbiased") for r in records):
+        present = [m for m in present if m != "acc_avg_group"]
+    return present
 
 
 def write_report(run_dir: str | Path, cfg: dict, records: list[dict], note: str = "") -> Path:
@@ -77,11 +70,11 @@ def write_report(run_dir: str | Path, cfg: dict, records: list[dict], note: str 
                   "| split | size | aligned fraction |", "|---|---|---|"]
         lines += [f"| {name} | {row['size']} | {row['aligned_fraction']} |" for name, row in summary["splits"].items()]
         lines.append("")
-    present = [(k, title) for k, title in REPORT_METRICS if any(r.get(k) is not None for r in records)]
-    lines += ["## Results (test split)", "", "| stage | " + " | ".join(t for _, t in present) + " |",
+    present = report_metrics(records)
+    lines += ["## Results (test split)", "", "| stage | " + " | ".join(heading(k) for k in present) + " |",
               "|---|" + "---|" * len(present)]
     for record in records:
-        lines.append(f"| {record['stage']} | " + " | ".join(_cell(k, record.get(k)) for k, _ in present) + " |")
+        lines.append(f"| {record['stage']} | " + " | ".join(format_value(k, record.get(k)) for k in present) + " |")
     lines += ["", "Bias before and after: compare `aligned` vs `conflicting` and the bias-probe accuracy of the "
               "vanilla row with the pruned rows.", ""]
     changed = deviations(cfg)

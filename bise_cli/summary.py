@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -12,42 +11,28 @@ from rich.table import Table
 
 from bise_cli.data import summarize_bundle
 from bise_cli.data.base import DatasetBundle
+from bise_cli.names import format_value, heading
 from bise_cli.records import write_json
 
 # Logs and CI capture output without a terminal: give tables room instead of rich's 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
 
-# (record key, column title, formatter)
-PERCENT = ("acc_unbiased", "acc_aligned", "acc_conflicting", "acc_worst_group", "sparsity_units",
-           "sparsity_weights", "leakage", "leakage_head")
-RUN_COLUMNS = [("acc", "acc"), ("acc_unbiased", "unbiased"), ("acc_aligned", "aligned"),
-               ("acc_conflicting", "conflicting"), ("acc_worst_group", "worst grp"), ("dp_diff", "DP diff"),
-               ("sparsity_units", "units off"), ("sparsity_weights", "weights off"), ("macs", "MMACs"),
-               ("latency_ms_b1", "ms (b1)"), ("leakage", "leakage"), ("leakage_head", "head leak")]
-
-
-def _format(key: str, value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if key == "macs":
-        return f"{value / 1e6:.1f}"
-    if key.startswith("latency"):
-        return f"{value:.2f}"
-    if key in PERCENT or key == "acc" or key.startswith("dp_") or key.startswith("eo_"):
-        return f"{100 * value:.1f}"
-    return str(value)
+# The compact terminal table: a selection of the metrics declared in bise_cli.names (titles, units, formats).
+RUN_METRICS = ("acc", "acc_unbiased", "acc_aligned", "acc_conflicting", "acc_worst_group", "acc_both_aligned",
+               "acc_left_aligned_right_conflicting", "acc_left_conflicting_right_aligned", "acc_both_conflicting",
+               "dp_diff", "sparsity_units", "sparsity_weights", "macs", "latency_ms_b1", "leakage", "leakage_head")
 
 
 def print_run_summary(records: list[dict], note: str = "", out_dir: str | Path | None = None) -> None:
-    """One row per stage, accuracies and sparsities in %, MACs in millions."""
-    columns = [(k, title) for k, title in RUN_COLUMNS if any(r.get(k) is not None for r in records)]
-    title = "bise run: test metrics (%)" + (f"\n{note}" if note else "")
+    """One row per stage, units as declared in bise_cli.names (accuracies and sparsities in %, MACs in millions)."""
+    columns = [k for k in RUN_METRICS if any(r.get(k) is not None for r in records)]
+    title = "bise run: test metrics" + (f"\n{note}" if note else "")
     table = Table(title=title)
     table.add_column("stage")
-    for _, heading in columns:
-        table.add_column(heading, justify="right")
+    for key in columns:
+        table.add_column(heading(key), justify="right")
     for record in records:
-        table.add_row(record["stage"], *[_format(k, record.get(k)) for k, _ in columns])
+        table.add_row(record["stage"], *[format_value(k, record.get(k)) for k in columns])
     console.print(table)
     if out_dir is not None:
         console.print(f"records: {Path(out_dir) / 'metrics.jsonl'}")
@@ -87,8 +72,8 @@ def write_data_summary(bundle: DatasetBundle, out_dir: str | Path) -> dict:
     write_json(out_dir / "summary.json", {**summary, "info": bundle.info})
     grid = save_sample_grid(bundle, out_dir / "samples.png")
     table = Table(title=f"{bundle.name} ({bundle.info.get('source', '?')})")
-    for heading in ("split", "size", "aligned", "bias counts"):
-        table.add_column(heading)
+    for column in ("split", "size", "aligned", "bias counts"):
+        table.add_column(column)
     for name, row in summary.items():
         fraction = row["aligned_fraction"]
         table.add_row(name, str(row["size"]), "-" if fraction is None else f"{fraction:.4f}",

@@ -8,6 +8,7 @@ weights come from a function of (y, b), which is how BISE+FT and the reweighted-
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -67,6 +68,19 @@ def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: torch
     return losses.mean()
 
 
+# An epoch loss this many times the first epoch's (or than 1, if larger) means the optimisation diverged.
+DIVERGENCE_FACTOR = 100.0
+
+
+def check_divergence(description: str, history: list[dict], lr: float) -> None:
+    """Fail the stage (nothing gets cached) when the epoch loss is not finite or exploded against epoch 1."""
+    loss = history[-1]["loss"]
+    limit = DIVERGENCE_FACTOR * max(history[0]["loss"], 1.0)
+    if not math.isfinite(loss) or loss > limit:
+        raise BiseError(f"{description} diverged: epoch {history[-1]['epoch']} loss {loss:.3g} (epoch 1: "
+                        f"{history[0]['loss']:.3g}); lower the learning rate (got lr={lr:g})")
+
+
 def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimizer: str = "sgd", lr: float = 0.1,
         momentum: float = 0.9, weight_decay: float = 1e-4, scheduler: str = "none",
         milestones: list[int] | None = None, gamma: float = 0.1, sample_weights: SampleWeights | None = None,
@@ -86,25 +100,24 @@ def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimiz
     with progress_bar(description, epochs, split.num_batches(batch_size)) as bar:
         for epoch in range(1, epochs + 1):
             model.train()
-            total, count = 0.0, 0
+            # Summed on the device: no host synchronisation per batch (checked once per epoch).
+            total, count = torch.zeros((), device=device), 0
             for x, y, b in split.batches(batch_size, shuffle=True, generator=generator, device=device):
                 weights = sample_weights(y, b) if sample_weights is not None else None
                 loss = weighted_cross_entropy(model(x), y, weights)
-                if not torch.isfinite(loss):
-                    raise BiseError(f"{description}: the loss became {loss.item()} at epoch {epoch}; "
-                                    "lower the learning rate (train.lr) or check the data")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if sched is not None and sched_unit == "step":
                     sched.step()
-                total += loss.item() * len(y)
+                total += loss.detach() * len(y)
                 count += len(y)
                 bar.advance_batch()
             if sched is not None and sched_unit == "epoch":
                 sched.step()
-            row = {"epoch": epoch, "loss": total / max(count, 1), "lr": opt.param_groups[0]["lr"]}
+            row = {"epoch": epoch, "loss": float(total) / max(count, 1), "lr": opt.param_groups[0]["lr"]}
             history.append(row)
+            check_divergence(description, history, lr)
             bar.advance_epoch(f"loss {row['loss']:.4f}")
             if after_epoch is not None:
                 after_epoch(epoch)

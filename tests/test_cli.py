@@ -1,4 +1,6 @@
-"""The `bise` command in subprocesses: help, config printing, a run, bad input, a sweep + table, kill/resume."""
+"""The `bise` command in subprocesses: help, config printing, a run, bad input, a sweep + table, kill/resume.
+
+SIGTERM, Ctrl-C and other faults: test_faults.py."""
 
 from __future__ import annotations
 
@@ -112,17 +114,23 @@ def test_killed_run_resumes_to_the_same_records(tmp_path):
     assert without_timing(resumed) == without_timing(expected)
 
 
-def test_sigterm_marks_the_run_failed_with_the_reason(tmp_path):
-    process = subprocess.Popen([sys.executable, "-m", "bise_cli", "run", *TINY_OVERRIDES, "pruning.tau_min=0.001",
-                                "output_root=out"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cache = tmp_path / "out" / "cache" / "vanilla"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (cache.is_dir() and any(cache.glob("*.pt"))):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
-    [run_dir] = list((tmp_path / "out" / "runs").iterdir())
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] in ("failed", "done")  # done only if the signal came after the last stage
-    if status["state"] == "failed":
-        assert "SIGTERM" in status["error"]
+
+def test_wheel_ships_every_config_file(tmp_path):
+    """The config tree lives in the package (bise_cli/conf) and every YAML file of it is in a built wheel."""
+    import shutil
+    import zipfile
+
+    from bise_cli.cli import CONF_DIR
+
+    root = Path(__file__).resolve().parent.parent
+    assert CONF_DIR == root / "bise_cli" / "conf" and (root / "conf").resolve() == CONF_DIR
+    source = tmp_path / "src"  # a copy: the build writes build/ and egg-info next to the sources
+    shutil.copytree(root / "bise_cli", source / "bise_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                    "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    [wheel] = list((tmp_path / "dist").glob("bise-*.whl"))
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".yaml")}
+    expected = {f"bise_cli/conf/{p.relative_to(CONF_DIR).as_posix()}" for p in CONF_DIR.rglob("*.yaml")}
+    assert expected and shipped == expected

@@ -13,7 +13,8 @@ import bise_cli.cli  # noqa: F401  (registers the bise.dirname resolver used by 
 from bise_cli.cli import CONF_DIR
 from bise_cli.data import DATASETS
 from bise_cli.models import build_backbone
-from bise_cli.pipeline import STAGES, pruning_settings
+from bise_cli.pipeline import STAGES
+from bise_cli.stages import pruning_settings
 from bise_cli.train import make_optimizer, make_scheduler
 
 GROUP_FILES = sorted(p.relative_to(CONF_DIR) for p in CONF_DIR.glob("*/**/*.yaml") if p.parts[-2] != "launcher"

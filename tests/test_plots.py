@@ -7,7 +7,8 @@ import json
 import pandas as pd
 
 from bise_cli.plots import plot_accuracy_vs_sparsity, plot_kept_units, plot_search_curves, plot_sweep
-from bise_cli.report import deviations, write_report
+from bise_cli.report import deviations, report_metrics, write_report
+from bise_cli.tables import load_records
 
 
 def _is_png(path) -> bool:
@@ -25,7 +26,13 @@ def test_plot_functions_write_pngs(tmp_path):
     (tmp_path / "sweep" / "a").mkdir(parents=True)
     (tmp_path / "sweep" / "a" / "metrics.jsonl").write_text(
         "\n".join(json.dumps({**row, "keys": []}) for row in df.to_dict("records")))
-    assert all(_is_png(p) for p in plot_sweep(tmp_path / "sweep"))
+    paths = plot_sweep(load_records(tmp_path / "sweep"), tmp_path / "plots")
+    assert [p.name for p in paths] == ["accuracy_vs_sparsity.png", "accuracy_by_stage.png"]
+    assert all(_is_png(p) for p in paths)
+    # Undeclared stages and a stage without the metric still plot (grey, skipped).
+    odd = pd.DataFrame([{"stage": "my_method", "sparsity_units": 0.2, "acc_unbiased": 0.7},
+                        {"stage": "lff", "sparsity_units": None, "acc_unbiased": None}])
+    assert all(_is_png(p) for p in plot_sweep(odd, tmp_path / "odd"))
 
 
 def test_report_lists_deviations_and_results(tmp_path):
@@ -40,4 +47,13 @@ def test_report_lists_deviations_and_results(tmp_path):
     assert "pruning.gamma" not in changed
     records = [{"stage": "vanilla", "acc_unbiased": 0.5, "macs": 2e6}, {"stage": "bise", "acc_unbiased": 0.6}]
     text = write_report(tmp_path, cfg, records, note="DEMO").read_text()
-    assert "**DEMO**" in text and "| bise | 60.0 % |" in text and "`pruning.gate_init` = 1.0 (paper: 0.0)" in text
+    assert "**DEMO**" in text and "`pruning.gate_init` = 1.0 (paper: 0.0)" in text
+    assert "| stage | unbiased (%) | MACs (M) |" in text  # titles and units from bise_cli.names
+    assert "| vanilla | 50.0 | 2.0 |" in text and "| bise | 60.0 | – |" in text
+
+
+def test_report_metrics_follow_the_declared_order():
+    same = [{"acc": 0.9, "acc_unbiased": 0.8, "acc_avg_group": 0.8, "acc_both_conflicting": 0.4, "leakage": 0.5}]
+    assert report_metrics(same) == ["acc", "acc_unbiased", "acc_both_conflicting", "leakage"]
+    wilds = [{**same[0], "acc_avg_group": 0.7}]  # another group definition: both are shown
+    assert report_metrics(wilds) == ["acc", "acc_unbiased", "acc_avg_group", "acc_both_conflicting", "leakage"]

@@ -1,4 +1,5 @@
-"""`bise table`: grouping, mean ± sample std, exact Markdown / LaTeX / CSV output, reference column, errors."""
+"""`bise table`: grouping, mean ± sample std, exact Markdown / LaTeX / CSV output, reference columns, paired
+comparison, errors; and the names and formats declared once in bise_cli.names."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import json
 import pytest
 
 from bise_cli.errors import BiseError
-from bise_cli.tables import format_table, group_keys, load_records, summarize, table_command
+from bise_cli.names import METRIC_NAMES, METRICS, STAGE_NAMES, STAGES, format_value, heading, metric, stage_rank
+from bise_cli.paper_reference import REFERENCES, reference, reference_value
+from bise_cli.tables import (
+    compare_stages,
+    constant_context,
+    format_table,
+    group_keys,
+    load_records,
+    summarize,
+    table_command,
+)
 
 
 def _write(root, rows):
@@ -80,12 +91,44 @@ def test_exact_markdown_latex_csv(sweep):
     assert format_table(summary, "csv") == EXPECTED_CSV
 
 
-def test_reference_column_shows_paper_value(sweep):
-    text = format_table(summarize(load_records(sweep)), "md", reference=True, context={"dataset": "biased_mnist"})
+def test_reference_sits_beside_the_metric_it_is(tmp_path):
+    # The paper's BiasedMNIST numbers are plain accuracy on the rho = 0.1 test set: beside `acc` only.
+    _write(tmp_path, [[{**_record("bise", 0.99, 0, 0.93, 0.25), "acc": 0.95}]])
+    summary = summarize(load_records(tmp_path), by=["stage", "rho"], metrics=["acc_unbiased", "acc"])
+    lines = format_table(summary, "md", reference=True, context={"dataset": "biased_mnist"}).splitlines()
+    assert lines[0] == "| stage | rho | acc_unbiased (%) | acc (%) | paper acc | n |"
+    assert lines[2] == "| bise | 0.99 | 93.0 | 95.0 | 96.1 | 1 |"
+    assert lines[-1].startswith("paper acc (biased_mnist: bise): top-1 accuracy on the ρ = 0.1 test set")
+
+
+def test_reference_values_carry_their_metric():
+    assert reference_value("biased_mnist", "vanilla", 0.99, "acc") == 88.9
+    assert reference_value("biased_mnist", "vanilla", 0.99, "acc_unbiased") is None
+    assert reference_value("biased_mnist", "bise", "0.997", "macs") == 269.6
+    assert reference_value("biased_mnist", "bise", 0.99, "sparsity_weights", "mi") == 18.7
+    mc = {stage: reference_value("multicolor_mnist", stage, 0.99, "acc_unbiased") for stage in STAGE_NAMES}
+    assert {k: v for k, v in mc.items() if v is not None} == {"vanilla": 57.4, "bise": 60.3, "bise_ft": 70.6,
+                                                              "ffw": 36.37}
+    assert reference("multicolor_mnist", "vanilla", None, "acc_unbiased").source.startswith("Nahon et al.")
+    celeba = reference("celeba", "bise", None, "acc_unbiased")
+    assert celeba.value == 89.7 and "inferred" in celeba.note
+    for ref in REFERENCES:  # every reference names a declared stage and metric
+        assert ref.stage in STAGE_NAMES and ref.metric in METRIC_NAMES, ref
+
+
+def test_reference_for_multicolor_mnist_is_acc_unbiased(tmp_path):
+    records = [{"stage": stage, "keys": ["dataset", "seed"], "dataset": "multicolor_mnist", "seed": 0,
+                "acc_unbiased": value, "acc": value} for stage, value in (("vanilla", 0.5), ("bise", 0.6))]
+    _write(tmp_path, [records])
+    df = load_records(tmp_path)
+    text = format_table(summarize(df, metrics=["acc", "acc_unbiased"]), "md", reference=True,
+                        context=constant_context(df))
     lines = text.splitlines()
-    assert lines[0].endswith("| paper acc_unbiased |")
-    assert lines[4] == "| bise | 0.99 | 93.0 ± 4.2 | 25.0 ± 0.0 | 2 | 96.1 |"
-    assert lines[2] == "| vanilla | 0.99 | 81.0 ± 1.4 | 0.0 ± 0.0 | 2 | 88.9 |"
+    assert lines[0] == "| stage | acc (%) | acc_unbiased (%) | paper acc_unbiased | n |"
+    assert lines[2:4] == ["| vanilla | 50.0 | 50.0 | 57.4 | 1 |", "| bise | 60.0 | 60.0 | 60.3 | 1 |"]
+    assert lines[-2].startswith("paper acc_unbiased (multicolor_mnist: vanilla): mean of the four group")
+    assert lines[-2].endswith("Nahon et al., ICCV 2023, Table 3")
+    assert lines[-1].endswith("De Moura Matos et al., CVPR 2026")
 
 
 def test_single_run_has_no_spread_and_explicit_by(tmp_path):
@@ -116,3 +159,64 @@ def test_table_command_writes_three_files(sweep, capsys):
     assert (sweep / "tables" / "table.csv").read_text() == EXPECTED_CSV
     assert (sweep / "tables" / "table.tex").is_file()
     assert "93.0 ± 4.2" in capsys.readouterr().out
+
+
+def test_compare_keys_of_one_stage_split_it_but_never_the_pairing(tmp_path):
+    # BISE records carry `selection` (two mask choices per run); vanilla records do not.
+    runs = []
+    for seed, (vanilla, by_acc, by_worst) in enumerate(((0.80, 0.90, 0.88), (0.82, 0.96, 0.92))):
+        base = {"keys": ["dataset", "seed"], "dataset": "civilcomments", "seed": seed}
+        runs.append([{**base, "stage": "vanilla", "acc": vanilla},
+                     {**base, "keys": [*base["keys"], "selection"], "stage": "bise", "selection": "val_acc",
+                      "acc": by_acc},
+                     {**base, "keys": [*base["keys"], "selection"], "stage": "bise", "selection": "val_worst",
+                      "acc": by_worst}])
+    _write(tmp_path, runs)
+    result = compare_stages(load_records(tmp_path), "bise", "vanilla", metrics=["acc"])
+    assert list(result["selection"]) == ["val_acc", "val_worst"]
+    assert list(result["n"]) == [2, 2]
+    assert result["diff"].round(6).tolist() == [0.12, 0.09]
+
+
+def test_names_are_declared_once_in_order():
+    assert STAGE_NAMES[:7] == ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude", "ffw")
+    assert {"dfr_train", "dfr_val", "lff"} <= set(STAGE_NAMES)
+    assert len(set(STAGE_NAMES)) == len(STAGES) and len({s.colour for s in STAGES}) == len(STAGES)
+    readme_metrics = ("acc", "acc_unbiased", "acc_avg_group", "acc_aligned", "acc_conflicting", "acc_worst_group",
+                      "dp_diff", "eo_diff", "sparsity_units", "sparsity_weights", "params", "macs",
+                      "latency_ms_b1", "latency_ms_b100", "leakage", "leakage_head")
+    mc_groups = ("acc_both_aligned", "acc_left_aligned_right_conflicting", "acc_left_conflicting_right_aligned",
+                 "acc_both_conflicting")
+    assert set(readme_metrics + mc_groups) == set(METRIC_NAMES) and len(METRIC_NAMES) == len(METRICS)
+    assert all(metric(m).unit == "%" and metric(m).higher_is_better for m in mc_groups)
+    assert not metric("leakage").higher_is_better and not metric("macs").higher_is_better
+    assert stage_rank("lff") < stage_rank("zzz_new") and stage_rank("vanilla") < stage_rank("bise")
+
+
+def test_format_value_is_the_one_number_format():
+    assert format_value("acc", 0.961) == "96.1" and format_value("acc_both_conflicting", 0.5) == "50.0"
+    assert format_value("macs", 328.3e6) == "328.3" and format_value("params", 1_234_567) == "1.23"
+    assert format_value("latency_ms_b1", 0.3654) == "0.37"
+    assert format_value("val_acc", 0.5) == "50.0" and format_value("macs_dense", 415.36e6) == "415.4"
+    assert format_value("best_epoch", 87) == "87" and format_value("train_seconds", 2841.37) == "2841"
+    assert format_value("acc", None) == format_value("acc", float("nan")) == "–"
+    assert format_value("acc", -1e-6) == "0.0" and format_value("acc", 0.075, sign=True) == "+7.5"
+    assert format_value("selection", "val_acc") == "val_acc"
+    assert heading("acc") == "accuracy (%)" and heading("macs", "macs") == "macs (M)"
+    assert heading("best_epoch") == "best_epoch"
+
+
+def test_names_module_is_the_bottom_of_the_import_graph():
+    import ast
+    import inspect
+
+    import bise_cli.names
+    import bise_cli.plots
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(inspect.getsource(module))
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+
+    assert not {m for m in imported(bise_cli.names) if m.startswith("bise_cli")}
+    assert "bise_cli.tables" not in imported(bise_cli.plots)  # no tables <-> plots cycle

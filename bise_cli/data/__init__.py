@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from bise_cli.data.base import SPLIT_NAMES, DatasetBundle, Split
+from bise_cli.data.base import SPLIT_NAMES, DatasetBundle, Split, aligned_mask, bias_columns
 from bise_cli.errors import check_choice
+from bise_cli.metrics import pattern_name
 
-DATASETS = ("biased_mnist", "civilcomments")
+DATASETS = ("biased_mnist", "multicolor_mnist", "civilcomments")
 
 
 def build_dataset(name: str, rho: float, seed: int, source: str, root: str, max_samples: int | None = None,
@@ -23,29 +24,49 @@ def build_dataset(name: str, rho: float, seed: int, source: str, root: str, max_
         check_rho(rho)  # fail on a bad rho before reading any file
         digits = load_digits(source, root, fallback=options.pop("fallback", "none"))
         return build_biased_mnist(digits, rho, seed=seed, max_samples=max_samples, **options)
+    if name == "multicolor_mnist":
+        from bise_cli.data.multicolor_mnist import build as build_multicolor_mnist
+        return build_multicolor_mnist(source, root, seed, max_samples, **options)
     from bise_cli.data.civilcomments import load_civilcomments
     return load_civilcomments(root=root, source=source, max_samples=max_samples, seed=seed,
                               synthetic_rho=rho, **options)
 
 
-def summarize_split(split: Split, num_classes: int, num_bias: int) -> dict:
-    """Size, aligned fraction (overall and per class) and bias-value counts of one split."""
-    aligned = split.b == split.y
-    per_class = []
-    for c in range(num_classes):
-        in_class = split.y == c
-        per_class.append(round(float(aligned[in_class].float().mean()), 6) if in_class.any() else None)
+def _attribute_summary(y: torch.Tensor, b: torch.Tensor, num_classes: int, num_bias: int) -> dict:
+    """Aligned fraction (overall and per class) and value counts of one bias attribute."""
+    aligned = b == y
+    per_class = [round(float(aligned[y == c].float().mean()), 6) if (y == c).any() else None
+                 for c in range(num_classes)]
+    return {
+        "aligned_fraction": round(float(aligned.float().mean()), 6) if len(y) else None,
+        "aligned_fraction_per_class": per_class,
+        "bias_counts": torch.bincount(b, minlength=num_bias).tolist(),
+    }
+
+
+def summarize_split(split: Split, num_classes: int, num_bias: int, bias_names: tuple[str, ...] = ("bias",)) -> dict:
+    """Size and, per bias attribute, aligned fraction and value counts; with one attribute those are top-level
+    keys, with several they sit under `attributes` beside the counts of the alignment-pattern groups."""
+    columns = bias_columns(split.b)
+    if len(columns) == 1:
+        return {"size": len(split), **_attribute_summary(split.y, columns[0], num_classes, num_bias)}
+    aligned = aligned_mask(split.y, split.b)
+    groups = {}
+    for code in range(2 ** len(columns)):
+        pattern = tuple(not (code >> (len(columns) - 1 - k)) & 1 for k in range(len(columns)))
+        groups[pattern_name(bias_names, pattern)[len("acc_"):]] = int((aligned == torch.tensor(pattern)).all(1).sum())
     return {
         "size": len(split),
-        "aligned_fraction": round(float(aligned.float().mean()), 6) if len(split) else None,
-        "aligned_fraction_per_class": per_class,
-        "bias_counts": torch.bincount(split.b, minlength=num_bias).tolist(),
+        "aligned_fraction": round(float(aligned.all(1).float().mean()), 6) if len(split) else None,
+        "attributes": {name: _attribute_summary(split.y, col, num_classes, num_bias)
+                       for name, col in zip(bias_names, columns, strict=True)},
+        "groups": groups,
     }
 
 
 def summarize_bundle(bundle: DatasetBundle) -> dict:
     """`summarize_split` for every split present, keyed by split name, in the canonical order."""
-    return {name: summarize_split(bundle[name], bundle.num_classes, bundle.num_bias)
+    return {name: summarize_split(bundle[name], bundle.num_classes, bundle.num_bias, bundle.bias_names)
             for name in SPLIT_NAMES if bundle.get(name) is not None}
 
 

@@ -1,8 +1,10 @@
 """Shared data containers: every dataset is a set of in-memory splits of (x, y, b) triples.
 
 `x` is one tensor per split (uint8 images for BiasedMNIST, stacked token ids for text), `y` the target and
-`b` the bias attribute. A split also carries an `encode` function that turns a batch of raw `x` into model
-input (e.g. uint8 -> normalised float), so datasets stay compact in memory and batching stays trivial.
+`b` the bias attribute(s): shape (N,) for one attribute, or (N, A) for A attributes (column k is attribute k,
+e.g. the left and right background colours of Multi-Color MNIST). A split also carries an `encode` function
+that turns a batch of raw `x` into model input (e.g. uint8 -> normalised float), so datasets stay compact in
+memory and batching stays trivial.
 """
 
 from __future__ import annotations
@@ -58,13 +60,31 @@ class Split:
     def num_batches(self, batch_size: int) -> int:
         return (len(self) + batch_size - 1) // batch_size
 
+    @property
+    def bias_columns(self) -> list[torch.Tensor]:
+        """The bias labels as one (N,) tensor per attribute."""
+        return bias_columns(self.b)
+
+
+def bias_columns(b: torch.Tensor) -> list[torch.Tensor]:
+    """(N,) -> [b]; (N, A) -> [b[:, 0], ..., b[:, A-1]]."""
+    return [b] if b.dim() == 1 else list(b.unbind(1))
+
+
+def aligned_mask(y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, A) booleans (A = 1 for a single attribute): attribute k agrees with the target (b_k == y)."""
+    return torch.stack([col == y for col in bias_columns(b)], 1)
+
 
 @dataclass
 class DatasetBundle:
     """All splits of one dataset plus what the rest of the pipeline needs to know about it.
 
     `splits` holds `train` (vanilla training), `search` (BISE mask search), `val` (model selection; may be
-    missing) and `test`. `aligned` is the bias-aligned rule b == y used throughout (method.md §1).
+    missing) and `test`. A sample is bias-aligned on attribute k when b_k == y (the paper's convention).
+    `num_bias` is the number of values every bias attribute takes; `bias_names` names the attributes (one name
+    per column of `b`); `nominal_rho` is the training correlation per attribute the dataset was built with (the
+    paper's nominal-rho reweighting uses it; None when the data has no nominal value).
     `info` is free-form provenance (source, synthetic flag, counts) written into the run records.
     """
 
@@ -73,6 +93,12 @@ class DatasetBundle:
     num_classes: int
     num_bias: int
     info: dict = field(default_factory=dict)
+    bias_names: tuple[str, ...] = ("bias",)
+    nominal_rho: tuple[float, ...] | None = None
+
+    @property
+    def num_attributes(self) -> int:
+        return len(self.bias_names)
 
     def __getitem__(self, name: str) -> Split:
         return self.splits[name]

@@ -118,4 +118,5 @@ def build_biased_mnist(digits: Digits, rho: float, seed: int = 0, max_samples: i
     info = {"source": digits.source, "location": digits.location, "rho": rho, "val_rho": val_rho,
             "clean_split": clean_split, "train_digits": n,
             "sizes": {name: len(split) for name, split in splits.items()}}
-    return DatasetBundle("biased_mnist", splits, NUM_CLASSES, NUM_CLASSES, info)
+    return DatasetBundle("biased_mnist", splits, NUM_CLASSES, NUM_CLASSES, info, bias_names=("colour",),
+                         nominal_rho=(rho,))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,16 +48,28 @@ class Digits:
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped): magic 2051 -> uint8 images (N, rows, cols), 2049 -> labels (N,)."""
+    """Read an IDX file (optionally gzipped): magic 2051 -> uint8 images (N, rows, cols), 2049 -> labels (N,).
+
+    A damaged file (not gzip, corrupt, truncated, labels outside 0..9) is a one-line BiseError naming it."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    fix = "re-download it or delete it"
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                data = handle.read()
+        else:
+            data = path.read_bytes()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise BiseError(f"{path} is not a valid gzip file ({type(error).__name__}: {error}); {fix}") from None
+    except OSError as error:
+        raise BiseError(f"cannot read {path}: {error.strerror or error}") from None
     if len(data) < 8:
-        raise BiseError(f"{path} is not an IDX file (only {len(data)} bytes)")
+        raise BiseError(f"{path} is not an IDX file (only {len(data)} bytes); {fix}")
     magic = int.from_bytes(data[0:4], "big")
     count = int.from_bytes(data[4:8], "big")
     if magic == 2051:
+        if len(data) < 16:
+            raise BiseError(f"{path} is truncated: {len(data)} bytes, an image header has 16; {fix}")
         rows, cols = int.from_bytes(data[8:12], "big"), int.from_bytes(data[12:16], "big")
         array = np.frombuffer(data, dtype=np.uint8, offset=16)
         expected = count * rows * cols
@@ -66,9 +79,13 @@ def read_idx(path: str | Path) -> np.ndarray:
         expected = count
         shape = (count,)
     else:
-        raise BiseError(f"{path} has IDX magic number {magic}; expected 2051 (images) or 2049 (labels)")
+        raise BiseError(f"{path} has IDX magic number {magic}; expected 2051 (images) or 2049 (labels); {fix}")
     if array.size != expected:
-        raise BiseError(f"{path} is truncated: {array.size} values, header says {expected}")
+        raise BiseError(f"{path} is truncated or padded: {array.size} values, header says {expected}; {fix}")
+    if magic == 2049 and array.size and int(array.max()) > 9:
+        bad = np.flatnonzero(array > 9)
+        raise BiseError(f"{path} has label {int(array[bad[0]])} at index {int(bad[0])} ({len(bad)} labels outside "
+                        f"0..9); MNIST labels are digits 0..9; {fix}")
     return array.reshape(shape)
 
 
@@ -90,8 +107,9 @@ def _digits_from_files(files: dict[str, Path], source: str) -> Digits:
     arrays = {key: torch.from_numpy(read_idx(path).copy()) for key, path in files.items()}
     for split in ("train", "test"):
         if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
-            folder = files[f"{split}_images"].parent
-            raise BiseError(f"MNIST {split} images and labels disagree in length under {folder}")
+            images, labels = files[f"{split}_images"], files[f"{split}_labels"]
+            raise BiseError(f"MNIST {split} images and labels disagree in length: {len(arrays[f'{split}_images'])} "
+                            f"in {images}, {len(arrays[f'{split}_labels'])} in {labels}; re-download them")
     return Digits(arrays["train_images"], arrays["train_labels"].long(), arrays["test_images"],
                   arrays["test_labels"].long(), source, str(files["train_images"].parent))
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from bise_cli.errors import check_choice
 
-BACKBONES = ("simple_convnet", "resnet18", "bert")
+BACKBONES = ("simple_convnet", "resnet18", "bert", "mlp")
 
 
 def build_backbone(name: str, num_classes: int, **kwargs) -> nn.Module:
@@ -23,6 +23,9 @@ def build_backbone(name: str, num_classes: int, **kwargs) -> nn.Module:
     if name == "resnet18":
         from bise_cli.models.resnet18 import ResNet18
         return ResNet18(num_classes=num_classes, weights=kwargs.get("weights"))
+    if name == "mlp":
+        from bise_cli.models.mlp import MLP
+        return MLP(num_classes=num_classes, double_scale=kwargs.get("double_scale", True))
     # Imported lazily: transformers is an optional extra and slow to import.
     from bise_cli.models.bert import BertClassifier
     return BertClassifier(num_classes=num_classes, pretrained=kwargs.get("pretrained", "tiny"),

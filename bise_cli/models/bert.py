@@ -1,9 +1,9 @@
-"""BERT for sequence classification with BISE's gates (method.md §2.2) and physical pruning of FFN and pooler units.
+"""BERT for sequence classification with BISE's gates and physical pruning of FFN and pooler units.
 
-Input x is a LongTensor (B, 3, L): input_ids, attention_mask, token_type_ids. Gates (default `ONLY_MLP`,
-before the activation): the output of each layer's `intermediate.dense` (before GELU), of each layer's
-`output.dense` (before the residual add and LayerNorm), and of `bert.pooler.dense` (before tanh). Attention is
-not gated.
+Input x is a LongTensor (B, 3, L): input_ids, attention_mask, token_type_ids. Gates (BISE, CVPR 2026; the
+authors' default `ONLY_MLP`, before the activation): the output of each layer's `intermediate.dense` (before
+GELU), of each layer's `output.dense` (before the residual add and LayerNorm), and of `bert.pooler.dense`
+(before tanh). Attention is not gated.
 
 Mask-aware LayerNorm: the LayerNorm after layer i's FFN output computes its mean and variance over the kept
 hidden dimensions only and passes the masked dimensions through unchanged (their value is the residual input,
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bise_cli.masking import GatePoint
+from bise_cli.models.slicing import kept_indices, slice_linear
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def _load_hf_model(pretrained: str | None, num_classes: int, config_overrides: d
 class BertClassifier(nn.Module):
     """A Hugging Face BERT classifier behind bise's backbone interface (classifier, gate_points, forward(x))."""
 
-    arch_name = "pruned_bert"
+    arch_name = "pruned_bert"  # key of bise_cli.prune's checkpoint registry (rebuilt by PrunedBert)
 
     def __init__(self, num_classes: int = 2, pretrained: str | None = "tiny", config_overrides: dict | None = None,
                  model: nn.Module | None = None):
@@ -139,50 +140,37 @@ class BertClassifier(nn.Module):
     def pruned_copy(self, masks: dict[str, torch.Tensor]) -> BertClassifier:
         """A standalone smaller copy: FFN neurons and pooler units removed; masked hidden outputs of each FFN
         zeroed (the residual stream keeps its width) with a fixed mask in the mask-aware LayerNorm."""
-        from bise_cli.prune import kept_indices
-
+        # Copy without the bound gates (a deepcopy would clone them into the copy), then rebind: the original
+        # keeps behaving exactly as before, gated or not.
+        bound = [layer.output.LayerNorm.gate for layer in self.layers]
         self.bind_gates(None)
-        model = copy.deepcopy(self.model)
+        try:
+            model = copy.deepcopy(self.model)
+        finally:
+            for layer, gate in zip(self.layers, bound, strict=True):
+                layer.output.LayerNorm.bind(gate)
         for i, layer in enumerate(model.bert.encoder.layer):
             index, emptied = kept_indices(masks[f"layer{i}.intermediate"])
-            layer.intermediate.dense = _rows(layer.intermediate.dense, index)
-            layer.output.dense = _columns(layer.output.dense, index, zero=emptied)
+            layer.intermediate.dense = slice_linear(layer.intermediate.dense, index)
+            layer.output.dense = slice_linear(layer.output.dense, None, index, dead_input=emptied)
             hidden = masks[f"layer{i}.output"].bool().to(layer.output.dense.weight.device)
             if not bool(hidden.all()):
                 with torch.no_grad():
                     layer.output.dense.weight[~hidden] = 0
                     layer.output.dense.bias[~hidden] = 0
-                layer.output.LayerNorm.fixed_mask = hidden.float()
+                layer.output.LayerNorm.fixed_mask = hidden.to(layer.output.dense.weight.dtype)
         index, emptied = kept_indices(masks["pooler"])
-        model.bert.pooler.dense = _rows(model.bert.pooler.dense, index)
-        model.classifier = _columns(model.classifier, index, zero=emptied)
+        model.bert.pooler.dense = slice_linear(model.bert.pooler.dense, index)
+        model.classifier = slice_linear(model.classifier, None, index, dead_input=emptied)
         return BertClassifier(model=model).eval()
 
     def constructor_kwargs(self) -> dict:
-        """What `from_description` needs to rebuild this (possibly pruned) architecture before load_state_dict."""
+        """What `PrunedBert` needs to rebuild this (possibly pruned) architecture before load_state_dict."""
         return {"config": self.model.config.to_dict(),
                 "intermediate_sizes": [layer.intermediate.dense.out_features for layer in self.layers],
                 "masked_outputs": [layer.output.LayerNorm.fixed_mask is not None for layer in self.layers],
                 "pooler_size": self.model.bert.pooler.dense.out_features,
                 "num_classes": self.model.classifier.out_features}
-
-
-def _rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(linear.in_features, len(index)).to(linear.weight.device)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[index])
-        new.bias.copy_(linear.bias[index])
-    return new
-
-
-def _columns(linear: nn.Linear, index: torch.Tensor, zero: bool = False) -> nn.Linear:
-    new = nn.Linear(len(index), linear.out_features).to(linear.weight.device)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[:, index])
-        new.bias.copy_(linear.bias)
-        if zero:  # the layer was emptied: its dummy unit must contribute nothing
-            new.weight.zero_()
-    return new
 
 
 def PrunedBert(config: dict, intermediate_sizes: list[int], masked_outputs: list[bool], pooler_size: int,

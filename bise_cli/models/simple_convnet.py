@@ -1,8 +1,12 @@
-"""SimpleConvNet of ReBias / BISE for BiasedMNIST (method.md §3.1).
+"""SimpleConvNet of ReBias / BISE for BiasedMNIST (BISE, CVPR 2026; README "BiasedMNIST").
 
 4 blocks of [Conv 7x7 pad 3 -> BatchNorm -> activation] with 16/32/64/128 channels (times `width`), ReLU in
 the first three blocks and Tanh in the last, global average pooling, then `fc` (128 -> classes).
 Convs use Kaiming-normal (fan_out) init, BN weight 1 and bias 0. Gates sit after each activation.
+
+Physical pruning (`pruned_copy`) is exact because a gate sits after the activation: a pruned channel outputs
+exact zeros, so its conv filter, BN channel and the next layer's input channel (or FC column) can go. The
+result is again a plain SimpleConvNet, with fewer channels.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import torch
 from torch import nn
 
 from bise_cli.masking import GatePoint
+from bise_cli.models.slicing import kept_indices, slice_bn, slice_conv, slice_linear
 
 BASE_CHANNELS = (16, 32, 64, 128)
 
@@ -22,6 +27,8 @@ def scaled_channels(width: float) -> list[int]:
 
 class SimpleConvNet(nn.Module):
     """The paper's BiasedMNIST backbone; `features(x)` returns the bottleneck (input of `fc`)."""
+
+    arch_name = "simple_convnet"  # key of bise_cli.prune's checkpoint registry
 
     def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 3,
                  channels: list[int] | None = None, kernel_size: int = 7):
@@ -68,3 +75,16 @@ class SimpleConvNet(nn.Module):
         """Arguments that rebuild this architecture (saved with pruned checkpoints)."""
         return {"num_classes": self.fc.out_features, "in_channels": self.extracter[0].in_channels,
                 "channels": list(self.channels), "kernel_size": self.kernel_size}
+
+    def pruned_copy(self, masks: dict[str, torch.Tensor]) -> SimpleConvNet:
+        """A smaller SimpleConvNet keeping only the channels where `masks` (gate name -> bool) is true."""
+        kept = [kept_indices(masks[p.name]) for p in self.gate_points()]
+        pruned = SimpleConvNet(num_classes=self.fc.out_features, in_channels=self.extracter[0].in_channels,
+                               channels=[len(index) for index, _ in kept], kernel_size=self.kernel_size)
+        previous, previous_emptied = None, False
+        for i, (index, emptied) in enumerate(kept):
+            pruned.extracter[3 * i] = slice_conv(self.extracter[3 * i], index, previous, dead_input=previous_emptied)
+            pruned.extracter[3 * i + 1] = slice_bn(self.extracter[3 * i + 1], index)
+            previous, previous_emptied = index, emptied
+        pruned.fc = slice_linear(self.fc, None, previous, dead_input=previous_emptied)
+        return pruned.to(self.fc.weight).eval()

@@ -1,0 +1,163 @@
+"""One home for every stage name and metric name, with how each is displayed.
+
+This module is the bottom of the package's import graph: it imports nothing from `bise_cli`. The pipeline takes
+its stage names from `STAGE_NAMES`; tables, the terminal summary, the per-run report and the plots take titles,
+colours, units and number formats from `STAGES`, `METRICS` and `format_value`.
+
+Records store metrics in natural units (accuracies and sparsities as fractions, MACs and parameters as counts,
+latency in milliseconds); `Metric.scale` turns a stored value into the displayed one, `Metric.unit` names the
+displayed unit and `Metric.decimals` its precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str         # as in `stages=[...]` and in every record's `stage`
+    title: str        # for people: legends, report headings
+    colour: str       # matplotlib colour in every plot
+    description: str
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str                       # the record key
+    title: str                      # short column title for people
+    scale: float                    # displayed = stored * scale
+    unit: str                       # displayed unit: "%", "M", "ms" or "" (shown in column headers, not in cells)
+    higher_is_better: bool | None   # None: no direction
+    description: str
+    decimals: int | None = 1        # displayed precision; None: general format (4 significant digits)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("vanilla", "Vanilla", "black", "the model trained plainly on the biased training split"),
+    Stage("bise", "BISE", "tab:blue", "BISE mask search on the frozen vanilla model, then physical pruning"),
+    Stage("bise_ft", "BISE+FT", "tab:cyan", "BISE's subnetwork fine-tuned (masks frozen) with the reweighted loss"),
+    Stage("reweighted_ft", "Reweighted FT", "tab:purple",
+          "the unpruned vanilla model fine-tuned with the same reweighted loss (control for BISE+FT)"),
+    Stage("random", "Random pruning", "tab:orange", "random units removed with BISE's per-layer kept-unit counts"),
+    Stage("magnitude", "Magnitude pruning", "tab:green",
+          "the units of largest weight L2 norm kept, with BISE's per-layer kept-unit counts"),
+    Stage("ffw", "FFW", "tab:red", "FFW baseline: unstructured soft weight gates trained on a small unbiased set"),
+    Stage("dfr_train", "DFR (train)", "tab:brown",
+          "deep feature reweighting: last layer retrained on group-balanced training data (upcoming baseline)"),
+    Stage("dfr_val", "DFR (val)", "tab:olive",
+          "deep feature reweighting: last layer retrained on the unbiased validation data (upcoming baseline)"),
+    Stage("lff", "LfF", "tab:pink", "Learning from Failure, debiased training from scratch (upcoming baseline)"),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
+_STAGES = {stage.name: stage for stage in STAGES}
+
+_PCT = dict(scale=100.0, unit="%")
+METRICS: tuple[Metric, ...] = (
+    Metric("acc", "accuracy", **_PCT, higher_is_better=True, description="fraction of correct predictions"),
+    Metric("acc_unbiased", "unbiased", **_PCT, higher_is_better=True,
+           description="mean of the group accuracies A_g over the (y, b) groups present"),
+    Metric("acc_avg_group", "avg group", **_PCT, higher_is_better=True,
+           description="average-group accuracy (= acc_unbiased unless another group definition is chosen)"),
+    Metric("acc_aligned", "aligned", **_PCT, higher_is_better=True, description="accuracy on samples with b = y"),
+    Metric("acc_conflicting", "conflicting", **_PCT, higher_is_better=True,
+           description="accuracy on samples with b != y"),
+    Metric("acc_worst_group", "worst group", **_PCT, higher_is_better=True,
+           description="minimum over the present groups of A_g"),
+    Metric("acc_both_aligned", "both aligned", **_PCT, higher_is_better=True,
+           description="Multi-Color MNIST: accuracy where both the left and the right colour agree with the label"),
+    Metric("acc_left_aligned_right_conflicting", "L aligned, R conflicting", **_PCT, higher_is_better=True,
+           description="Multi-Color MNIST: accuracy where the left colour agrees with the label, the right does not"),
+    Metric("acc_left_conflicting_right_aligned", "L conflicting, R aligned", **_PCT, higher_is_better=True,
+           description="Multi-Color MNIST: accuracy where the right colour agrees with the label, the left does not"),
+    Metric("acc_both_conflicting", "both conflicting", **_PCT, higher_is_better=True,
+           description="Multi-Color MNIST: accuracy where neither colour agrees with the label"),
+    Metric("dp_diff", "DP diff", **_PCT, higher_is_better=False,
+           description="demographic parity difference across values of b (binary tasks), in percentage points"),
+    Metric("eo_diff", "EO diff", **_PCT, higher_is_better=False,
+           description="equalised odds difference across values of b (binary tasks), in percentage points"),
+    Metric("sparsity_units", "units off", **_PCT, higher_is_better=True,
+           description="fraction of gated units switched off"),
+    Metric("sparsity_weights", "weights off", **_PCT, higher_is_better=True,
+           description="1 - conv and linear weights of the pruned model / those of the dense model"),
+    Metric("params", "params", scale=1e-6, unit="M", higher_is_better=False, decimals=2,
+           description="parameters"),
+    Metric("macs", "MACs", scale=1e-6, unit="M", higher_is_better=False,
+           description="multiply-accumulates for one input"),
+    Metric("latency_ms_b1", "latency b1", scale=1.0, unit="ms", higher_is_better=False, decimals=2,
+           description="median forward latency at batch 1 on the run's device"),
+    Metric("latency_ms_b100", "latency b100", scale=1.0, unit="ms", higher_is_better=False, decimals=2,
+           description="median forward latency at batch 100 on the run's device"),
+    Metric("leakage", "bias probe", **_PCT, higher_is_better=False,
+           description="test accuracy of a freshly trained linear bias probe on the final bottleneck"),
+    Metric("leakage_head", "bias head", **_PCT, higher_is_better=False,
+           description="test accuracy of BISE's own bias head on the final bottleneck"),
+)
+METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
+_METRICS = {m.name: m for m in METRICS}
+
+# Record keys derived from a declared metric display like it: `val_acc`, `wilds_acc_worst_group`, `macs_dense`.
+DERIVED_PREFIXES = ("val_", "test_", "wilds_", "coarse_")
+DERIVED_SUFFIXES = ("_dense",)
+MISSING = "–"
+
+
+def stage(name: str) -> Stage:
+    """The declared stage, or an undeclared one shown by its name in grey."""
+    return _STAGES.get(name) or Stage(name, name, "grey", "undeclared stage")
+
+
+def stage_rank(name: str) -> tuple[int, str]:
+    """Sort key: declared stages in declaration order, then undeclared ones alphabetically."""
+    return (STAGE_NAMES.index(name), "") if name in _STAGES else (len(STAGE_NAMES), str(name))
+
+
+def metric(name: str | Metric) -> Metric:
+    """The declared metric; a derived key (`val_acc`, `macs_dense`, ...) displays like its base metric; anything
+    else is shown unscaled with 4 significant digits."""
+    if isinstance(name, Metric):
+        return name
+    if name in _METRICS:
+        return _METRICS[name]
+    base = name
+    for prefix in DERIVED_PREFIXES:
+        base = base.removeprefix(prefix)
+    for suffix in DERIVED_SUFFIXES:
+        base = base.removesuffix(suffix)
+    if base in _METRICS:
+        return dataclasses.replace(_METRICS[base], name=name, title=name,
+                                   description=f"{_METRICS[base].description} ({name})")
+    return Metric(name, name, 1.0, "", None, "undeclared metric", None)
+
+
+def heading(name: str | Metric, text: str | None = None) -> str:
+    """A column heading with the displayed unit: `heading("acc")` is "accuracy (%)", `heading("acc", "acc")` is
+    "acc (%)"."""
+    m = metric(name)
+    text = m.title if text is None else text
+    return f"{text} ({m.unit})" if m.unit else text
+
+
+def is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def format_value(name: str | Metric, value, sign: bool = False) -> str:
+    """A stored value as displayed (scaled, fixed precision, no unit): `format_value("acc", 0.961)` is "96.1",
+    `format_value("macs", 328.3e6)` is "328.3". Missing values (None, NaN) are "–"; non-numbers print as they are.
+    `sign=True` always shows the sign (for differences); a value that rounds to zero never prints as "-0.0"."""
+    if is_missing(value):
+        return MISSING
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return str(value)
+    shown = float(value) * metric(name).scale
+    if math.isnan(shown):
+        return MISSING
+    decimals = metric(name).decimals
+    text = f"{shown:.4g}" if decimals is None else f"{shown:.{decimals}f}"
+    if float(text) == 0:
+        text = text.lstrip("-")
+    return f"+{text}" if sign and not text.startswith("-") else text

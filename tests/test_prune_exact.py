@@ -1,0 +1,153 @@
+"""Pruned model == gated model, for every backbone: BISE's physical pruning removes units whose gates are off,
+and the result must give the gated model's logits (BISE, CVPR 2026; README "Loading a pruned model").
+
+Parametrised over the backbone list, as timm's tests are over its model list: a backbone added to
+`bise_cli.models.BACKBONES` without an entry in `CASES` fails `test_every_backbone_has_an_exactness_case`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+
+import pytest
+import torch
+
+from bise_cli.masking import GateSet
+from bise_cli.models import BACKBONES, build_backbone
+from bise_cli.prune import ARCHITECTURES, load_pruned, prune_model, save_pruned
+from bise_cli.train import freeze
+
+
+def _tokens() -> torch.Tensor:
+    from bise_cli.models.bert import example_input
+
+    x = example_input(3, 8)
+    x[1, 1, 5:] = 0  # padded positions
+    return x
+
+
+def _bert():
+    pytest.importorskip("transformers")
+    return build_backbone("bert", 2, pretrained="tiny")
+
+
+# backbone name -> (builder of a small random model, builder of an input batch)
+CASES = {
+    "simple_convnet": (lambda: build_backbone("simple_convnet", 10, width=0.25), lambda: torch.randn(2, 3, 28, 28)),
+    "resnet18": (lambda: build_backbone("resnet18", 10, weights=None), lambda: torch.randn(2, 3, 32, 32)),
+    "bert": (_bert, _tokens),
+    "mlp": (lambda: build_backbone("mlp", 10), lambda: torch.rand(2, 3, 28, 28)),
+}
+# The MLP backbone is being added separately; it is tested as soon as its module exists.
+TESTED = [name for name in CASES if name != "mlp" or importlib.util.find_spec("bise_cli.models.mlp") is not None]
+MASK_CASES = ["random", "middle_emptied", "last_emptied", "one_left", "all_kept"]
+
+
+def _randomise_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Move 1-d parameters (norm scales, biases) and BN statistics away from their init values, so that a
+    mis-sliced BatchNorm or LayerNorm cannot hide behind weight 1, bias 0, mean 0, variance 1."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                noise = 0.2 * torch.randn(param.shape, generator=generator)
+                param.copy_(noise + (1.0 if name.endswith("weight") else 0.0))
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
+            elif name.endswith("running_var"):
+                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
+
+
+@functools.cache
+def _frozen_model(name: str) -> torch.nn.Module:
+    """One frozen random model per backbone, built once (ResNet-18's init dominates the runtime); tests use a
+    deep copy so that a failing case cannot leave gates attached for the next one."""
+    torch.manual_seed(0)
+    model = freeze(CASES[name][0]())
+    _randomise_norms(model, torch.Generator().manual_seed(1))
+    return model
+
+
+def _masks(points, case: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    masks = {p.name: torch.rand(p.units, generator=generator) > 0.5 for p in points}
+    if case == "middle_emptied":
+        masks[points[len(points) // 2].name][:] = False
+    elif case == "last_emptied":  # the consumer is the classifier
+        masks[points[-1].name][:] = False
+    elif case == "one_left":
+        for p in points:
+            masks[p.name] = torch.zeros(p.units, dtype=torch.bool)
+            masks[p.name][p.units // 2] = True
+    elif case == "all_kept":
+        masks = {p.name: torch.ones(p.units, dtype=torch.bool) for p in points}
+    return masks
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_every_backbone_has_an_exactness_case():
+    missing = set(BACKBONES) - set(CASES)
+    assert not missing, f"backbones without a pruned == gated test case in tests/test_prune_exact.py: {missing}"
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+@pytest.mark.parametrize("name", TESTED)
+def test_pruned_equals_gated(name, case, tmp_path):
+    model = copy.deepcopy(_frozen_model(name))
+    torch.manual_seed(3)
+    x = CASES[name][1]()
+    vanilla = model(x)
+    gates = GateSet(model.gate_points()).attach(model)
+    masks = _masks(gates.points, case, torch.Generator().manual_seed(2))
+    gates.load_binary_masks(masks)
+    gates.set_mode("fixed")
+    gated = model(x)
+
+    pruned = prune_model(model, masks)  # with the gates still attached: the original must not change
+    assert torch.equal(model(x), gated)
+    gates.detach()
+    assert torch.equal(model(x), vanilla)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in pruned.modules()), "gate hooks were copied"
+
+    out = pruned(x)
+    assert out.shape == gated.shape
+    assert (out - gated).abs().max() <= 1e-5
+    if case == "all_kept":
+        assert (out - vanilla).abs().max() <= 1e-5 and _count(pruned) == _count(model)
+    else:
+        assert _count(pruned) < _count(model)
+
+    save_pruned(pruned, tmp_path / "pruned.pt")
+    loaded = load_pruned(tmp_path / "pruned.pt")
+    assert type(loaded) is type(pruned) and _count(loaded) == _count(pruned)
+    assert torch.equal(loaded(x), out)
+
+
+@pytest.mark.parametrize("name", TESTED)
+def test_every_pruned_architecture_is_registered(name):
+    model = _frozen_model(name)
+    pruned = prune_model(model, {p.name: torch.ones(p.units, dtype=torch.bool) for p in model.gate_points()})
+    assert type(pruned).arch_name in ARCHITECTURES
+
+
+def test_prune_model_rejects_bad_inputs():
+    with pytest.raises(TypeError, match="no pruned_copy"):
+        prune_model(torch.nn.Linear(2, 2), {})
+    model = build_backbone("simple_convnet", 10, width=0.25)
+    masks = {p.name: torch.ones(p.units, dtype=torch.bool) for p in model.gate_points()}
+    with pytest.raises(ValueError, match="expected 4"):
+        prune_model(model, {**masks, "block0": torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="no mask"):
+        prune_model(model, {k: v for k, v in masks.items() if k != "block1"})
+
+
+def test_save_and_load_refuse_unknown_architectures(tmp_path):
+    with pytest.raises(TypeError, match="cannot save"):
+        save_pruned(_frozen_model("resnet18"), tmp_path / "dense.pt")  # a dense ResNet18: prune it first
+    torch.save({"arch": "os.system", "kwargs": {}, "state_dict": {}}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="unknown pruned architecture"):
+        load_pruned(tmp_path / "evil.pt")

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 STAGES = ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude", "ffw")
 MASK_STAGES = ("bise", "bise_ft", "random", "magnitude")  # need BISE's structured masks
 # Settings that never change a result: left out of the run's identity.
-NOT_RESULT_KEYS = ("device", "hydra", "output_root", "name", "note", "cache")
+NOT_RESULT_KEYS = ("device", "hydra", "output_root", "name", "note", "cache", "threads")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -48,9 +48,14 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
     """Run every stage in `cfg["stages"]` into `out_dir`; skip the run when it is already done."""
     from bise_cli.validate import check_writable, validate_config
 
-    validate_config(cfg)  # every setting, the device first, before anything is read or trained
+    # Every setting, the device first, before anything is read, trained or marked running.
+    validate_config(cfg)
     check_record_keys(cfg.get("record_keys") or {})
+    check_stage_combination(list(cfg["stages"]), cfg["pruning"]["name"])
+    stages.pruning_settings(cfg["pruning"])
     device = resolve_device(cfg["device"])
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
     run_dir = RunDir(out_dir)
     # The run's identity: every setting that can change a result, plus the device that measures latency.
     identity = config_hash({**{k: v for k, v in cfg.items() if k not in NOT_RESULT_KEYS}, "device": device.type})
@@ -77,8 +82,6 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
 def recipe(cfg: dict, device: torch.device, run_dir: RunDir) -> None:
     """The experiment: data, the vanilla model, the BISE search, then the stages that build on them."""
     chosen = list(cfg["stages"])
-    check_stage_combination(chosen, cfg["pruning"]["name"])
-    stages.pruning_settings(cfg["pruning"])  # bad search settings fail before anything is trained
     torch.use_deterministic_algorithms(bool(cfg["deterministic"]), warn_only=True)
 
     # 1. Data, fingerprinted once: every cache key below includes what was actually loaded.

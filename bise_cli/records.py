@@ -85,7 +85,8 @@ def file_sha256(path: str | Path) -> str | None:
 # Fields every record sets itself; `record_keys` may not override them.
 RESERVED_FIELDS = ("stage", "keys", "run_dir", "data_sha256", "selection")
 # Config entries that never change a result (or are lists of stages): left out of records.
-NOT_RECORD_SETTINGS = ("hydra", "device", "output_root", "name", "note", "cache", "stages", "record_keys")
+NOT_RECORD_SETTINGS = ("hydra", "device", "output_root", "name", "note", "cache", "stages", "record_keys",
+                       "threads")
 
 
 def flatten_config(cfg: dict, prefix: str = "") -> dict:

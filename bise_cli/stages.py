@@ -122,9 +122,9 @@ def vanilla(ctx: Context):
     seed = seed_stage(ctx.seed, "vanilla")  # before construction: the initialisation is part of the stage
     model = ctx.new_backbone().to(ctx.device)
     key = ctx.train_key()
+    trained = {}
     if ctx.cfg.get("vanilla_checkpoint"):
         load_checkpoint(model, ctx.cfg["vanilla_checkpoint"], ctx)
-        trained = {"train_seconds": None}
     else:
         def train() -> dict:
             t = ctx.cfg["train"]
@@ -141,7 +141,7 @@ def vanilla(ctx: Context):
     freeze(model)
     metrics = ctx.cache.get_or_compute(
         "vanilla_metrics", {**ctx.eval_key(key), "stage": "vanilla_metrics"},
-        lambda: {**ctx.evaluate(model), "train_seconds": trained.get("train_seconds")})
+        lambda: {**ctx.evaluate(model), **{k: v for k, v in trained.items() if k == "train_seconds"}})
     return model, metrics, ctx.eval_key(key)
 
 

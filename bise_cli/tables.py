@@ -38,7 +38,7 @@ FORMATS = ("md", "tex", "csv")
 SPREAD_NOTE = "mean ± sample standard deviation (ddof = 1) over seeds; n = number of runs"
 COMPARE_NOTE = ("A - B over the seeds present in both stages: mean difference, 95 % confidence interval from the t "
                 "distribution (n - 1 degrees of freedom), two-sided paired t-test p-value; n = number of pairs")
-CONTEXT_KEYS = ("dataset", "rho", "ablation", "pruning.reweighting", "pruning.gamma")
+CONTEXT_KEYS = ("dataset", "rho", "ablation", "reweighting", "pruning.reweighting", "pruning.gamma")
 MAX_LISTED = 5
 
 
@@ -152,9 +152,10 @@ def _cell(row: pd.Series, metric: str, plus_minus: str) -> str:
 
 def _ablation_name(keys: dict) -> str | None:
     """The paper's ablation row for a (reweighting, gamma) pair, when the records set them."""
-    if "pruning.reweighting" not in keys and "pruning.gamma" not in keys:
+    reweighting = keys.get("reweighting", keys.get("pruning.reweighting"))  # top-level key or its older home
+    if reweighting is None and "pruning.gamma" not in keys:
         return keys.get("ablation")
-    ce = keys.get("pruning.reweighting", "nominal_rho") != "none"
+    ce = reweighting != "none"
     mi = float(keys.get("pruning.gamma", 1.0)) > 0
     return {(True, True): "ce+mi", (True, False): "ce", (False, True): "mi", (False, False): "none"}[(ce, mi)]
 

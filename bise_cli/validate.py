@@ -241,6 +241,7 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
         if value is not _MISSING and (not isinstance(value, str) or not value):
             raise BiseError(f"{key} must be a non-empty string, got {value!r}")
     _int(cfg, "eval_batch_size", 1)
+    _int(cfg, "threads", 1, optional=True)
     _int(cfg, "identification.epochs", 0)
     _int(cfg, "leakage_probe.epochs", 0)
     _int(cfg, "leakage_probe.batch_size", 1)

@@ -51,10 +51,10 @@ def idx_dir(tmp_path) -> Path:
 # Overrides that shrink every stage to seconds on CPU; the same settings as conf/experiment/smoke.yaml, spelled
 # out so they can be combined with another preset (the quickstart test).
 TINY_SETTINGS = [
-    "dataset.source=embedded", "dataset.max_samples=300", "backbone.width=0.125", "train.epochs=1",
-    "train.milestones=[1]", "pruning.tau_period=1", "pruning.tau_min=0.3", "pruning.head_pretrain_epochs=1",
-    "pruning.head_refine_epochs=1", "pruning.gate_init=1.0", "finetune.epochs=1", "leakage_probe.epochs=1",
-    "latency.repeats=1", "latency.warmup=0", "rho=0.9",
+    "dataset.source=embedded", "dataset.max_samples=300", "train.epochs=1", "train.milestones=[1]",
+    "pruning.tau_period=1", "pruning.tau_min=0.3", "pruning.head_pretrain_epochs=1", "pruning.head_refine_epochs=1",
+    "pruning.gate_init=1.0", "finetune.epochs=1", "leakage_probe.epochs=1", "latency.repeats=1",
+    "latency.warmup=0",
 ]
 TINY_OVERRIDES = ["experiment=smoke"]
 TIMING_KEYS = ("latency_ms_b1", "latency_ms_b100", "latency_ms_b1_dense", "latency_ms_b100_dense",

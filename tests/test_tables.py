@@ -220,3 +220,14 @@ def test_names_module_is_the_bottom_of_the_import_graph():
 
     assert not {m for m in imported(bise_cli.names) if m.startswith("bise_cli")}
     assert "bise_cli.tables" not in imported(bise_cli.plots)  # no tables <-> plots cycle
+
+
+def test_ablation_rows_find_their_reference(tmp_path):
+    runs = [[{"stage": "bise", "keys": ["dataset", "rho", "seed", "reweighting", "pruning.gamma"],
+              "dataset": "biased_mnist", "rho": 0.99, "seed": 0, "reweighting": rw, "pruning.gamma": gamma,
+              "acc": 0.9}] for rw in ("nominal_rho", "none") for gamma in (0.0, 1.0)]
+    _write(tmp_path, runs)
+    df = load_records(tmp_path)
+    lines = format_table(summarize(df, metrics=["acc"]), "md", reference=True,
+                         context=constant_context(df)).splitlines()
+    assert [line.rsplit("|", 3)[1].strip() for line in lines[2:6]] == ["96.0", "96.1", "91.9", "91.1"]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from bise_cli.masking import GatePoint
+from bise_cli.models.slicing import kept_indices, slice_linear
 
 
 class MLP(nn.Module):
@@ -68,24 +69,12 @@ class MLP(nn.Module):
         Unit i of hidden layer k is removed by dropping row i of its Linear and column i of the next Linear (or
         of the classifier). Gates sit after the ReLU, so a pruned unit contributes exact zeros and the removal is
         exact. A layer with every unit pruned keeps one unit whose outgoing weights are zero."""
-        from bise_cli.prune import kept_indices  # imported here: bise_cli.prune imports the model modules
-
         kept = [kept_indices(masks[point.name]) for point in self.gate_points()]
-        device = self.classifier.weight.device
         pruned = MLP(self.classifier.out_features, self.in_features, [len(index) for index, _ in kept],
-                     self.double_scale).to(device)
-        previous = None
-        with torch.no_grad():
-            for i, (index, _) in enumerate(kept):
-                source, target = self.feature[2 * i], pruned.feature[2 * i]
-                weight = source.weight[index]
-                target.weight.copy_(weight if previous is None else weight[:, previous])
-                target.bias.copy_(source.bias[index])
-                previous = index
-            pruned.classifier.weight.copy_(self.classifier.weight[:, previous])
-            pruned.classifier.bias.copy_(self.classifier.bias)
-            for i, (_, emptied) in enumerate(kept):
-                if emptied:  # the consumer's only input is the dummy unit: it must contribute nothing
-                    consumer = pruned.feature[2 * (i + 1)] if i + 1 < len(kept) else pruned.classifier
-                    consumer.weight.zero_()
+                     self.double_scale).to(self.classifier.weight.device)
+        previous, dead = None, False
+        for i, (index, emptied) in enumerate(kept):
+            pruned.feature[2 * i] = slice_linear(self.feature[2 * i], index, previous, dead_input=dead)
+            previous, dead = index, emptied
+        pruned.classifier = slice_linear(self.classifier, None, previous, dead_input=dead)
         return pruned.eval()

@@ -1,4 +1,4 @@
-"""Bias-head epochs on cached bottleneck features vs recomputing the frozen model (method.md §2.14).
+"""Bias-head epochs on cached bottleneck features vs recomputing the frozen model (README: "Deviations from the paper").
 
 The paper schedule runs 550 head-only epochs (50 pre-training + 10 x 50 refinement) over the 50k search set.
 Uncached, each is a full forward pass of the frozen SimpleConvNet; cached, the run needs 11 feature passes plus

@@ -1,16 +1,16 @@
-"""The FFW baseline ("Debiasing surgeon", ECCV'24, method.md §2.13): per-weight gates on a frozen model.
+"""The FFW baseline ("Debiasing Surgeon", ECCV 2024, and its official code): per-weight gates on a frozen model.
 
 Every `.weight` of a conv or linear layer (BN excluded, the final classifier included) is multiplied by a gate
 g = min(2 sigma(w / T), 1) of its own real parameter w; the backward pass uses the derivative of the unclamped
-2 sigma(w / T) (straight-through for the clamp, §2.3). The gates are attached with `torch.func.functional_call`,
-so the model classes stay untouched and the model's own weights never change.
+2 sigma(w / T) (straight-through for the clamp, as in FFW's code). The gates are attached with
+`torch.func.functional_call`, so the model classes stay untouched and the model's own weights never change.
 
 Search (on a small *unbiased* training split, FFW's protocol):
 - per batch: the gates take an Adam step on alpha*CE(task) + gamma*MI(b, softmax(head(z))) over all samples
   (head weights detached there, so the MI gradient reaches the gates only); the linear bias head takes one SGD
   step on CE(head(stopgrad z), b), as in FFW's code;
 - after every gate epoch and every temperature change the head is retrained to a plateau on cached bottleneck
-  features. The model is frozen and in eval mode and the gates do not move meanwhile, so caching is exact (§2.14);
+  features. The model is frozen and in eval mode and the gates do not move meanwhile, so caching is exact;
 - the temperature is multiplied by `t_factor` when the validation MI plateaus; the search stops when T < t_min
   or after `max_epochs`;
 - selection ("best intermediate"): the binarised gates (keep w >= 0) whose fresh linear bias probe reaches the
@@ -44,7 +44,7 @@ PROBE_SCHEDULES = ("epoch", "temperature_drop")
 
 @dataclass
 class FFWSettings:
-    """Every number of the FFW search; defaults are FFW's (method.md §2.13).
+    """Every number of the FFW search; defaults are those of the official FFW code ("Debiasing Surgeon", ECCV 2024).
 
     gate_init = 0 (FFW's choice) gives g = 2 sigma(0) = 1 exactly, i.e. the full vanilla model at the start. It
     also sits on the pruning boundary (keep w >= 0): a gate whose first steps go negative is pruned at once.

@@ -1,8 +1,9 @@
 """Structured gates: one learnable scalar per channel or neuron, attached to a frozen model with hooks.
 
-Gate (method.md §2.3): parameter m per unit, forward always hard g = 1[m >= 0] (= 1[sigmoid(m/tau) >= 0.5]),
-backward straight-through with dg/dm = sigmoid'(m/tau)/tau. The trick `hard + (soft - soft.detach())` gives
-exactly the hard value in the forward pass (x - x == 0 in floating point) and the soft derivative backwards.
+Gate (BISE, CVPR 2026, and the official BISE code): parameter m per unit, forward always hard g = 1[m >= 0]
+(= 1[sigmoid(m/tau) >= 0.5]), backward straight-through with dg/dm = sigmoid'(m/tau)/tau. The trick
+`hard + (soft - soft.detach())` gives exactly the hard value in the forward pass (x - x == 0 in floating point)
+and the soft derivative backwards.
 
 Modes: `vanilla` (gates are skipped, the model is untouched), `masked` (the above), `fixed` (hard binary
 values, no gradient). `masked` and `fixed` produce identical forward outputs.

@@ -56,29 +56,28 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, ste
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs)), "epoch"
     total = max(1, epochs * steps_per_epoch)
-    # Linear decay to zero without warm-up (the CivilComments/BERT recipe of method.md §3.5).
+    # Linear decay to zero without warm-up (the CivilComments/BERT recipe of the official BISE code).
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total)), "step"
 
 
 def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """(1/B) sum_j w_j CE_j: normalised by the batch size, not by the sum of weights (method.md §2.5.1)."""
+    """(1/B) sum_j w_j CE_j: normalised by the batch size, not by the sum of weights (as in the official BISE code)."""
     losses = F.cross_entropy(logits, y, reduction="none")
     if weights is not None:
         losses = losses * weights
     return losses.mean()
 
 
-# An epoch loss this many times the first epoch's (or than 1, if larger) means the optimisation diverged.
+# An epoch loss this many times the starting loss (or than 1, if larger) means the optimisation diverged.
 DIVERGENCE_FACTOR = 100.0
 
 
-def check_divergence(description: str, history: list[dict], lr: float) -> None:
-    """Fail the stage (nothing gets cached) when the epoch loss is not finite or exploded against epoch 1."""
-    loss = history[-1]["loss"]
-    limit = DIVERGENCE_FACTOR * max(history[0]["loss"], 1.0)
-    if not math.isfinite(loss) or loss > limit:
-        raise BiseError(f"{description} diverged: epoch {history[-1]['epoch']} loss {loss:.3g} (epoch 1: "
-                        f"{history[0]['loss']:.3g}); lower the learning rate (got lr={lr:g})")
+def check_divergence(description: str, epoch: int, loss: float, start: float, lr: float) -> None:
+    """Fail the stage (nothing gets cached) when the epoch loss is not finite or exploded against the loss of
+    the model it started from (the first batch's, before any step)."""
+    if not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(start, 1.0):
+        raise BiseError(f"{description} diverged: epoch {epoch} loss {loss:.3g} (at the start: {start:.3g}); "
+                        f"lower the learning rate (got lr={lr:g})")
 
 
 def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimizer: str = "sgd", lr: float = 0.1,
@@ -94,7 +93,7 @@ def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimiz
     opt = make_optimizer(optimizer, params, lr, momentum, weight_decay)
     sched, sched_unit = make_scheduler(scheduler, opt, epochs, split.num_batches(batch_size), milestones, gamma)
     generator = torch.Generator().manual_seed(seed)
-    history = []
+    history, start = [], None
     log.info("%s: %d epochs of %d batches (%s, lr %g) on %s", description, epochs, split.num_batches(batch_size),
              optimizer, lr, device)
     with progress_bar(description, epochs, split.num_batches(batch_size)) as bar:
@@ -105,6 +104,8 @@ def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimiz
             for x, y, b in split.batches(batch_size, shuffle=True, generator=generator, device=device):
                 weights = sample_weights(y, b) if sample_weights is not None else None
                 loss = weighted_cross_entropy(model(x), y, weights)
+                if start is None:
+                    start = float(loss.detach())  # one synchronisation per run: the reference for check_divergence
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -117,7 +118,7 @@ def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimiz
                 sched.step()
             row = {"epoch": epoch, "loss": float(total) / max(count, 1), "lr": opt.param_groups[0]["lr"]}
             history.append(row)
-            check_divergence(description, history, lr)
+            check_divergence(description, epoch, row["loss"], start, lr)
             bar.advance_epoch(f"loss {row['loss']:.4f}")
             if after_epoch is not None:
                 after_epoch(epoch)

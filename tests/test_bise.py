@@ -7,39 +7,67 @@ import math
 import pytest
 import torch
 
-from bise_cli.bise import (
-    SearchSettings,
-    group_weights,
-    make_head,
-    normalized_mutual_information,
-    run_search,
-    train_head_on_features,
-    train_head_on_model,
-)
+from bise_cli.bise import SearchSettings, normalized_mutual_information, run_search
+from bise_cli.data.base import Split
 from bise_cli.data.biased_mnist import build_biased_mnist
 from bise_cli.errors import BiseError
 from bise_cli.masking import GateSet
 from bise_cli.models import build_backbone
+from bise_cli.probe import feature_epoch, make_head, model_epoch
+from bise_cli.reweighting import resolve, sample_weights
 from bise_cli.train import fit, freeze, predict
+
+ONE = torch.zeros(1, dtype=torch.long)
+
+
+def _w(weights, y: int, *b: int) -> float:
+    bias = torch.tensor([list(b)]) if len(b) > 1 else torch.tensor([b[0]])
+    return weights(torch.tensor([y]), bias).item()
 
 
 def test_nominal_rho_weights_match_the_paper():
-    table = group_weights("nominal_rho", torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                          10, 10, 0.99)
-    assert table[3, 3].item() == pytest.approx(1 / 9.9)           # 0.101
-    assert table[3, 4].item() == pytest.approx(9 / (10 * 0.01))   # 90
+    weights = sample_weights("nominal_rho", ONE, ONE, 10, 10, (0.99,))
+    assert _w(weights, 3, 3) == pytest.approx(1 / 9.9)           # aligned: 1/(C rho) = 0.101
+    assert _w(weights, 3, 4) == pytest.approx(9 / (10 * 0.01))   # conflicting: (C-1)/(C(1-rho)) = 90
     # Under the ideal construction the expected weight is 1.
-    assert (0.99 * table[0, 0] + 0.01 * table[0, 1]).item() == pytest.approx(1.0)
+    assert 0.99 * _w(weights, 0, 0) + 0.01 * _w(weights, 0, 1) == pytest.approx(1.0)
 
 
-def test_group_inverse_frequency_weights():
+def test_group_balanced_weights_and_none():
     y = torch.tensor([0, 0, 0, 1])
     b = torch.tensor([0, 0, 1, 1])
-    table = group_weights("group_inverse_freq", y, b, 2, 2, None)
-    assert table[0, 0].item() == pytest.approx(1 / (4 * 0.5))
-    assert table[1, 1].item() == pytest.approx(1 / (4 * 0.25))
-    assert table[1, 0].item() == pytest.approx(1 / (4 * 0.25))  # empty cell: count clamped to 1
-    assert torch.equal(group_weights("none", y, b, 2, 2, None), torch.ones(2, 2))
+    for name in ("group_balanced", "empirical"):  # the paper's option 8 and EMPIRICAL are one rule
+        weights = sample_weights(name, y, b, 2, 2, None)
+        assert _w(weights, 0, 0) == pytest.approx(1 / (4 * 0.5))
+        assert _w(weights, 1, 1) == pytest.approx(1 / (4 * 0.25))
+        assert _w(weights, 1, 0) == pytest.approx(1 / (4 * 0.25))  # empty cell: count clamped to 1
+    assert torch.equal(sample_weights("none", y, b, 2, 2, None)(y, b), torch.ones(4))
+
+
+def test_multicolor_weights_match_the_official_options_1_and_3():
+    rho = (0.99, 0.95)
+    inverse = sample_weights("inverse_rho", ONE, torch.zeros(1, 2, dtype=torch.long), 10, 10, rho)
+    # Option 3: 1 / (P_L P_R), P = rho if that side is aligned else 1 - rho.
+    assert _w(inverse, 2, 2, 2) == pytest.approx(1 / (0.99 * 0.95))          # 1.0633
+    assert _w(inverse, 2, 2, 5) == pytest.approx(1 / (0.99 * 0.05))          # 20.202
+    assert _w(inverse, 2, 7, 2) == pytest.approx(1 / (0.01 * 0.95))          # 105.26
+    assert _w(inverse, 2, 7, 5) == pytest.approx(1 / (0.01 * 0.05))          # 2000
+    nominal = sample_weights("nominal_rho", ONE, torch.zeros(1, 2, dtype=torch.long), 10, 10, rho)
+    # Option 1: P_test(group) / P_train(group) with P_test = (1/C) aligned, (C-1)/C conflicting per side.
+    assert _w(nominal, 2, 2, 2) == pytest.approx((1 / 100) / (0.99 * 0.95))
+    assert _w(nominal, 2, 7, 5) == pytest.approx((81 / 100) / (0.01 * 0.05))
+
+
+def test_reweighting_defaults_follow_the_paper_and_bad_input_is_clear():
+    assert resolve("auto", "biased_mnist") == "nominal_rho"
+    assert resolve("auto", "multicolor_mnist") == "inverse_rho"
+    assert resolve("auto", "civilcomments") == "group_balanced"
+    assert resolve("auto", "biased_mnist", unsupervised=True) == "empirical"
+    assert resolve("none", "biased_mnist") == "none"
+    with pytest.raises(BiseError, match="unknown reweighting 'magic'"):
+        resolve("magic", "biased_mnist")
+    with pytest.raises(BiseError, match="nominal rho"):
+        sample_weights("nominal_rho", ONE, ONE, 2, 2, None)
 
 
 def test_mi_estimator_extremes():
@@ -68,8 +96,6 @@ def test_paper_schedule_is_100_epochs_and_bad_schedules_are_refused():
             SearchSettings(**bad).validate()
     with pytest.raises(BiseError, match="gamma"):
         SearchSettings(gamma=-1).validate()
-    with pytest.raises(BiseError, match="unknown pruning.reweighting"):
-        SearchSettings(reweighting="magic").validate()
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +116,11 @@ def test_cached_and_uncached_head_training_agree(tiny):
     for cached in (True, False):
         head, opt = make_head(z.shape[1], 10, 0.1, 0.9, 1e-4, seed=5)
         generator = torch.Generator().manual_seed(11)
-        if cached:
-            train_head_on_features(head, opt, z, split.b, 3, 50, generator)
-        else:
-            train_head_on_model(head, opt, model, split, 3, 50, generator, "cpu")
+        for _ in range(3):
+            if cached:
+                feature_epoch([(head, opt)], z, split.b, 50, generator)
+            else:
+                model_epoch([(head, opt)], model, split, 50, generator, "cpu")
         results.append(torch.cat([head.weight.detach().flatten(), head.bias.detach()]))
     assert torch.allclose(results[0], results[1], atol=1e-6)
 
@@ -104,8 +131,9 @@ def test_search_runs_selects_and_keeps_weights_frozen(tiny):
     gates = GateSet(model.gate_points(), init=1.0).attach(model)
     settings = SearchSettings(tau_period=1, tau_min=0.2, head_pretrain_epochs=2, head_refine_epochs=1,
                               batch_size=50, gate_init=1.0, mask_lr=0.5)
+    weights = sample_weights("nominal_rho", bundle["search"].y, bundle["search"].b, 10, 10, (0.9,))
     result = run_search(model, gates, bundle["search"], bundle["val"], bundle["test"], num_classes=10,
-                        num_bias=10, rho=0.9, settings=settings, seed=0)
+                        num_bias=10, weights=weights, settings=settings, seed=0)
     gates.detach()
     assert len(result.history) == settings.num_epochs == 3
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -122,5 +150,26 @@ def test_search_refuses_an_unfrozen_model(tiny):
     model = build_backbone("simple_convnet", 10, width=0.25)
     gates = GateSet(model.gate_points()).attach(model)
     with pytest.raises(ValueError, match="frozen"):
-        run_search(model, gates, bundle["search"], None, None, num_classes=10, num_bias=10, rho=0.9,
+        run_search(model, gates, bundle["search"], None, None, num_classes=10, num_bias=10,
+                   weights=sample_weights("none", bundle["search"].y, bundle["search"].b, 10, 10, None),
                    settings=SearchSettings())
+
+
+def test_two_bias_attributes_get_one_head_each_and_the_last_masks_without_val(tiny):
+    """Multi-Color MNIST style: b has two columns; the search trains two heads and sums their MI."""
+    bundle, model = tiny
+    search = bundle["search"]
+    second = torch.roll(search.b, 1)  # a second, differently distributed attribute
+    split = Split(search.x, search.y, torch.stack([search.b, second], 1), search.encode)
+    gates = GateSet(model.gate_points(), init=1.0).attach(model)
+    settings = SearchSettings(tau_period=1, tau_min=0.3, head_pretrain_epochs=1, head_refine_epochs=1,
+                              batch_size=100, gate_init=1.0, selection="last")
+    weights = sample_weights("inverse_rho", split.y, split.b, 10, 10, (0.9, 0.5))
+    result = run_search(model, gates, split, None, None, num_classes=10, num_bias=10, weights=weights,
+                        settings=settings, bias_names=("left", "right"), seed=0)
+    last = gates.binary_masks()
+    gates.detach()
+    assert len(result.head_states) == len(result.pretrain_head_states) == 2
+    assert all(torch.equal(result.masks[k], last[k]) for k in last)
+    assert result.best_epoch == len(result.history) == 2
+    assert all(row["mi"] is None or 0 <= row["mi"] <= 2 for row in result.history)  # a sum of two in [0, 1]

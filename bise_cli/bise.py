@@ -155,7 +155,8 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
                 settings: SearchSettings, num_bias: int, generator, device, epoch: int, bar, tap) -> dict:
     """One pass of the gates over the search split; returns the epoch's mean losses and head accuracy."""
     sums = {"loss_ce": 0.0, "mi": 0.0, "mi_batches": 0, "head_hits": 0, "n": 0}
-    for x, y, b in search.batches(settings.batch_size, shuffle=True, generator=generator, device=device):
+    for x, y, b in search.batches(settings.batch_size, shuffle=True, generator=generator, device=device,
+                                  augment=settings.augment):
         logits = model(x)
         z = tap["z"]
         loss_ce = weighted_cross_entropy(logits, y, weights(y, b))
@@ -217,8 +218,10 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
     gates.set_mode("masked")
     generator = torch.Generator().manual_seed(seed)
     weights = weights.to(device)
-    use_cache = settings.cache_features == "on" or (settings.cache_features == "auto" and not settings.augment)
-    approximate = use_cache and settings.augment
+    augmented = settings.augment and search.augment is not None
+    # Cached bottleneck features are exact only when the frozen model sees the same inputs every epoch.
+    use_cache = settings.cache_features == "on" or (settings.cache_features == "auto" and not augmented)
+    approximate = use_cache and augmented
     if approximate:
         log.warning("bias-head epochs use cached features of un-augmented inputs: an approximation")
     heads = _Heads(model, search, num_bias, settings, use_cache, generator, seed, device)

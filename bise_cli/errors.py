@@ -19,3 +19,14 @@ def check_choice(what: str, value, allowed) -> None:
 class Terminated(KeyboardInterrupt):
     """The process received SIGTERM (a cluster time limit, `timeout`, `kill`): handled like Ctrl-C, so the run
     is marked failed with the reason and resumes when re-run, but the command exits 143 instead of 130."""
+
+
+def check_fraction(what: str, value) -> float:
+    """`value` as a float in (0, 1] (a correlation such as rho), or a one-line BiseError naming `what`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise BiseError(f"{what} must be a number in (0, 1], got {value!r}") from None
+    if not 0.0 < number <= 1.0:
+        raise BiseError(f"{what} must be in (0, 1], got {number}")
+    return number

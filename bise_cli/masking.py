@@ -182,3 +182,33 @@ def capture_input(module: nn.Module):
         yield store
     finally:
         handle.remove()
+
+
+def round_masks(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
+                multiple: int) -> dict[str, torch.Tensor]:
+    """Masks whose per-layer kept-unit counts are rounded UP to a multiple of `multiple` (e.g. 8 or 16, the
+    channel granularity fast kernels like), so that a physically pruned model runs at the speed its MACs promise.
+
+    Per layer: k kept units become min(ceil(k / multiple) * multiple, units); the extra units are the pruned
+    ones with the highest `scores` (BISE's gate logits m; ties go to the lower index), so the result is
+    deterministic and contains the original mask. A layer with no kept unit stays empty (re-opening it would
+    change what the emptied layer means: a constant output). multiple=1 returns copies of `masks`."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"round_masks: multiple must be an integer >= 1, got {multiple!r}")
+    rounded = {}
+    for name, mask in masks.items():
+        mask = mask.detach().to(torch.bool).cpu().reshape(-1)
+        if name not in scores:
+            raise ValueError(f"round_masks: no scores for mask {name!r}")
+        score = scores[name].detach().float().cpu().reshape(-1)
+        if score.numel() != mask.numel():
+            raise ValueError(f"round_masks: scores {name} have {score.numel()} entries, the mask {mask.numel()}")
+        kept, units = int(mask.sum()), mask.numel()
+        target = min(-(-kept // multiple) * multiple, units)
+        out = mask.clone()
+        if kept and target > kept:
+            pruned = (~mask).nonzero().squeeze(1)
+            order = torch.sort(score[pruned], descending=True, stable=True).indices
+            out[pruned[order[:target - kept]]] = True
+        rounded[name] = out
+    return rounded

@@ -92,8 +92,12 @@ def recipe(cfg: dict, device: torch.device, run_dir: RunDir) -> None:
     ctx = stages.Context(cfg, bundle, device, StageCache(stages.cache_root(cfg), cfg["cache"]), run_dir,
                          fingerprint["sha256"])
 
+    # What the data actually was (a fallback may have replaced the requested source): in every record.
+    provenance = {"data_sha256": fingerprint["sha256"], "data_train_size": len(bundle["train"]),
+                  "data_source": f"{bundle.info.get('source', '?')}: {bundle.info.get('location', '')}".rstrip(": ")}
+
     def record(stage: str, metrics: dict, extra: dict | None = None) -> None:
-        run_dir.add_record(make_record(stage, metrics, cfg, {**(extra or {}), "data_sha256": fingerprint["sha256"]}))
+        run_dir.add_record(make_record(stage, metrics, cfg, {**(extra or {}), **provenance}))
 
     # 2. The vanilla model: what BISE prunes, so it always runs first.
     model, metrics, vanilla_key = stages.vanilla(ctx)

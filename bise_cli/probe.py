@@ -74,7 +74,7 @@ def model_epoch(heads: list[tuple[nn.Linear, torch.optim.Optimizer]], model: nn.
                 batch_size: int, generator: torch.Generator, device) -> None:
     """One epoch of every head recomputing the frozen model's features per batch (needed with augmentation)."""
     with capture_input(model.classifier) as tap:
-        for x, _, b in split.batches(batch_size, shuffle=True, generator=generator, device=device):
+        for x, _, b in split.batches(batch_size, shuffle=True, generator=generator, device=device, augment=True):
             with torch.no_grad():
                 model(x)
             for (head, opt), column in zip(heads, bias_columns(b), strict=True):

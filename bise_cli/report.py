@@ -8,42 +8,24 @@ import json
 import logging
 from pathlib import Path
 
+from bise_cli.defaults import packaged_defaults
 from bise_cli.names import METRIC_NAMES, format_value, heading
-from bise_cli.records import write_text
+from bise_cli.records import flatten_config, write_text
 
 log = logging.getLogger(__name__)
 
-# Paper defaults that a run may change; the report lists every difference.
-PAPER_DEFAULTS = {
-    "biased_mnist": {
-        "backbone.name": "simple_convnet", "backbone.width": 1.0, "dataset.max_samples": None,
-        "dataset.clean_split": False, "train.epochs": 80, "train.lr": 0.1, "train.batch_size": 100,
-        "pruning.gate_init": 0.0, "pruning.tau_factor": 0.5, "pruning.tau_period": 10, "pruning.tau_min": 0.001,
-        "pruning.mask_lr": 0.01, "pruning.gamma": 1.0, "pruning.alpha": 1.0, "pruning.head_pretrain_epochs": 50,
-        "pruning.head_refine_epochs": 50, "pruning.reweighting": "nominal_rho", "pruning.mi_subset": "conflicting",
-        "pruning.selection": "best_val", "bias_labels": "ground_truth",
-    },
-    "civilcomments": {
-        "backbone.pretrained": "bert-base-uncased", "dataset.max_length": 220, "dataset.max_samples": None,
-        "train.epochs": 10, "train.lr": 1e-5, "train.batch_size": 16, "pruning.gate_init": 0.0,
-        "pruning.tau_period": 10, "pruning.tau_min": 0.001, "pruning.gamma": 1.0, "pruning.batch_size": 16,
-        "pruning.reweighting": "group_inverse_freq", "pruning.head_pretrain_epochs": 50,
-        "pruning.head_refine_epochs": 50, "bias_labels": "ground_truth",
-    },
-}
-def _lookup(cfg: dict, dotted: str):
-    value = cfg
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
+# Settings that say where or how a run ran, not what it computed: never deviations.
+NOT_PROTOCOL = ("seed", "dataset.source", "dataset.fallback", "vanilla_checkpoint", "eval_batch_size", "latency",
+                "deterministic")
 
 
 def deviations(cfg: dict) -> list[tuple[str, object, object]]:
-    """(key, this run's value, paper value) for every protocol setting that differs from the paper."""
-    defaults = PAPER_DEFAULTS.get(cfg["dataset"]["name"], {})
-    return [(key, _lookup(cfg, key), paper) for key, paper in defaults.items() if _lookup(cfg, key) != paper]
+    """(key, this run's value, paper value) for every setting that differs from the packaged defaults of its
+    dataset, backbone and pruning method (the YAML files in conf/ hold the paper's protocol)."""
+    paper = flatten_config(packaged_defaults(cfg["dataset"]["name"], cfg["backbone"]["name"], cfg["pruning"]["name"]))
+    run = flatten_config(cfg)
+    return [(key, value, paper.get(key)) for key, value in run.items()
+            if paper.get(key) != value and not key.startswith(NOT_PROTOCOL)]
 
 
 def report_metrics(records: list[dict]) -> list[str]:

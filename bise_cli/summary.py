@@ -27,6 +27,10 @@ def print_run_summary(records: list[dict], note: str = "", out_dir: str | Path |
     """One row per stage, units as declared in bise_cli.names (accuracies and sparsities in %, MACs in millions)."""
     columns = [k for k in RUN_METRICS if any(r.get(k) is not None for r in records)]
     title = "bise run: test metrics" + (f"\n{note}" if note else "")
+    if records and records[0].get("data_source"):
+        first = records[0]
+        title += (f"\ndata: {first.get('dataset')} built from {first['data_source']} "
+                  f"({first.get('data_train_size')} training samples)")
     table = Table(title=title)
     table.add_column("stage")
     for key in columns:
@@ -52,7 +56,9 @@ def save_sample_grid(bundle: DatasetBundle, path: str | Path, per_class: int = 8
     for s, name in enumerate(splits):
         split = bundle[name]
         for c in range(bundle.num_classes):
-            rows = torch.nonzero(split.y == c).flatten()[:per_class]
+            # A seeded random sample: the first rows of a class can all share one colour (quota filling).
+            rows = torch.nonzero(split.y == c).flatten()
+            rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(c))[:per_class]]
             for j in range(per_class):
                 ax = axes[s * bundle.num_classes + c, j]
                 ax.axis("off")
@@ -76,8 +82,10 @@ def write_data_summary(bundle: DatasetBundle, out_dir: str | Path) -> dict:
         table.add_column(column)
     for name, row in summary.items():
         fraction = row["aligned_fraction"]
-        table.add_row(name, str(row["size"]), "-" if fraction is None else f"{fraction:.4f}",
-                      " ".join(map(str, row["bias_counts"])))
+        # Several bias attributes: the alignment-pattern group sizes instead of one attribute's value counts.
+        counts = row["bias_counts"] if "bias_counts" in row else [f"{k}={v}" for k, v in row["groups"].items()]
+        aligned = "-" if fraction is None else f"{fraction:.4f}"
+        table.add_row(name, str(row["size"]), aligned, " ".join(map(str, counts)))
     console.print(table)
     console.print(f"summary: {out_dir / 'summary.json'}" + (f"   samples: {grid}" if grid else ""))
     return summary

@@ -3,6 +3,10 @@
 `fit` trains every parameter that requires grad with a (optionally per-sample weighted) cross-entropy; the
 weights come from a function of (y, b), which is how BISE+FT and the reweighted-FT control reuse the loop.
 `predict` returns predictions (and optionally bottleneck features) for a whole split in eval mode.
+
+Both take `precision` ("fp32", the default, or "bf16": forward passes under autocast, losses and their sums in
+fp32; see bise_cli.precision). Batches come from `Split.batches(device=...)`: a split moved to the device once
+(`Split.to(device)`) yields batches already there, and neither loop synchronises with the host per batch.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import nn
 from bise_cli.data.base import Split
 from bise_cli.errors import BiseError, check_choice
 from bise_cli.masking import capture_input
+from bise_cli.precision import autocast, check_precision
 from bise_cli.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -84,8 +89,11 @@ def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimiz
         momentum: float = 0.9, weight_decay: float = 1e-4, scheduler: str = "none",
         milestones: list[int] | None = None, gamma: float = 0.1, sample_weights: SampleWeights | None = None,
         device: str | torch.device = "cpu", seed: int = 0, description: str = "train",
-        after_epoch: Callable[[int], None] | None = None) -> list[dict]:
-    """Train `model`'s trainable parameters on `split` and return one {epoch, loss, lr} row per epoch."""
+        after_epoch: Callable[[int], None] | None = None, precision: str = "fp32") -> list[dict]:
+    """Train `model`'s trainable parameters on `split` and return one {epoch, loss, lr} row per epoch.
+
+    precision="bf16" runs the forward pass under bf16 autocast; the loss is computed on fp32 logits."""
+    check_precision(precision)
     if epochs < 0 or batch_size < 1:
         raise BiseError(f"{description}: epochs must be >= 0 and batch_size >= 1 (got {epochs}, {batch_size})")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -101,9 +109,11 @@ def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimiz
             model.train()
             # Summed on the device: no host synchronisation per batch (checked once per epoch).
             total, count = torch.zeros((), device=device), 0
-            for x, y, b in split.batches(batch_size, shuffle=True, generator=generator, device=device):
+            for x, y, b in split.batches(batch_size, shuffle=True, generator=generator, device=device, augment=True):
                 weights = sample_weights(y, b) if sample_weights is not None else None
-                loss = weighted_cross_entropy(model(x), y, weights)
+                with autocast(precision, device):
+                    logits = model(x)
+                loss = weighted_cross_entropy(logits.float(), y, weights)
                 if start is None:
                     start = float(loss.detach())  # one synchronisation per run: the reference for check_divergence
                 opt.zero_grad(set_to_none=True)
@@ -128,20 +138,25 @@ def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimiz
 
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, batch_size: int = 256, device: str | torch.device = "cpu",
-            features: bool = False) -> dict[str, torch.Tensor]:
-    """Eval-mode predictions for a whole split: {"pred", "y", "b"} and, with features=True, the bottleneck "z"."""
+            features: bool = False, precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """Eval-mode predictions for a whole split: {"pred", "y", "b"} and, with features=True, the bottleneck "z"
+    (always fp32). Results come back on the CPU, copied once at the end (no per-batch host synchronisation)."""
+    check_precision(precision)
     was_training = model.training
     model.eval()
     preds, zs = [], []
     with capture_input(model.classifier) as tap:
         for x, _, _ in split.batches(batch_size, device=device):
-            preds.append(model(x).argmax(1).cpu())
+            with autocast(precision, device):
+                logits = model(x)
+            preds.append(logits.argmax(1))
             if features:
-                zs.append(tap["z"].detach().cpu())
+                zs.append(tap["z"].detach().float())
     model.train(was_training)
-    out = {"pred": torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long), "y": split.y, "b": split.b}
+    out = {"pred": torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long),
+           "y": split.y.cpu(), "b": split.b.cpu()}
     if features:
-        out["z"] = torch.cat(zs) if zs else torch.zeros(0)
+        out["z"] = torch.cat(zs).cpu() if zs else torch.zeros(0)
     return out
 
 

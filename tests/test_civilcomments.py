@@ -266,9 +266,13 @@ def test_synthetic_source_uses_the_same_reader_and_is_flagged(tmp_path, monkeypa
 # ------------------------------------------------------------------------------------------ token cache
 
 def test_second_load_reads_the_token_cache(root, tmp_path, monkeypatch):
-    tokenised = []
-    real_tokenize = tokenize._tokenize
-    monkeypatch.setattr(tokenize, "_tokenize", lambda texts, *args: tokenised.append(texts) or real_tokenize(texts, *args))
+    tokenised, real_tokenize = [], tokenize._tokenize
+
+    def counting(texts, *args):
+        tokenised.append(texts)
+        return real_tokenize(texts, *args)
+
+    monkeypatch.setattr(tokenize, "_tokenize", counting)
     first = load(root, tmp_path)
     # Every split was tokenised. (Not `tokenize_seconds > 0`: it is rounded to 1 ms, and three short comments
     # take less than that once an earlier test has loaded the tokenizer.)

@@ -96,11 +96,18 @@ def test_killed_run_resumes_to_the_same_records(tmp_path):
     work.mkdir()
     process = subprocess.Popen([sys.executable, "-m", "bise_cli", "run", *overrides], cwd=work,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    vanilla_cache = work / "out" / "cache" / "vanilla"
+
+    def in_bise_search() -> bool:  # the search logs one line when its 10 mask epochs start
+        return any("BISE search:" in log.read_text() for log in (work / "out" / "runs").glob("*/run.log"))
+
     deadline = time.time() + 240
-    while time.time() < deadline and not (vanilla_cache.is_dir() and any(vanilla_cache.glob("*.pt"))):
-        time.sleep(0.05)
-    time.sleep(0.3)  # now inside the 10-epoch BISE search
+    while time.time() < deadline and process.poll() is None and not in_bise_search():
+        time.sleep(0.05)  # polling interval
+    if not in_bise_search():
+        exited = process.poll() is not None
+        process.kill()
+        process.wait()
+        raise AssertionError("the run never reached the BISE search" + (" (it exited)" if exited else " (timeout)"))
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     [run_dir] = list((work / "out" / "runs").iterdir())

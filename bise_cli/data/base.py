@@ -30,6 +30,9 @@ class Split:
     b: torch.Tensor
     encode: Callable[[torch.Tensor], torch.Tensor] = _identity
     meta: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Training-time augmentation of raw x batches, (x, generator) -> x (e.g. random crop + flip); applied only
+    # when a training loop asks for it (`batches(..., augment=True)`), never in evaluation.
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.y)
@@ -42,20 +45,41 @@ class Split:
     def subset(self, index: torch.Tensor) -> Split:
         """The rows `index` of this split (metadata included)."""
         return Split(self.x[index], self.y[index], self.b[index], self.encode,
-                     {k: v[index] for k, v in self.meta.items()})
+                     {k: v[index] for k, v in self.meta.items()}, self.augment)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the split's tensors live (the CPU unless `to` moved them)."""
+        return self.x.device
+
+    def to(self, device: torch.device | str) -> Split:
+        """The same split with x, y, b and the metadata moved to `device` once (itself when already there), so
+        that `batches` indexes and encodes on the device and copies nothing per batch. `encode` and `augment`
+        then receive device tensors (augment still gets the CPU generator that shuffles)."""
+        device = torch.device(device)
+        if self.x.device == device and all(t.device == device for t in (self.y, self.b, *self.meta.values())):
+            return self
+        return Split(self.x.to(device), self.y.to(device), self.b.to(device), self.encode,
+                     {k: v.to(device) for k, v in self.meta.items()}, self.augment)
 
     def with_bias(self, b: torch.Tensor) -> Split:
         """The same split with its bias labels replaced (used by the unsupervised variant)."""
-        return Split(self.x, self.y, b, self.encode, self.meta)
+        return Split(self.x, self.y, b, self.encode, self.meta, self.augment)
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield (encoded x, y, b) batches on `device`; shuffled with `generator` when asked."""
+                device: torch.device | str = "cpu", augment: bool = False,
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (encoded x, y, b) batches on `device`; shuffled with `generator` when asked; augmented (with the
+        same generator) when asked and the split has an augmentation. The order is drawn on the CPU (the same
+        batches on every device) and moved once to where the split lives."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        order = order.to(self.x.device)
+        transform = self.augment if augment else None
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            yield (self.encode(self.x[idx]).to(device), self.y[idx].to(device), self.b[idx].to(device))
+            x = self.x[idx] if transform is None else transform(self.x[idx], generator)
+            yield (self.encode(x).to(device), self.y[idx].to(device), self.b[idx].to(device))
 
     def num_batches(self, batch_size: int) -> int:
         return (len(self) + batch_size - 1) // batch_size

@@ -23,7 +23,7 @@ import torch
 
 from bise_cli.data.base import DatasetBundle, Split
 from bise_cli.data.mnist_source import Digits
-from bise_cli.errors import BiseError
+from bise_cli.errors import BiseError, check_fraction
 
 COLOURS = torch.tensor([
     (255, 0, 0), (0, 255, 0), (0, 0, 255), (225, 225, 0), (225, 0, 225),
@@ -37,13 +37,7 @@ STREAMS = {"subset": 0, "train": 1, "search": 2, "val": 3, "test": 4, "search_pe
 
 def check_rho(rho: float) -> float:
     """rho must be a number in (0, 1]."""
-    try:
-        rho = float(rho)
-    except (TypeError, ValueError):
-        raise BiseError(f"rho must be a number in (0, 1], got {rho!r}") from None
-    if not 0.0 < rho <= 1.0:
-        raise BiseError(f"rho must be in (0, 1], got {rho}")
-    return rho
+    return check_fraction("rho", rho)
 
 
 def aligned_count(n: int, rho: float) -> int:

@@ -30,7 +30,7 @@ import torch
 
 from bise_cli.data.base import DatasetBundle, Split
 from bise_cli.data.mnist_source import MNIST_SOURCES, Digits, load_digits
-from bise_cli.errors import BiseError, check_choice
+from bise_cli.errors import BiseError, check_choice, check_fraction
 
 NUM_CLASSES = 10
 # The left palette: LfF's / DebiAN's `colors.th` (10 x 3, RGB in [0, 1]), decoded and rounded to 6 decimals
@@ -64,13 +64,7 @@ STREAMS = {"subset": 0, "train": 1, "test": 2}
 
 def check_rho(what: str, rho) -> float:
     """`rho` as a float in (0, 1], or a one-line BiseError naming `what`."""
-    try:
-        rho = float(rho)
-    except (TypeError, ValueError):
-        raise BiseError(f"{what} must be a number in (0, 1], got {rho!r}") from None
-    if not 0.0 < rho <= 1.0:
-        raise BiseError(f"{what} must be in (0, 1], got {rho}")
-    return rho
+    return check_fraction(what, rho)
 
 
 def check_severity(severity) -> int:

@@ -39,6 +39,17 @@ def _bias(layer: nn.Module, out_index: torch.Tensor | None) -> torch.Tensor | No
     return layer.bias.detach() if out_index is None else layer.bias.detach()[out_index.to(layer.bias.device)]
 
 
+def _fill(new: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, dead_input: bool) -> nn.Module:
+    """Copy the sliced parameters into the new layer; a layer whose only input is a dead dummy unit reads zeros."""
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if dead_input:
+            new.weight.zero_()
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
 def slice_conv(conv: nn.Conv2d, out_index: torch.Tensor | None = None, in_index: torch.Tensor | None = None,
                dead_input: bool = False) -> nn.Conv2d:
     """A copy of `conv` with only the filters `out_index` reading only the input channels `in_index`."""
@@ -47,13 +58,7 @@ def slice_conv(conv: nn.Conv2d, out_index: torch.Tensor | None = None, in_index:
     weight, bias = _select(conv.weight, out_index, in_index), _bias(conv, out_index)
     new = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                     bias=bias is not None, padding_mode=conv.padding_mode).to(conv.weight)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if dead_input:
-            new.weight.zero_()
-        if bias is not None:
-            new.bias.copy_(bias)
-    return new
+    return _fill(new, weight, bias, dead_input)
 
 
 def slice_linear(linear: nn.Linear, out_index: torch.Tensor | None = None, in_index: torch.Tensor | None = None,
@@ -61,13 +66,7 @@ def slice_linear(linear: nn.Linear, out_index: torch.Tensor | None = None, in_in
     """A copy of `linear` with only the output units `out_index` reading only the inputs `in_index`."""
     weight, bias = _select(linear.weight, out_index, in_index), _bias(linear, out_index)
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).to(linear.weight)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if dead_input:
-            new.weight.zero_()
-        if bias is not None:
-            new.bias.copy_(bias)
-    return new
+    return _fill(new, weight, bias, dead_input)
 
 
 def slice_bn(bn: nn.BatchNorm2d, index: torch.Tensor) -> nn.BatchNorm2d:

@@ -9,6 +9,14 @@ stopgrad(z). The heads are pre-trained for `head_pretrain_epochs` on the ungated
 bottleneck features, which is exact. Temperature: tau <- tau_factor * tau every `tau_period` epochs; stop once
 tau <= tau_min (100 epochs with the paper's numbers). Selection: the masks of the epoch with the best
 validation metric (ties to the later epoch), or the last masks when the dataset has no validation split.
+
+Options the official code has but leaves off (off here too, so the defaults are the paper's):
+- `mi_subset=conflicting_plus_aligned`: the MI is computed on the conflicting samples of the batch plus a random
+  share (`mi_aligned_share`) of its aligned ones;
+- `tau_schedule=cosine`: tau follows a cosine from tau0 to tau_min over the same number of epochs (the heads are
+  still refined every `tau_period` epochs);
+- `mask_lr_schedule=cosine`: cosine annealing of the mask learning rate over the mask epochs;
+- `mask_optimizer=adam`: Adam on the gates (lr `mask_lr`, weight decay `mask_weight_decay`; no momentum).
 """
 
 from __future__ import annotations
@@ -32,7 +40,10 @@ from bise_cli.train import predict, weighted_cross_entropy
 
 log = logging.getLogger(__name__)
 
-MI_SUBSETS = ("conflicting", "all")
+MI_SUBSETS = ("conflicting", "all", "conflicting_plus_aligned")
+TAU_SCHEDULES = ("periodic", "cosine")
+MASK_LR_SCHEDULES = ("none", "cosine")
+MASK_OPTIMIZERS = ("sgd", "adam")
 CACHE_MODES = ("auto", "on", "off")
 SELECTIONS = ("best_val", "last")
 
@@ -58,6 +69,10 @@ class SearchSettings:
     alpha: float = 1.0
     gamma: float = 1.0
     mi_subset: str = "conflicting"
+    mi_aligned_share: float = 0.1  # conflicting_plus_aligned only; the share is unpublished, this is our choice
+    tau_schedule: str = "periodic"
+    mask_lr_schedule: str = "none"
+    mask_optimizer: str = "sgd"
     cache_features: str = "auto"
     augment: bool = False
     selection: str = "best_val"
@@ -68,6 +83,11 @@ class SearchSettings:
 
     def validate(self) -> SearchSettings:
         check_choice("pruning.mi_subset", self.mi_subset, MI_SUBSETS)
+        check_choice("pruning.tau_schedule", self.tau_schedule, TAU_SCHEDULES)
+        check_choice("pruning.mask_lr_schedule", self.mask_lr_schedule, MASK_LR_SCHEDULES)
+        check_choice("pruning.mask_optimizer", self.mask_optimizer, MASK_OPTIMIZERS)
+        if not 0 <= self.mi_aligned_share <= 1:
+            raise BiseError(f"pruning.mi_aligned_share must be in [0, 1] (got {self.mi_aligned_share})")
         check_choice("pruning.cache_features", self.cache_features, CACHE_MODES)
         check_choice("pruning.selection", self.selection, SELECTIONS)
         if self.gamma < 0 or self.alpha < 0:
@@ -83,9 +103,17 @@ class SearchSettings:
 
     @property
     def num_epochs(self) -> int:
-        """Mask epochs until tau <= tau_min (100 with the paper's defaults)."""
+        """Mask epochs until tau <= tau_min (100 with the paper's defaults); the cosine schedule runs as many."""
         drops = math.ceil(math.log(self.tau_min / self.tau0) / math.log(self.tau_factor) - 1e-12)
         return drops * self.tau_period
+
+    def tau_after(self, epoch: int, tau: float) -> float:
+        """The temperature after mask epoch `epoch` (1-based) that ran at `tau`."""
+        if self.tau_schedule == "cosine":
+            # Cosine annealing from tau0 (epoch 1) down to exactly tau_min after the last epoch.
+            progress = min(epoch / self.num_epochs, 1.0)
+            return self.tau_min + (self.tau0 - self.tau_min) * (1 + math.cos(math.pi * progress)) / 2
+        return tau * self.tau_factor if epoch % self.tau_period == 0 else tau
 
 
 @dataclass
@@ -117,6 +145,32 @@ def normalized_mutual_information(b: torch.Tensor, q: torch.Tensor, num_bias: in
     return mi / math.log(num_bias)
 
 
+
+
+def mi_subset_mask(column: torch.Tensor, y: torch.Tensor, settings: SearchSettings,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The samples of a batch the MI of one bias attribute is computed on (`settings.mi_subset`).
+
+    conflicting_plus_aligned adds round(mi_aligned_share * number of aligned samples) aligned samples, drawn
+    uniformly without replacement from `generator`, to the conflicting ones."""
+    if settings.mi_subset == "all":
+        return torch.ones_like(y, dtype=torch.bool)
+    subset = column != y
+    if settings.mi_subset == "conflicting_plus_aligned":
+        aligned = torch.nonzero(~subset).flatten()
+        keep = round(settings.mi_aligned_share * len(aligned))
+        chosen = torch.randperm(len(aligned), generator=generator)[:keep].to(aligned.device)
+        subset = subset.clone()
+        subset[aligned[chosen]] = True
+    return subset
+
+
+def make_mask_optimizer(params, settings: SearchSettings) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's) or Adam on the gate parameters."""
+    if settings.mask_optimizer == "adam":
+        return torch.optim.Adam(params, lr=settings.mask_lr, weight_decay=settings.mask_weight_decay)
+    return torch.optim.SGD(params, lr=settings.mask_lr, momentum=settings.mask_momentum,
+                           weight_decay=settings.mask_weight_decay)
 
 
 # -------------------------------------------------------------------------------------------------- search
@@ -163,7 +217,7 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
         objective = settings.alpha * loss_ce
         mi_total = None
         for (head, _), column in zip(heads.pairs, bias_columns(b), strict=True):
-            subset = (column != y) if settings.mi_subset == "conflicting" else torch.ones_like(y, dtype=torch.bool)
+            subset = mi_subset_mask(column, y, settings, generator)
             if subset.any() and settings.gamma > 0:
                 # The head's weights are detached here: the MI gradient reaches the gates only.
                 q = F.softmax(F.linear(z[subset], head.weight.detach(), head.bias.detach()), dim=1)
@@ -230,8 +284,9 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
     log.info("bias head(s) pre-trained for %d epochs: accuracy %s on the search set",
              settings.head_pretrain_epochs, ", ".join(f"{a:.3f}" for a in head_acc))
 
-    mask_opt = torch.optim.SGD(gates.parameters(), lr=settings.mask_lr, momentum=settings.mask_momentum,
-                               weight_decay=settings.mask_weight_decay)
+    mask_opt = make_mask_optimizer(gates.parameters(), settings)
+    mask_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(mask_opt, T_max=settings.num_epochs)
+                  if settings.mask_lr_schedule == "cosine" else None)
     tau = settings.tau0
     history: list[dict] = []
     tracked = [settings.selection_metric, *[m for m in settings.also_select_by if m != settings.selection_metric]]
@@ -258,11 +313,14 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
                 value = val_metrics.get(metric) if val_metrics else None
                 if value is not None and not math.isnan(value) and value >= best["value"]:  # ties: later epoch
                     bests[metric] = {"value": value, "epoch": epoch, "masks": masks}
-            if epoch % settings.tau_period == 0:
-                tau *= settings.tau_factor
+            if mask_sched is not None:
+                row["mask_lr"] = mask_opt.param_groups[0]["lr"]
+                mask_sched.step()
+            tau = settings.tau_after(epoch, tau)
+            if epoch % settings.tau_period == 0:  # the heads catch up with the masks (both tau schedules)
                 row["head_acc_refined"] = mean_over_attributes(heads.train(settings.head_refine_epochs, gates,
                                                                            "fixed"))
-                gates.set_tau(tau)
+            gates.set_tau(tau)
             history.append(row)
             val_text = f"val {row['val_acc']:.3f} " if row["val_acc"] is not None else ""
             bar.advance_epoch(f"{val_text}sparsity {row['sparsity_units']:.2f} tau {tau:.2g}")

@@ -4,16 +4,19 @@
   parameters and biases are left out).
 - MACs: torch.utils.flop_counter on one input (FLOPs / 2), i.e. the multiply-accumulates of convs, linears
   and matmuls, fvcore-style.
-- latency: median wall time of a forward pass in inference mode, after warm-up.
+- latency: median time per forward pass in inference mode, measured with torch.utils.benchmark.Timer
+  (`blocked_autorange`: blocks of enough calls that the timer's overhead is negligible, the median over about
+  `repeats` blocks; CUDA is synchronised by the Timer) after `warmup` untimed passes (which also let cuDNN
+  autotune).
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 from torch import nn
+from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from bise_cli.masking import kept_units, unit_sparsity
@@ -42,20 +45,20 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def measure_latency(model: nn.Module, example: torch.Tensor, repeats: int = 10, warmup: int = 2) -> float:
-    """Median milliseconds per forward pass on `example`."""
+    """Median milliseconds per forward pass on `example` (inference mode, on the current torch thread count)."""
     model.eval()
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + max(1, repeats)):
-            if example.is_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+    timer = benchmark.Timer(stmt="model(example)", globals={"model": model, "example": example},
+                            num_threads=torch.get_num_threads())
+    with torch.inference_mode():  # thread-local, and the Timer runs the statement in this thread
+        start = time.perf_counter()
+        for _ in range(max(1, warmup)):
             model(example)
-            if example.is_cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        if example.is_cuda:
+            torch.cuda.synchronize(example.device)
+        per_call = (time.perf_counter() - start) / max(1, warmup)
+        # About `repeats` timed blocks: the Timer stops once min_run_time is spent (at least one block).
+        measurement = timer.blocked_autorange(min_run_time=max(1, repeats) * per_call)
+    return measurement.median * 1000
 
 
 def _batch(example: torch.Tensor, size: int) -> torch.Tensor:

@@ -41,9 +41,11 @@ def evaluate_model(model: nn.Module, bundle: DatasetBundle, *, batch_size: int, 
     mean over bias attributes; `leakage_<attribute>` each when there are several)."""
     model.eval()
     metrics = split_metrics(model, bundle, "test", batch_size, device)
-    if bundle.get("val") is not None:
-        val = split_metrics(model, bundle, "val", batch_size, device)
-        metrics.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
+    # Extra evaluation splits (CelebA's conflicting test set) and validation, prefixed with their name.
+    for name in ("val", "test_conflicting"):
+        if bundle.get(name) is not None:
+            extra = split_metrics(model, bundle, name, batch_size, device)
+            metrics.update({f"{name}_{k}": v for k, v in extra.items() if isinstance(v, float)})
     if probe:
         with torch.random.fork_rng(devices=[]):
             leakage = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, seed=seed,

@@ -55,52 +55,46 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 _STAGES = {stage.name: stage for stage in STAGES}
 
-_PCT = dict(scale=100.0, unit="%")
-METRICS: tuple[Metric, ...] = (
-    Metric("acc", "accuracy", **_PCT, higher_is_better=True, description="fraction of correct predictions"),
-    Metric("acc_unbiased", "unbiased", **_PCT, higher_is_better=True,
-           description="mean of the group accuracies A_g over the (y, b) groups present"),
-    Metric("acc_avg_group", "avg group", **_PCT, higher_is_better=True,
-           description="average-group accuracy (= acc_unbiased unless another group definition is chosen)"),
-    Metric("acc_aligned", "aligned", **_PCT, higher_is_better=True, description="accuracy on samples with b = y"),
-    Metric("acc_conflicting", "conflicting", **_PCT, higher_is_better=True,
-           description="accuracy on samples with b != y"),
-    Metric("acc_worst_group", "worst group", **_PCT, higher_is_better=True,
-           description="minimum over the present groups of A_g"),
-    Metric("acc_both_aligned", "both aligned", **_PCT, higher_is_better=True,
-           description="Multi-Color MNIST: accuracy where both the left and the right colour agree with the label"),
-    Metric("acc_left_aligned_right_conflicting", "L aligned, R conflicting", **_PCT, higher_is_better=True,
-           description="Multi-Color MNIST: accuracy where the left colour agrees with the label, the right does not"),
-    Metric("acc_left_conflicting_right_aligned", "L conflicting, R aligned", **_PCT, higher_is_better=True,
-           description="Multi-Color MNIST: accuracy where the right colour agrees with the label, the left does not"),
-    Metric("acc_both_conflicting", "both conflicting", **_PCT, higher_is_better=True,
-           description="Multi-Color MNIST: accuracy where neither colour agrees with the label"),
-    Metric("dp_diff", "DP diff", **_PCT, higher_is_better=False,
-           description="demographic parity difference across values of b (binary tasks), in percentage points"),
-    Metric("eo_diff", "EO diff", **_PCT, higher_is_better=False,
-           description="equalised odds difference across values of b (binary tasks), in percentage points"),
-    Metric("sparsity_units", "units off", **_PCT, higher_is_better=True,
-           description="fraction of gated units switched off"),
-    Metric("sparsity_weights", "weights off", **_PCT, higher_is_better=True,
-           description="1 - conv and linear weights of the pruned model / those of the dense model"),
-    Metric("params", "params", scale=1e-6, unit="M", higher_is_better=False, decimals=2,
-           description="parameters"),
-    Metric("macs", "MACs", scale=1e-6, unit="M", higher_is_better=False,
-           description="multiply-accumulates for one input"),
-    Metric("latency_ms_b1", "latency b1", scale=1.0, unit="ms", higher_is_better=False, decimals=2,
-           description="median forward latency at batch 1 on the run's device"),
-    Metric("latency_ms_b100", "latency b100", scale=1.0, unit="ms", higher_is_better=False, decimals=2,
-           description="median forward latency at batch 100 on the run's device"),
-    Metric("leakage", "bias probe", **_PCT, higher_is_better=False,
-           description="test accuracy of a freshly trained linear bias probe on the final bottleneck"),
-    Metric("leakage_head", "bias head", **_PCT, higher_is_better=False,
-           description="test accuracy of BISE's own bias head on the final bottleneck"),
-)
+# name | title | scale | unit | higher is better (+, -) | decimals | description. One row per metric: the table is
+# parsed once below, so adding a metric is adding a line.
+_METRIC_TABLE = """
+acc | accuracy | 100 | % | + | 1 | fraction of correct predictions
+acc_unbiased | unbiased | 100 | % | + | 1 | mean of the group accuracies A_g over the (y, b) groups present
+acc_avg_group | avg group | 100 | % | + | 1 | average-group accuracy (= acc_unbiased unless the groups are redefined)
+acc_aligned | aligned | 100 | % | + | 1 | accuracy on samples with b = y (on every bias attribute)
+acc_conflicting | conflicting | 100 | % | + | 1 | accuracy on samples with b != y (on every bias attribute)
+acc_worst_group | worst group | 100 | % | + | 1 | minimum over the present groups of A_g
+acc_both_aligned | both aligned | 100 | % | + | 1 | Multi-Color MNIST: left and right colour both agree with y
+acc_left_aligned_right_conflicting | L aligned, R confl. | 100 | % | + | 1 | left colour agrees with y, right does not
+acc_left_conflicting_right_aligned | L confl., R aligned | 100 | % | + | 1 | right colour agrees with y, left does not
+acc_both_conflicting | both conflicting | 100 | % | + | 1 | Multi-Color MNIST: neither colour agrees with y
+dp_diff | DP diff | 100 | % | - | 1 | demographic parity difference across b (binary tasks), percentage points
+eo_diff | EO diff | 100 | % | - | 1 | equalised odds difference across b (binary tasks), percentage points
+sparsity_units | units off | 100 | % | + | 1 | fraction of gated units switched off
+sparsity_weights | weights off | 100 | % | + | 1 | 1 - conv + linear weights of the pruned model / the dense model's
+params | params | 1e-6 | M | - | 2 | parameters
+macs | MACs | 1e-6 | M | - | 1 | multiply-accumulates for one input
+latency_ms_b1 | latency b1 | 1 | ms | - | 2 | median forward latency at batch 1 on the run's device
+latency_ms_b100 | latency b100 | 1 | ms | - | 2 | median forward latency at batch 100 on the run's device
+leakage | bias probe | 100 | % | - | 1 | test accuracy of a freshly trained linear bias probe on the final bottleneck
+leakage_head | bias head | 100 | % | - | 1 | test accuracy of BISE's own bias head on the final bottleneck
+"""
+
+
+def _parse_metrics(table: str) -> tuple[Metric, ...]:
+    metrics = []
+    for line in table.strip().splitlines():
+        name, title, scale, unit, direction, decimals, description = (cell.strip() for cell in line.split("|", 6))
+        metrics.append(Metric(name, title, float(scale), unit, direction == "+", description, int(decimals)))
+    return tuple(metrics)
+
+
+METRICS: tuple[Metric, ...] = _parse_metrics(_METRIC_TABLE)
 METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
 _METRICS = {m.name: m for m in METRICS}
 
 # Record keys derived from a declared metric display like it: `val_acc`, `wilds_acc_worst_group`, `macs_dense`.
-DERIVED_PREFIXES = ("val_", "test_", "wilds_", "coarse_")
+DERIVED_PREFIXES = ("val_", "test_conflicting_", "test_", "wilds_", "coarse_")
 DERIVED_SUFFIXES = ("_dense",)
 MISSING = "–"
 

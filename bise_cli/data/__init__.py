@@ -11,7 +11,7 @@ from bise_cli.data.base import SPLIT_NAMES, DatasetBundle, Split, aligned_mask, 
 from bise_cli.errors import check_choice
 from bise_cli.metrics import pattern_name
 
-DATASETS = ("biased_mnist", "multicolor_mnist", "civilcomments")
+DATASETS = ("biased_mnist", "multicolor_mnist", "civilcomments", "cifar10c", "celeba")
 
 
 def build_dataset(name: str, rho: float, seed: int, source: str, root: str, max_samples: int | None = None,
@@ -27,6 +27,12 @@ def build_dataset(name: str, rho: float, seed: int, source: str, root: str, max_
     if name == "multicolor_mnist":
         from bise_cli.data.multicolor_mnist import build as build_multicolor_mnist
         return build_multicolor_mnist(source, root, seed, max_samples, **options)
+    if name == "cifar10c":
+        from bise_cli.data.cifar10c import build as build_cifar10c
+        return build_cifar10c(source, root, rho, seed, max_samples, **options)
+    if name == "celeba":
+        from bise_cli.data.celeba import build as build_celeba
+        return build_celeba(source, root, seed, max_samples, **options)
     from bise_cli.data.civilcomments import load_civilcomments
     return load_civilcomments(root=root, source=source, max_samples=max_samples, seed=seed,
                               synthetic_rho=rho, **options)

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from bise_cli.masking import GatePoint
+from bise_cli.models.base import Backbone
 from bise_cli.models.slicing import kept_indices, slice_linear
 
 
-class MLP(nn.Module):
+class MLP(Backbone):
     """The Multi-Color MNIST backbone; `features(x)` returns the bottleneck (the input of `classifier`)."""
 
     arch_name = "mlp"
@@ -50,8 +51,6 @@ class MLP(nn.Module):
             x = x / 255
         return self.feature(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
 
     def gate_points(self) -> list[GatePoint]:
         """One gate after each hidden ReLU; the producer is the Linear whose rows compute the units."""

@@ -15,6 +15,8 @@ Physical pruning (`ResNet18.pruned_copy`) is exact because every gate sits after
 from __future__ import annotations
 
 import copy
+import logging
+from urllib.error import URLError
 
 import torch
 import torch.nn.functional as F
@@ -22,20 +24,30 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
 from bise_cli.masking import GatePoint
+from bise_cli.models.base import Backbone
 from bise_cli.models.slicing import kept_indices, slice_bn, slice_conv, slice_linear
+
+log = logging.getLogger(__name__)
 
 BLOCK_NAMES = [f"layer{stage}.{index}" for stage in (1, 2, 3, 4) for index in (0, 1)]
 
 
-class ResNet18(nn.Module):
+class ResNet18(Backbone):
     """ResNet-18 wrapper exposing `classifier`, `features` and `gate_points` like every bise backbone."""
 
     def __init__(self, num_classes: int = 10, weights: str | None = None):
         super().__init__()
         if weights not in (None, "none", "imagenet"):
             raise ValueError(f"resnet18 weights {weights!r}; allowed: none, imagenet")
-        # ImageNet weights need internet the first time; the default is random init (offline-safe).
-        self.net = resnet18(weights=ResNet18_Weights.IMAGENET1K_V1 if weights == "imagenet" else None)
+        # ImageNet weights come from torchvision's cache (internet the first time); offline, the network starts
+        # from random weights with a warning rather than failing a run that may only need the architecture.
+        self.net = resnet18(weights=None)
+        if weights == "imagenet":
+            try:
+                self.net = resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
+            except (URLError, OSError, RuntimeError) as error:
+                log.warning("resnet18 ImageNet weights unavailable (%s): using random weights",
+                            str(error).splitlines()[0][:120])
         self.net.fc = nn.Linear(self.net.fc.in_features, num_classes)
 
     @property
@@ -48,8 +60,6 @@ class ResNet18(nn.Module):
         x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
         return torch.flatten(net.avgpool(x), 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.fc(self.features(x))
 
     def gate_points(self) -> list[GatePoint]:
         points = []

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from bise_cli.masking import GatePoint
+from bise_cli.models.base import Backbone
 from bise_cli.models.slicing import kept_indices, slice_bn, slice_conv, slice_linear
 
 BASE_CHANNELS = (16, 32, 64, 128)
@@ -25,7 +26,7 @@ def scaled_channels(width: float) -> list[int]:
     return [max(1, int(round(c * width))) for c in BASE_CHANNELS]
 
 
-class SimpleConvNet(nn.Module):
+class SimpleConvNet(Backbone):
     """The paper's BiasedMNIST backbone; `features(x)` returns the bottleneck (input of `fc`)."""
 
     arch_name = "simple_convnet"  # key of bise_cli.prune's checkpoint registry
@@ -63,8 +64,6 @@ class SimpleConvNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.avgpool(self.extracter(x)), 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
 
     def gate_points(self) -> list[GatePoint]:
         """One gate after each block's activation (240 gates at width 1)."""

@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MNIST  ?= ../shared/data/mnist
 
-.PHONY: help install quickstart test lint bench table-multicolor-mnist table-biased-mnist table-ablation table-efficiency table-civilcomments clean
+.PHONY: help install quickstart test lint bench table-multicolor-mnist table-cifar10c table-celeba table-biased-mnist table-ablation table-efficiency table-civilcomments clean
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -33,6 +33,14 @@ bench: $(STAMP)  ## benchmarks (minutes; some need the full MNIST in $(MNIST))
 table-multicolor-mnist: $(STAMP)  ## paper Table: Multi-Color MNIST, full protocol, 3 seeds (~20 min on 2 CPU cores)
 	$(BIN)/bise run -m experiment=paper/multicolor_mnist
 	$(BIN)/bise table outputs/sweeps/paper_multicolor_mnist --reference
+
+table-cifar10c: $(STAMP)  ## paper Table: Corrupted CIFAR-10 with ResNet18 (release files in datasets/cifar10c; GPU hours)
+	$(BIN)/bise run -m experiment=paper/cifar10c dataset.root=datasets/cifar10c
+	$(BIN)/bise table outputs/sweeps/paper_cifar10c --reference
+
+table-celeba: $(STAMP)  ## paper Table: CelebA Blond_Hair x Male with ResNet18 (files in datasets/celeba; GPU hours)
+	$(BIN)/bise run -m experiment=paper/celeba dataset.root=datasets/celeba
+	$(BIN)/bise table outputs/sweeps/paper_celeba --reference
 
 table-biased-mnist: $(STAMP)  ## paper Table: BiasedMNIST rho x seeds x {vanilla, BISE, BISE+FT} (GPU hours)
 	$(BIN)/bise run -m experiment=paper/biased_mnist dataset.root=$(MNIST)

@@ -16,8 +16,10 @@ Timings use torch.utils.benchmark.Timer (blocked_autorange). On a shared machine
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -183,7 +185,8 @@ def run_table(widths: list[float], variants: list[str], n_batches: int, min_run_
                         started = time.perf_counter()
                         fn()  # compiles (and runs once)
                         notes.append(f"compile of {name} at width {width}: {time.perf_counter() - started:.1f} s "
-                                     "(first call, incl. one run)")
+                                     "(first call incl. one run; inductor cache "
+                                     f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')})")
                     ips = images / seconds_per_call(fn, min_run_time)
                 except Exception as error:  # a variant that does not work here is reported, not fatal
                     cells[variant] = "error"
@@ -272,6 +275,11 @@ def main() -> None:
                       skip_fixed=(lambda s: s.lower() in ("1", "true", "yes"), False, "skip the fixed costs"))
     if args.quick:
         args.batches, args.min_run_time = min(args.batches, 4), min(args.min_run_time, 0.2)
+    # A fresh inductor cache, so that the compile times printed are cold ones (a warm on-disk cache from an
+    # earlier run cut them from ~30 s to ~1 s here). Set TORCHINDUCTOR_CACHE_DIR yourself to measure warm ones.
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="bench_steps_inductor_")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:

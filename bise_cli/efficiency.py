@@ -12,11 +12,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from bise_cli.masking import kept_units, unit_sparsity
@@ -44,8 +44,23 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
+def _benchmark_module():
+    """torch.utils.benchmark, imported on first use: it pulls in torch.utils.cpp_extension (0.2 s at start-up
+    of every command otherwise), whose import logs "No CUDA runtime is found" on CPU-only machines with a CUDA
+    build of torch; that warning says nothing about bise and is silenced."""
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        cpp_log.setLevel(level)
+    return benchmark
+
+
 def measure_latency(model: nn.Module, example: torch.Tensor, repeats: int = 10, warmup: int = 2) -> float:
     """Median milliseconds per forward pass on `example` (inference mode, on the current torch thread count)."""
+    benchmark = _benchmark_module()
     model.eval()
     timer = benchmark.Timer(stmt="model(example)", globals={"model": model, "example": example},
                             num_threads=torch.get_num_threads())

@@ -97,7 +97,7 @@ def flatten_config(cfg: dict, prefix: str = "") -> dict:
         name = f"{prefix}{key}"
         if not prefix and key in NOT_RECORD_SETTINGS:
             continue
-        if name in ("dataset.root",):
+        if name in ("dataset.root", "dataset.cache_dir"):  # where files are, not what they hold
             continue
         if isinstance(value, dict):
             flat.update(flatten_config(value, f"{name}."))

@@ -172,9 +172,12 @@ def _references(summary: pd.DataFrame, context: dict | None) -> dict[str, list[R
     for metric in metrics:
         refs = []
         for _, row in summary.iterrows():
-            keys = {**(context or {}), **{k: row[k] for k in by}}
+            varying = {k: row[k] for k in by}
+            keys = {**(context or {}), **varying}
+            # An ablation row only where the records vary the ablated settings: every record now carries the
+            # whole config, so a constant reweighting/gamma is the main table, not an ablation.
             refs.append(reference(keys.get("dataset"), str(keys.get("stage")), keys.get("rho"), metric,
-                                  _ablation_name(keys)) if "stage" in by else None)
+                                  _ablation_name(varying)) if "stage" in by else None)
         if any(refs):
             found[metric] = refs
     return found

@@ -231,3 +231,15 @@ def test_ablation_rows_find_their_reference(tmp_path):
     lines = format_table(summarize(df, metrics=["acc"]), "md", reference=True,
                          context=constant_context(df)).splitlines()
     assert [line.rsplit("|", 3)[1].strip() for line in lines[2:6]] == ["96.0", "96.1", "91.9", "91.1"]
+
+
+def test_constant_reweighting_and_gamma_in_full_config_records_are_the_main_table(tmp_path):
+    """Records carry the whole config: a reweighting and gamma every record shares are not an ablation row."""
+    records = [{"stage": stage, "keys": ["dataset", "seed", "reweighting", "pruning.gamma"],
+                "dataset": "multicolor_mnist", "seed": 0, "reweighting": "auto", "pruning.gamma": 1.0,
+                "acc_unbiased": value} for stage, value in (("vanilla", 0.5), ("bise_ft", 0.6))]
+    _write(tmp_path, [records])
+    df = load_records(tmp_path)
+    lines = format_table(summarize(df, metrics=["acc_unbiased"]), "md", reference=True,
+                         context=constant_context(df)).splitlines()
+    assert lines[2:4] == ["| vanilla | 50.0 | 57.4 | 1 |", "| bise_ft | 60.0 | 70.6 | 1 |"]

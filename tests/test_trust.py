@@ -148,3 +148,11 @@ def test_records_carry_the_whole_config_however_the_command_was_typed():
     assert a == b
     assert {"rho", "seed", "dataset", "backbone", "pruning.gamma", "train.lr", "reweighting"} <= set(a["keys"])
     assert "device" not in a and "output_root" not in a  # where and on what it ran does not change a result
+
+
+@pytest.mark.parametrize("content", [[1, 2, 3], {"weights": "not a tensor"}])
+def test_a_checkpoint_that_is_not_a_state_dict_is_one_clear_error(tmp_path, content):
+    path = tmp_path / "odd.pt"
+    torch.save(content, path)
+    with pytest.raises(BiseError, match="is not a state dict"):
+        pipeline.run(_cfg(tmp_path, "stages=[vanilla]", f"vanilla_checkpoint={path}"), tmp_path / "run")

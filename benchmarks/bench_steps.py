@@ -266,12 +266,22 @@ def fixed_costs(mnist: str, reps: int) -> list[str]:
     return lines
 
 
+def _bare_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """Let `--quick` stand alone (common.parse_args only takes options with values): `--quick` -> `--quick=1`."""
+    out = []
+    for i, arg in enumerate(argv):
+        following = argv[i + 1] if i + 1 < len(argv) else "--"
+        out.append(f"{arg}=1" if arg in flags and following.startswith("--") else arg)
+    return out
+
+
 def main() -> None:
+    sys.argv = _bare_flags(sys.argv, ("--quick", "--skip-fixed"))
     args = parse_args(__doc__, widths=(str, "0.25,1.0", "SimpleConvNet widths"),
                       variants=(str, ",".join(VARIANTS), "variants: " + ", ".join(VARIANTS)),
                       batches=(int, 8, "batches per timed epoch (fit, mask, eval)"),
                       min_run_time=(float, 1.0, "seconds the Timer spends per cell (after its warm-up)"),
-                      quick=(lambda s: s.lower() in ("1", "true", "yes"), False, "fewer repeats: --quick 1"),
+                      quick=(lambda s: s.lower() in ("1", "true", "yes"), False, "fewer repeats (--quick)"),
                       skip_fixed=(lambda s: s.lower() in ("1", "true", "yes"), False, "skip the fixed costs"))
     if args.quick:
         args.batches, args.min_run_time = min(args.batches, 4), min(args.min_run_time, 0.2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from bise_cli import pipeline, stages
+
 from conftest import TINY_OVERRIDES, compose_config
 
 

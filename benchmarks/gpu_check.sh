@@ -9,6 +9,7 @@
 #       times (run.log epoch lines, status.json seconds, train_seconds in metrics.jsonl);
 #   (b) experiment=quickstart_text (synthetic CivilComments-format text, bundled MiniLM);
 #   (c) tests/test_prune_exact.py with BISE_TEST_DEVICE=cuda (pruned == gated on the GPU).
+# Use a fresh OUT_DIR: runs are named by their overrides, so a finished run found there is skipped, not re-timed.
 # Each step has its own time limit (PAPER_LIMIT, TEXT_LIMIT, TEST_LIMIT seconds); a step that runs out is
 # reported and the script goes on, so whatever finished still comes back.
 #

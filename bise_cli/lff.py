@@ -89,7 +89,9 @@ def train_lff(make_model, split: Split, *, epochs: int, batch_size: int, optimiz
     ema_b = SampleLossEMA(labels, num_classes, ema_alpha)
     ema_d = SampleLossEMA(labels, num_classes, ema_alpha)
     steps = split.num_batches(batch_size)
-    opts = [make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay) for model in (biased, debiased)]
+    # AdamW gets named parameters so biases and norms skip weight decay, as in the vanilla loop (`fit`).
+    opts = [make_optimizer(optimizer, list(model.named_parameters()) if optimizer == "adamw" else model.parameters(),
+                           lr, momentum, weight_decay) for model in (biased, debiased)]
     scheds = [make_scheduler(scheduler, opt, epochs, steps, milestones, gamma) for opt in opts]
     generator = torch.Generator().manual_seed(seed)
     history, start = [], None
@@ -101,7 +103,9 @@ def train_lff(make_model, split: Split, *, epochs: int, batch_size: int, optimiz
             debiased.train()
             # Summed on the device; one host synchronisation per epoch.
             sums = torch.zeros(4, device=device)
-            for index in torch.randperm(len(split), generator=generator).split(batch_size):
+            # The order is drawn on the CPU (the same batches on every device), then indexes where the split lives.
+            order = torch.randperm(len(split), generator=generator).to(split.x.device)
+            for index in order.split(batch_size):
                 x = split.x[index]
                 if split.augment is not None:
                     x = split.augment(x, generator)

@@ -23,6 +23,7 @@ from bise_cli.data import build_dataset, summarize_bundle
 from bise_cli.data.base import DatasetBundle
 from bise_cli.errors import BiseError
 from bise_cli.fingerprint import fingerprint_bundle
+from bise_cli.precision import configure_backends, peak_memory_mb, reset_peak_memory
 from bise_cli.records import RunDir, check_record_keys, config_hash, make_record, write_json, write_text
 from bise_cli.report import write_report
 
@@ -83,12 +84,15 @@ def recipe(cfg: dict, device: torch.device, run_dir: RunDir) -> None:
     """The experiment: data, the vanilla model, the BISE search, then the stages that build on them."""
     chosen = list(cfg["stages"])
     torch.use_deterministic_algorithms(bool(cfg["deterministic"]), warn_only=True)
+    configure_backends(device, bool(cfg["deterministic"]))
 
     # 1. Data, fingerprinted once: every cache key below includes what was actually loaded.
     bundle = load_data(cfg)
     fingerprint = fingerprint_bundle(bundle)
     write_json(run_dir.file("data_summary.json"), {"info": bundle.info, "fingerprint": fingerprint,
                                                    "splits": summarize_bundle(bundle)})
+    # The data moves to the device once; batches are then gathered there (no host copies per batch).
+    bundle.splits = {name: split.to(device) for name, split in bundle.splits.items()}
     ctx = stages.Context(cfg, bundle, device, StageCache(stages.cache_root(cfg), cfg["cache"]), run_dir,
                          fingerprint["sha256"])
 
@@ -97,7 +101,10 @@ def recipe(cfg: dict, device: torch.device, run_dir: RunDir) -> None:
                   "data_source": f"{bundle.info.get('source', '?')}: {bundle.info.get('location', '')}".rstrip(": ")}
 
     def record(stage: str, metrics: dict, extra: dict | None = None) -> None:
-        run_dir.add_record(make_record(stage, metrics, cfg, {**(extra or {}), **provenance}))
+        # Peak GPU memory since the previous record (None on the CPU); cached stages report what they needed now.
+        memory = {"peak_gpu_memory_mb": peak_memory_mb(device)}
+        reset_peak_memory(device)
+        run_dir.add_record(make_record(stage, metrics, cfg, {**(extra or {}), **provenance, **memory}))
 
     # 2. The vanilla model: what BISE prunes, so it always runs first.
     model, metrics, vanilla_key = stages.vanilla(ctx)

@@ -83,7 +83,8 @@ def file_sha256(path: str | Path) -> str | None:
 # ------------------------------------------------------------------------------------------------- records
 
 # Fields every record sets itself; `record_keys` may not override them.
-RESERVED_FIELDS = ("stage", "keys", "run_dir", "data_sha256", "data_train_size", "data_source", "selection")
+RESERVED_FIELDS = ("stage", "keys", "run_dir", "data_sha256", "data_train_size", "data_source", "selection",
+                   "peak_gpu_memory_mb")
 # Config entries that never change a result (or are lists of stages): left out of records.
 NOT_RECORD_SETTINGS = ("hydra", "device", "output_root", "name", "note", "cache", "stages", "record_keys",
                        "threads")

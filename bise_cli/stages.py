@@ -84,7 +84,7 @@ class Context:
         dataset = {k: v for k, v in cfg["dataset"].items() if k not in ("root", "cache_dir")}
         key = {"stage": "vanilla", "version": STAGE_VERSIONS["vanilla"], "data": self.data_fingerprint,
                "dataset": dataset, "rho": cfg["rho"], "seed": self.seed, "backbone": cfg["backbone"],
-               "train": cfg["train"], "deterministic": cfg["deterministic"]}
+               "train": cfg["train"], "deterministic": cfg["deterministic"], "precision": cfg["precision"]}
         if cfg.get("vanilla_checkpoint"):
             # The file's content, not its path or size: another checkpoint at the same path is another model.
             key = {**key, "train": None, "vanilla_checkpoint": fingerprint_file(cfg["vanilla_checkpoint"])}
@@ -132,7 +132,8 @@ def vanilla(ctx: Context):
             history = fit(model, ctx.bundle["train"], epochs=t["epochs"], batch_size=t["batch_size"],
                           optimizer=t["optimizer"], lr=t["lr"], momentum=t["momentum"],
                           weight_decay=t["weight_decay"], scheduler=t["scheduler"], milestones=milestones(ctx.cfg),
-                          gamma=t["gamma"], device=ctx.device, seed=seed, description="vanilla")
+                          gamma=t["gamma"], device=ctx.device, seed=seed, description="vanilla",
+                          precision=ctx.cfg["precision"])
             return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "history": history,
                     "train_seconds": round(time.perf_counter() - started, 2)}
 
@@ -200,7 +201,8 @@ def identification_model(ctx: Context):
         with torch.random.fork_rng(devices=[]):  # the official code restores the RNG state around this step
             fit(model, ctx.bundle["train"], epochs=ctx.cfg["identification"]["epochs"], batch_size=t["batch_size"],
                 optimizer=t["optimizer"], lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"],
-                device=ctx.device, seed=seed_stage(ctx.seed, "identification"), description="identification")
+                device=ctx.device, seed=seed_stage(ctx.seed, "identification"), description="identification",
+                precision=ctx.cfg["precision"])
         return {k: v.cpu() for k, v in model.state_dict().items()}
 
     model.load_state_dict(ctx.cache.get_or_compute("identification", key, train))
@@ -283,7 +285,8 @@ def finetune(ctx: Context, vanilla_model, masks, stage: str, parent_key: dict) -
         fit(model, split, epochs=f["epochs"], batch_size=f["batch_size"], optimizer=f["optimizer"], lr=f["lr"],
             momentum=f["momentum"], weight_decay=f["weight_decay"], scheduler=f["scheduler"],
             milestones=f.get("milestones"), sample_weights=weights, device=ctx.device,
-            seed=seed_stage(ctx.seed, stage), description=stage, after_epoch=best.update if f["select_best"] else None)
+            seed=seed_stage(ctx.seed, stage), description=stage, after_epoch=best.update if f["select_best"] else None,
+            precision=ctx.cfg["precision"])
         best.restore()
         freeze(model)
         if gates is None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from bise_cli.errors import BiseError
+from bise_cli.precision import check_precision
 
 DEVICES = ("auto", "cpu", "cuda")
 BIAS_LABELS = ("ground_truth", "identification")
@@ -242,6 +243,7 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
             raise BiseError(f"{key} must be a non-empty string, got {value!r}")
     _int(cfg, "eval_batch_size", 1)
     _int(cfg, "threads", 1, optional=True)
+    check_precision(cfg.get("precision", "fp32"))
     _int(cfg, "identification.epochs", 0)
     _int(cfg, "leakage_probe.epochs", 0)
     _int(cfg, "leakage_probe.batch_size", 1)

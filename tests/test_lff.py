@@ -89,3 +89,8 @@ def test_lff_refuses_bad_settings_and_divergence():
         train_lff(_model, split, epochs=1, batch_size=8, q=0.0)
     with pytest.raises(BiseError, match="diverged"):
         train_lff(_model, split, epochs=2, batch_size=8, lr=1e12, momentum=0.0)
+
+
+def test_lff_adamw_runs():
+    _, history = train_lff(_model, _biased_problem(40), epochs=1, batch_size=16, optimizer="adamw", lr=1e-3)
+    assert len(history) == 1

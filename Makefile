@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MNIST  ?= ../shared/data/mnist
 
-.PHONY: help install quickstart test lint bench table-multicolor-mnist table-cifar10c table-celeba table-biased-mnist table-ablation table-efficiency table-civilcomments clean
+.PHONY: help install quickstart test lint bench table-multicolor-mnist table-cifar10c table-celeba table-biased-mnist table-ablation table-efficiency table-label-noise table-civilcomments clean
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -53,6 +53,10 @@ table-ablation: $(STAMP)  ## paper ablation: reweighting x MI at rho 0.99 (GPU h
 table-efficiency: $(STAMP)  ## paper efficiency: sparsity, MACs, latency (GPU hours)
 	$(BIN)/bise run -m experiment=paper/efficiency dataset.root=$(MNIST)
 	$(BIN)/bise table outputs/sweeps/paper_efficiency --metrics sparsity_units sparsity_weights macs latency_ms_b1
+
+table-label-noise: $(STAMP)  ## paper: BiasedMNIST rho 0.99 with 0/10/20 % flipped labels (GPU hours)
+	$(BIN)/bise run -m experiment=paper/label_noise dataset.root=$(MNIST)
+	$(BIN)/bise table outputs/sweeps/paper_label_noise --reference
 
 table-civilcomments: $(STAMP)  ## CivilComments with BERT (needs the WILDS CSV in datasets/civilcomments; GPU days)
 	$(BIN)/bise run -m experiment=paper/civilcomments

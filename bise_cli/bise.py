@@ -33,6 +33,7 @@ from bise_cli.data.base import Split, bias_columns
 from bise_cli.errors import BiseError, check_choice
 from bise_cli.masking import GateSet, capture_input, unit_sparsity
 from bise_cli.metrics import accuracy_metrics
+from bise_cli.precision import autocast, check_precision
 from bise_cli.probe import feature_epoch, head_accuracy, make_head, mean_over_attributes, model_epoch
 from bise_cli.progress import progress_bar
 from bise_cli.reweighting import SampleWeights
@@ -73,6 +74,7 @@ class SearchSettings:
     tau_schedule: str = "periodic"
     mask_lr_schedule: str = "none"
     mask_optimizer: str = "sgd"
+    precision: str = "fp32"  # the run's `precision` (set by the pipeline, not a pruning option)
     cache_features: str = "auto"
     augment: bool = False
     selection: str = "best_val"
@@ -82,6 +84,7 @@ class SearchSettings:
     eval_batch_size: int = 500
 
     def validate(self) -> SearchSettings:
+        check_precision(self.precision)
         check_choice("pruning.mi_subset", self.mi_subset, MI_SUBSETS)
         check_choice("pruning.tau_schedule", self.tau_schedule, TAU_SCHEDULES)
         check_choice("pruning.mask_lr_schedule", self.mask_lr_schedule, MASK_LR_SCHEDULES)
@@ -207,12 +210,18 @@ class _Heads:
 
 def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, weights: SampleWeights,
                 settings: SearchSettings, num_bias: int, generator, device, epoch: int, bar, tap) -> dict:
-    """One pass of the gates over the search split; returns the epoch's mean losses and head accuracy."""
-    sums = {"loss_ce": 0.0, "mi": 0.0, "mi_batches": 0, "head_hits": 0, "n": 0}
+    """One pass of the gates over the search split; returns the epoch's mean losses and head accuracy.
+
+    Sums stay on the device (float64) and are read once per epoch, so a GPU never waits on the host per batch
+    except for the emptiness test of each MI subset."""
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    sums = {"loss_ce": zero.clone(), "mi": zero.clone(), "head_hits": zero.clone(), "finite": zero.clone()}
+    mi_batches, n = 0, 0
     for x, y, b in search.batches(settings.batch_size, shuffle=True, generator=generator, device=device,
                                   augment=settings.augment):
-        logits = model(x)
-        z = tap["z"]
+        with autocast(settings.precision, device):
+            logits = model(x)
+        logits, z = logits.float(), tap["z"].float()
         loss_ce = weighted_cross_entropy(logits, y, weights(y, b))
         objective = settings.alpha * loss_ce
         mi_total = None
@@ -225,31 +234,29 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
                 mi_total = mi if mi_total is None else mi_total + mi
         if mi_total is not None:
             objective = objective + settings.gamma * mi_total
-            sums["mi"] += mi_total.item()
-            sums["mi_batches"] += 1
-        if not torch.isfinite(objective):
-            raise BiseError(f"the BISE objective became {objective.item()} at epoch {epoch}; "
-                            "lower pruning.mask_lr or pruning.gamma")
+            sums["mi"] += mi_total.detach()
+            mi_batches += 1
         mask_opt.zero_grad(set_to_none=True)
         objective.backward()
         # Each head steps on its own CE over the detached features (after the gates' backward pass).
-        hits = 0
         for (head, opt), column in zip(heads.pairs, bias_columns(b), strict=True):
             head_logits = head(z.detach())
             loss = F.cross_entropy(head_logits, column)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            hits += int((head_logits.argmax(1) == column).sum())
+            sums["head_hits"] += (head_logits.argmax(1) == column).sum() / len(heads.pairs)
         mask_opt.step()
         for _, opt in heads.pairs:
             opt.step()
-        sums["loss_ce"] += loss_ce.item() * len(y)
-        sums["head_hits"] += hits / len(heads.pairs)
-        sums["n"] += len(y)
+        sums["loss_ce"] += loss_ce.detach() * len(y)
+        sums["finite"] += torch.isfinite(objective.detach()).logical_not()
+        n += len(y)
         bar.advance_batch()
-    return {"loss_ce": sums["loss_ce"] / sums["n"],
-            "mi": sums["mi"] / sums["mi_batches"] if sums["mi_batches"] else None,
-            "head_acc": sums["head_hits"] / sums["n"]}
+    if sums["finite"].item():
+        raise BiseError(f"the BISE objective became non-finite at epoch {epoch}; lower pruning.mask_lr or "
+                        "pruning.gamma")
+    return {"loss_ce": float(sums["loss_ce"]) / n, "mi": float(sums["mi"]) / mi_batches if mi_batches else None,
+            "head_acc": float(sums["head_hits"]) / n}
 
 
 def _evaluate(model, split: Split | None, num_classes, num_bias, bias_names, batch_size, device) -> dict | None:

@@ -89,14 +89,18 @@ def _l1_options() -> dict:
     return {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
 
 
+# The bias of a class the fitting set does not contain: far below any fitted logit.
+ABSENT_CLASS_BIAS = -1e4
+
+
 def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """L1 logistic regression (liblinear) as a (num_classes, D) weight and (num_classes,) bias whose argmax is
     the regression's prediction. Binary: sklearn's single row w becomes the rows [0; w] (softmax of [0, s] is
-    sigmoid(s)). More classes: one-vs-rest, one binary regression per class."""
+    sigmoid(s)). More classes: one-vs-rest, one binary regression per class. A class absent from the fitting
+    set (a tiny split's balanced subsample) gets a zero row and a very low bias: it is never predicted."""
     present = np.unique(y)
-    if len(present) != num_classes:
-        raise BiseError(f"DFR: the fitting set holds classes {present.tolist()} of {num_classes}; every class "
-                        "needs samples")
+    if len(present) < 2:
+        raise BiseError(f"DFR: the fitting set holds only class(es) {present.tolist()}; it needs at least two")
 
     def binary(target: np.ndarray) -> tuple[np.ndarray, float]:
         model = LogisticRegression(C=c, solver="liblinear", random_state=seed, **_l1_options())
@@ -106,7 +110,8 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, seed: i
     if num_classes == 2:
         w, b = binary(y)
         return np.stack([np.zeros_like(w), w]), np.array([0.0, b])
-    rows = [binary((y == k).astype(int)) for k in range(num_classes)]
+    absent = (np.zeros(x.shape[1]), ABSENT_CLASS_BIAS)
+    rows = [binary((y == k).astype(int)) if k in present else absent for k in range(num_classes)]
     return np.stack([w for w, _ in rows]), np.array([b for _, b in rows])
 
 

@@ -7,18 +7,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bise_cli.bootstrap import bootstrap_ci
 from bise_cli.data.base import DatasetBundle
 from bise_cli.metrics import accuracy_metrics, disparity_metrics, overlapping_group_metrics
 from bise_cli.probe import fresh_probe_leakage, mean_over_attributes
 from bise_cli.train import predict
 
 
-def split_metrics(model: nn.Module, bundle: DatasetBundle, split_name: str, batch_size: int, device) -> dict:
-    """Every metric of `split_name` (accuracy family, disparity when binary, WILDS groups when available)."""
+def split_metrics(model: nn.Module, bundle: DatasetBundle, split_name: str, batch_size: int, device,
+                  bootstrap: dict | None = None, seed: int = 0) -> dict:
+    """Every metric of `split_name` (accuracy family, disparity when binary, WILDS groups when available), and
+    with `bootstrap.n` > 0 a percentile confidence interval `<metric>_ci` = [low, high] of each accuracy metric
+    from that many seeded resamples of the per-sample table."""
     split = bundle[split_name]
     out = predict(model, split, batch_size, device)
     metrics = accuracy_metrics(out["y"], out["b"], out["pred"], bundle.num_classes, bundle.num_bias,
                                bundle.bias_names)
+    if bootstrap and bootstrap.get("n", 0) > 0:
+        intervals = bootstrap_ci(out["y"], out["b"], out["pred"], n=bootstrap["n"], seed=seed,
+                                 alpha=bootstrap["alpha"], num_bias=bundle.num_bias)
+        metrics.update({f"{name}_ci": [low, high] for name, (low, high) in intervals.items()})
     if bundle.num_classes == 2 and bundle.num_bias == 2 and bundle.num_attributes == 1:
         metrics.update(disparity_metrics(out["y"], out["b"], out["pred"]))
     identities = split.meta.get("identities")
@@ -36,11 +44,11 @@ def split_metrics(model: nn.Module, bundle: DatasetBundle, split_name: str, batc
 
 
 def evaluate_model(model: nn.Module, bundle: DatasetBundle, *, batch_size: int, device, probe: dict | None,
-                   seed: int) -> dict:
+                   seed: int, bootstrap: dict | None = None) -> dict:
     """Test metrics at the top level, validation metrics prefixed `val_`, and the fresh-probe `leakage` (the
     mean over bias attributes; `leakage_<attribute>` each when there are several)."""
     model.eval()
-    metrics = split_metrics(model, bundle, "test", batch_size, device)
+    metrics = split_metrics(model, bundle, "test", batch_size, device, bootstrap, seed)
     # Extra evaluation splits (CelebA's conflicting test set) and validation, prefixed with their name.
     for name in ("val", "test_conflicting"):
         if bundle.get(name) is not None:

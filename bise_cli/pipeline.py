@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 from bise_cli import stages
 from bise_cli.cache import StageCache
 from bise_cli.data import build_dataset, summarize_bundle
-from bise_cli.data.base import DatasetBundle
+from bise_cli.data.base import DatasetBundle, Split
+from bise_cli.data.noise import flip_labels
 from bise_cli.errors import BiseError
 from bise_cli.fingerprint import fingerprint_bundle
 from bise_cli.precision import configure_backends, peak_memory_mb, reset_peak_memory
@@ -30,7 +31,7 @@ from bise_cli.report import write_report
 log = logging.getLogger(__name__)
 
 # The stages this runner implements, in the order they print (names and titles are declared in names.py).
-STAGES = ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude", "ffw")
+STAGES = ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude", "ffw", "dfr_train", "dfr_val", "lff")
 MASK_STAGES = ("bise", "bise_ft", "random", "magnitude")  # need BISE's structured masks
 # Settings that never change a result: left out of the run's identity.
 NOT_RESULT_KEYS = ("device", "hydra", "output_root", "name", "note", "cache", "threads")
@@ -128,6 +129,10 @@ def recipe(cfg: dict, device: torch.device, run_dir: RunDir) -> None:
             record(stage, stages.matched_baseline(ctx, model, search, stage))
         elif stage == "ffw":
             record(stage, stages.ffw(ctx, model, vanilla_key))
+        elif stage in ("dfr_train", "dfr_val"):
+            record(stage, stages.dfr(ctx, model, vanilla_key, stage))
+        elif stage == "lff":
+            record(stage, stages.lff(ctx))
 
 
 def check_stage_combination(chosen: list[str], method: str) -> None:
@@ -140,9 +145,30 @@ def check_stage_combination(chosen: list[str], method: str) -> None:
 
 
 def load_data(cfg: dict) -> DatasetBundle:
-    """The dataset named by `cfg["dataset"]`, built with its own options."""
+    """The dataset named by `cfg["dataset"]`, built with its own options, with `dataset.label_noise` applied."""
     d = cfg["dataset"]
-    options = {k: v for k, v in d.items() if k not in ("name", "source", "root", "max_samples", "protocol")}
-    return build_dataset(d["name"], rho=cfg["rho"], seed=cfg["seed"], source=d["source"], root=d["root"],
-                         max_samples=d["max_samples"], **options)
+    skip = ("name", "source", "root", "max_samples", "protocol", "label_noise")
+    bundle = build_dataset(d["name"], rho=cfg["rho"], seed=cfg["seed"], source=d["source"], root=d["root"],
+                           max_samples=d["max_samples"], **{k: v for k, v in d.items() if k not in skip})
+    return add_label_noise(bundle, float(d.get("label_noise") or 0.0), int(cfg["seed"]))
+
+
+def add_label_noise(bundle: DatasetBundle, fraction: float, seed: int) -> DatasetBundle:
+    """Flip `fraction` of the training and search labels to another class (seeded; the flipped samples are
+    marked in `meta["label_flipped"]`). Evaluation splits keep their true labels. A search split that is the
+    training split stays the same object, with the same flips."""
+    if fraction <= 0:
+        return bundle
+    noisy: dict[int, Split] = {}
+    for offset, name in enumerate(("train", "search")):
+        split = bundle.get(name)
+        if split is None:
+            continue
+        if id(split) not in noisy:
+            y, flipped = flip_labels(split.y, fraction, bundle.num_classes, seed * 2 + offset)
+            noisy[id(split)] = Split(split.x, y, split.b, split.encode, {**split.meta, "label_flipped": flipped},
+                                     split.augment)
+        bundle.splits[name] = noisy[id(split)]
+    bundle.info = {**bundle.info, "label_noise": fraction}
+    return bundle
 

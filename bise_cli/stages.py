@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # Bump a stage's version when its computation changes, so stale cache entries are not reused.
 STAGE_VERSIONS = {"vanilla": 2, "vanilla_metrics": 2, "identification": 2, "bise": 2, "bise_ft": 2,
-                  "reweighted_ft": 2, "random": 2, "magnitude": 2, "ffw": 2}
+                  "reweighted_ft": 2, "random": 2, "magnitude": 2, "ffw": 2, "dfr_train": 1, "dfr_val": 1, "lff": 1}
 
 
 def pruning_settings(options: dict):
@@ -92,7 +92,7 @@ class Context:
 
     def eval_key(self, parent: dict) -> dict:
         """`parent` plus how results are measured: cached metrics depend on it (latency on the device)."""
-        evaluation = {k: self.cfg[k] for k in ("leakage_probe", "latency", "eval_batch_size")}
+        evaluation = {k: self.cfg[k] for k in ("leakage_probe", "latency", "eval_batch_size", "bootstrap")}
         return {**parent, "evaluation": evaluation, "device": self.device.type}
 
     def reweighting(self) -> str:
@@ -106,7 +106,7 @@ class Context:
         """Test/val metrics, fresh-probe leakage and the efficiency report of `model` (pruned from `dense`)."""
         probe = self.cfg["leakage_probe"] if self.cfg["leakage_probe"]["epochs"] > 0 else None
         metrics = evaluate_model(model, self.bundle, batch_size=self.cfg["eval_batch_size"], device=self.device,
-                                 probe=probe, seed=self.seed)
+                                 probe=probe, seed=self.seed, bootstrap=self.cfg["bootstrap"])
         example = self.bundle["test"].encode(self.bundle["test"].x[:1])
         metrics.update(efficiency_report(dense if dense is not None else model, model, masks, example,
                                          self.device, **self.cfg["latency"]))
@@ -221,7 +221,7 @@ def bise_search(ctx: Context, model, parent_key: dict) -> dict:
 
     def search() -> dict:
         split, rho = bias_labels(ctx)
-        settings = pruning_settings(p)
+        settings = dataclasses.replace(pruning_settings(p), precision=ctx.cfg["precision"])
         weights = sample_weights(ctx.reweighting(), split.y, split.b, ctx.bundle.num_classes, ctx.bundle.num_bias,
                                  rho)
         gates = GateSet(model.gate_points(), init=settings.gate_init).to(ctx.device).attach(model)
@@ -340,6 +340,69 @@ def ffw(ctx: Context, model, parent_key: dict) -> dict:
 
     result = ctx.cache.get_or_compute("ffw", key, compute)
     write_json(ctx.run_dir.file("ffw_history.json"), result["history"])
+    return result["metrics"]
+
+
+# ------------------------------------------------------------------------------------ DFR and LfF baselines
+
+def dfr(ctx: Context, model, parent_key: dict, stage: str) -> dict:
+    """DFR (Kirichenko et al., ICLR 2023): the frozen vanilla backbone with its last layer refitted as an
+    L1 logistic regression on group-balanced bottleneck features: of the biased training split with its bias
+    labels (`dfr_train`, BISE's supervision) or of the unbiased validation split (`dfr_val`)."""
+    from bise_cli.dfr import apply_dfr, dfr_train, dfr_val
+
+    d, val = ctx.cfg["baselines"]["dfr"], ctx.bundle.get("val")
+    if stage == "dfr_val" and val is None:
+        raise BiseError(f"dfr_val fits on the unbiased validation split: dataset {ctx.bundle.name} has none "
+                        "(use dfr_train)")
+    key = {**parent_key, "stage": stage, "version": STAGE_VERSIONS[stage], "dfr": d,
+           "bias_labels": ctx.cfg["bias_labels"]}
+
+    def features(split):
+        return predict(model, split, ctx.cfg["eval_batch_size"], ctx.device, features=True)["z"]
+
+    def compute() -> dict:
+        options = dict(num_classes=ctx.bundle.num_classes, num_bias=ctx.bundle.num_bias,
+                       c_grid=tuple(d["c_grid"]), n_subsamples=d["n_subsamples"],
+                       n_select_subsamples=d["n_select_subsamples"], select_metric=d["select_metric"],
+                       seed=seed_stage(ctx.seed, stage))
+        if stage == "dfr_train":
+            # The training split's bias labels, or the identification model's pseudo labels when unsupervised.
+            train = ctx.bundle["train"] if ctx.cfg["bias_labels"] == "ground_truth" else \
+                ctx.bundle["train"].with_bias(predict(identification_model(ctx), ctx.bundle["train"],
+                                                      ctx.cfg["eval_batch_size"], ctx.device)["pred"])
+            extra = (features(val), val.y, val.b) if val is not None else ()
+            result = dfr_train(features(train), train.y, train.b, *extra, **options)
+        else:
+            result = dfr_val(features(val), val.y, val.b, **options)
+        return {"metrics": {**ctx.evaluate(apply_dfr(model, result)), "dfr_c": result.c}, "history": result.history}
+
+    result = ctx.cache.get_or_compute(stage, key, compute)
+    write_json(ctx.run_dir.file(f"{stage}_history.json"), result["history"])
+    return result["metrics"]
+
+
+def lff(ctx: Context) -> dict:
+    """LfF (Nam et al., NeurIPS 2020): a biased and a debiased model trained from scratch with the vanilla
+    recipe's budget; no bias labels."""
+    from bise_cli.lff import train_lff
+
+    lff_cfg, t = ctx.cfg["baselines"]["lff"], ctx.cfg["train"]
+    # The recipe explicitly: train_key() leaves it out when a vanilla_checkpoint replaces training.
+    key = {**ctx.eval_key(ctx.train_key()), "train": t, "stage": "lff", "version": STAGE_VERSIONS["lff"],
+           "lff": lff_cfg}
+
+    def compute() -> dict:
+        model, history = train_lff(ctx.new_backbone, ctx.bundle["train"], epochs=t["epochs"],
+                                   batch_size=t["batch_size"], optimizer=t["optimizer"], lr=t["lr"],
+                                   momentum=t["momentum"], weight_decay=t["weight_decay"], scheduler=t["scheduler"],
+                                   milestones=milestones(ctx.cfg), gamma=t["gamma"], q=lff_cfg["q"],
+                                   ema_alpha=lff_cfg["ema_alpha"], num_classes=ctx.bundle.num_classes,
+                                   device=ctx.device, seed=seed_stage(ctx.seed, "lff"))
+        return {"metrics": ctx.evaluate(freeze(model)), "history": history}
+
+    result = ctx.cache.get_or_compute("lff", key, compute)
+    write_json(ctx.run_dir.file("lff_history.json"), result["history"])
     return result["metrics"]
 
 

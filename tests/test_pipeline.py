@@ -20,10 +20,13 @@ def _cfg(tmp_path, *extra):
     return compose_config([*TINY_OVERRIDES, f"output_root={tmp_path / 'outputs'}", *extra])
 
 
+ALL_STAGES = ["vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude", "dfr_train", "dfr_val", "lff"]
+
+
 def test_full_stage_list_writes_one_record_per_stage(tmp_path):
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, f"stages=[{','.join(ALL_STAGES)}]")
     records = pipeline.run(cfg, tmp_path / "run")
-    assert [r["stage"] for r in records] == ["vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude"]
+    assert [r["stage"] for r in records] == ALL_STAGES
     assert read_jsonl(tmp_path / "run" / "metrics.jsonl") == json.loads(json.dumps(records))
     for record in records:
         assert {"dataset", "backbone", "rho", "seed"} <= set(record["keys"])
@@ -31,6 +34,8 @@ def test_full_stage_list_writes_one_record_per_stage(tmp_path):
         for name in ACCURACY_METRICS + EFFICIENCY_METRICS + ("leakage",):
             assert record[name] is not None, (record["stage"], name)
         assert 0 <= record["acc_unbiased"] <= 1 and 0 <= record["leakage"] <= 1
+        low, high = record["acc_unbiased_ci"]  # the per-run bootstrap interval brackets the estimate
+        assert low <= record["acc_unbiased"] <= high
     bise = records[1]
     assert 0 <= bise["sparsity_units"] <= 1 and bise["leakage_head"] is not None
     # The matched baselines keep exactly as many units per layer as BISE.
@@ -146,3 +151,16 @@ def test_civilcomments_with_bert_end_to_end_on_a_wilds_layout_file(tmp_path):
         assert record["dataset"] == "civilcomments" and 0 <= record["dp_diff"] <= 1 and 0 <= record["eo_diff"] <= 1
         assert record["wilds_acc_worst_group"] == record["acc_worst_group"]  # groups=wilds is the headline
         assert record["macs"] > 0 and record["leakage"] is not None
+
+
+def test_label_noise_flips_training_labels_only_and_is_recorded(tmp_path):
+    clean = pipeline.load_data(_cfg(tmp_path))
+    noisy = pipeline.load_data(_cfg(tmp_path, "dataset.label_noise=0.2"))
+    for name in ("train", "search"):
+        flipped = noisy[name].meta["label_flipped"]
+        assert int(flipped.sum()) == round(0.2 * len(flipped))
+        assert torch.equal(noisy[name].y[~flipped], clean[name].y[~flipped])
+        assert (noisy[name].y[flipped] != clean[name].y[flipped]).all()
+    assert torch.equal(noisy["test"].y, clean["test"].y) and torch.equal(noisy["val"].y, clean["val"].y)
+    records = pipeline.run(_cfg(tmp_path, "dataset.label_noise=0.2", "stages=[vanilla]"), tmp_path / "run")
+    assert records[0]["dataset.label_noise"] == 0.2 and "dataset.label_noise" in records[0]["keys"]

@@ -34,7 +34,7 @@ from bise_cli.errors import BiseError, check_choice
 from bise_cli.masking import GateSet, capture_input, unit_sparsity
 from bise_cli.metrics import accuracy_metrics
 from bise_cli.precision import autocast, check_precision
-from bise_cli.probe import feature_epoch, head_accuracy, make_head, mean_over_attributes, model_epoch
+from bise_cli.probe import HeadOptimiser, feature_epoch, head_accuracy, make_head, mean_over_attributes, model_epoch
 from bise_cli.progress import progress_bar
 from bise_cli.reweighting import SampleWeights
 from bise_cli.train import predict, weighted_cross_entropy
@@ -50,7 +50,7 @@ SELECTIONS = ("best_val", "last")
 
 
 @dataclass
-class SearchSettings:
+class SearchSettings(HeadOptimiser):
     """Every number of the search; defaults are the paper's (the official code's defaults)."""
 
     gate_init: float = 0.0
@@ -62,9 +62,6 @@ class SearchSettings:
     mask_lr: float = 1e-2
     mask_momentum: float = 0.9
     mask_weight_decay: float = 1e-4
-    head_lr: float = 0.1
-    head_momentum: float = 0.9
-    head_weight_decay: float = 1e-4
     head_pretrain_epochs: int = 50
     head_refine_epochs: int = 50
     alpha: float = 1.0

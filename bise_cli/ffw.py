@@ -35,7 +35,7 @@ from bise_cli.bise import normalized_mutual_information
 from bise_cli.data.base import Split
 from bise_cli.errors import BiseError, check_choice
 from bise_cli.masking import capture_input
-from bise_cli.probe import head_accuracy, head_step, make_head
+from bise_cli.probe import HeadOptimiser, head_accuracy, head_step, make_head
 from bise_cli.progress import progress_bar
 from bise_cli.train import predict
 
@@ -43,7 +43,7 @@ PROBE_SCHEDULES = ("epoch", "temperature_drop")
 
 
 @dataclass
-class FFWSettings:
+class FFWSettings(HeadOptimiser):
     """Every number of the FFW search; defaults are those of the official FFW code ("Debiasing Surgeon", ECCV 2024).
 
     gate_init = 0 (FFW's choice) gives g = 2 sigma(0) = 1 exactly, i.e. the full vanilla model at the start. It
@@ -63,9 +63,6 @@ class FFWSettings:
     t_threshold: float = 5e-2
     t_min: float = 1e-8
     max_epochs: int = 200
-    head_lr: float = 0.1
-    head_momentum: float = 0.9
-    head_weight_decay: float = 1e-4
     head_patience: int = 5
     head_tolerance: float = 1e-3
     head_max_epochs: int = 200

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,15 @@ from bise_cli.data.base import Split, bias_columns
 from bise_cli.errors import BiseError
 from bise_cli.masking import capture_input
 from bise_cli.train import predict
+
+
+@dataclass
+class HeadOptimiser:
+    """The bias head's SGD (shared by the BISE search and FFW: lr 0.1, momentum 0.9, weight decay 1e-4)."""
+
+    head_lr: float = 0.1
+    head_momentum: float = 0.9
+    head_weight_decay: float = 1e-4
 
 
 @contextmanager

@@ -165,4 +165,5 @@ def test_preset_pipeline(roots, tmp_path):
     assert cfg["pruning"]["selection"] == "best_val" and cfg["train"]["lr"] == 1e-4
     assert cfg["train"]["scheduler"] == "none" and cfg["backbone"]["name"] == "resnet18"
     records = pipeline.run(cfg, tmp_path / "run")
-    assert [r["stage"] for r in records] == ["vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude"]
+    assert [r["stage"] for r in records] == cfg["stages"]
+    assert {"dfr_train", "lff"} <= set(cfg["stages"])  # the baselines run wherever the data allows

@@ -217,5 +217,6 @@ def test_preset_config_and_pipeline(release, tmp_path):
     assert build_dataset("cifar10c", 0.99, 0, "files", str(release),
                          cache_dir=str(tmp_path / "c")).num_classes == 10
     records = pipeline.run(cfg, tmp_path / "run")
-    assert [r["stage"] for r in records] == ["vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude"]
+    assert [r["stage"] for r in records] == cfg["stages"]
+    assert {"dfr_train", "lff"} <= set(cfg["stages"])  # the baselines run wherever the data allows
     assert all(r["dataset"] == "cifar10c" for r in records)

@@ -42,7 +42,8 @@ def test_quickstart_run_with_tiny_settings(tmp_path):
     [folder] = list(run_dir.iterdir())
     assert "experiment=quickstart" in folder.name and len(folder.name) <= 200
     records = read_jsonl(folder / "metrics.jsonl")
-    assert [r["stage"] for r in records] == ["vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude"]
+    assert [r["stage"] for r in records] == ["vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude",
+                                             "dfr_train"]
     assert json.loads((folder / "status.json").read_text())["state"] == "done"
     assert (folder / "config.yaml").is_file() and (folder / "run.log").is_file()
     assert "REDUCED-SCALE DEMO" in result.stdout  # the summary table says it is not the paper's numbers

@@ -16,6 +16,7 @@ from bise_cli.bise import SearchSettings, run_search
 from bise_cli.data.base import Split
 from bise_cli.masking import GateSet
 from bise_cli.models import build_backbone
+from bise_cli.reweighting import sample_weights
 from bise_cli.train import fit, freeze, predict
 
 from common import parse_args
@@ -47,7 +48,8 @@ def main() -> None:
                               track_test=False)
     # One mask epoch over `split` plus one feature pass (pre-training) and one after the tau drop.
     start = time.perf_counter()
-    run_search(model, gates, split, None, None, num_classes=10, num_bias=10, rho=0.99, settings=settings)
+    weights = sample_weights("nominal_rho", split.y, split.b, 10, 10, (0.99,))
+    run_search(model, gates, split, None, None, num_classes=10, num_bias=10, weights=weights, settings=settings)
     search_seconds = time.perf_counter() - start
     mask_ips = n / (search_seconds - 2 * n / eval_ips)
     gates.detach()

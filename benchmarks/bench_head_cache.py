@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from bise_cli.bise import make_head, train_head_on_features, train_head_on_model
 from bise_cli.data.base import Split
 from bise_cli.models import build_backbone
+from bise_cli.probe import feature_epoch, make_head, model_epoch
 from bise_cli.train import freeze, predict
 
 from common import parse_args
@@ -29,7 +29,7 @@ def main() -> None:
     head, opt = make_head(model.classifier.in_features, 10, 0.1, 0.9, 1e-4, seed=0)
 
     start = time.perf_counter()
-    train_head_on_model(head, opt, model, split, 1, 100, torch.Generator().manual_seed(0), "cpu")
+    model_epoch([(head, opt)], model, split, 100, torch.Generator().manual_seed(0), "cpu")
     uncached_epoch = (time.perf_counter() - start) * n_search / args.slice_size
 
     start = time.perf_counter()
@@ -39,7 +39,9 @@ def main() -> None:
     z = torch.randn(n_search, model.classifier.in_features)
     labels = torch.randint(0, 10, (n_search,))
     start = time.perf_counter()
-    train_head_on_features(head, opt, z, labels, 5, 100, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        feature_epoch([(head, opt)], z, labels, 100, generator)
     cached_epoch = (time.perf_counter() - start) / 5
 
     uncached = epochs * uncached_epoch

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -94,14 +95,22 @@ def test_every_backbone_has_an_exactness_case():
     assert not missing, f"backbones without a pruned == gated test case in tests/test_prune_exact.py: {missing}"
 
 
+# The GPU check (benchmarks/gpu_check.sh) runs these on CUDA with BISE_TEST_DEVICE=cuda; TF32 is switched off
+# there because TF32 convolutions and matmuls differ between the gated and the sliced model by about 1e-3.
+DEVICE = torch.device(os.environ.get("BISE_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 @pytest.mark.parametrize("case", MASK_CASES)
 @pytest.mark.parametrize("name", TESTED)
 def test_pruned_equals_gated(name, case, tmp_path):
-    model = copy.deepcopy(_frozen_model(name))
+    model = copy.deepcopy(_frozen_model(name)).to(DEVICE)
     torch.manual_seed(3)
-    x = CASES[name][1]()
+    x = CASES[name][1]().to(DEVICE)
     vanilla = model(x)
-    gates = GateSet(model.gate_points()).attach(model)
+    gates = GateSet(model.gate_points()).to(DEVICE).attach(model)
     masks = _masks(gates.points, case, torch.Generator().manual_seed(2))
     gates.load_binary_masks(masks)
     gates.set_mode("fixed")
@@ -122,7 +131,7 @@ def test_pruned_equals_gated(name, case, tmp_path):
         assert _count(pruned) < _count(model)
 
     save_pruned(pruned, tmp_path / "pruned.pt")
-    loaded = load_pruned(tmp_path / "pruned.pt")
+    loaded = load_pruned(tmp_path / "pruned.pt", map_location=str(DEVICE))
     assert type(loaded) is type(pruned) and _count(loaded) == _count(pruned)
     assert torch.equal(loaded(x), out)
 

@@ -54,8 +54,9 @@ class BestState:
     """Keep a copy of the model's weights at the epoch with the best validation metric (ties to the later)."""
 
     def __init__(self, model: nn.Module, val: Split | None, num_classes: int, num_bias: int, *, batch_size: int,
-                 device, metric: str = "acc"):
+                 device, metric: str = "acc", group_weights: torch.Tensor | None = None):
         self.model, self.val, self.batch_size, self.device, self.metric = model, val, batch_size, device, metric
+        self.group_weights = group_weights
         self.num_classes, self.num_bias = num_classes, num_bias
         self.value, self.epoch, self.state = -math.inf, 0, None
 
@@ -64,7 +65,8 @@ class BestState:
             self.epoch = epoch
             return
         out = predict(self.model, self.val, self.batch_size, self.device)
-        value = accuracy_metrics(out["y"], out["b"], out["pred"], self.num_classes, self.num_bias)[self.metric]
+        value = accuracy_metrics(out["y"], out["b"], out["pred"], self.num_classes, self.num_bias,
+                                 group_weights=self.group_weights)[self.metric]
         if value >= self.value:
             self.value, self.epoch = value, epoch
             self.state = copy.deepcopy(self.model.state_dict())

@@ -47,6 +47,9 @@ MASK_LR_SCHEDULES = ("none", "cosine")
 MASK_OPTIMIZERS = ("sgd", "adam")
 CACHE_MODES = ("auto", "on", "off")
 SELECTIONS = ("best_val", "last")
+# Validation metrics a search can select its masks by (acc_weighted_avg_group needs one bias attribute).
+SELECTION_METRICS = ("acc", "acc_unbiased", "acc_avg_group", "acc_weighted_avg_group", "acc_worst_group",
+                     "acc_aligned", "acc_conflicting")
 
 
 @dataclass
@@ -82,6 +85,8 @@ class SearchSettings(HeadOptimiser):
 
     def validate(self) -> SearchSettings:
         check_precision(self.precision)
+        for metric in (self.selection_metric, *self.also_select_by):
+            check_choice("pruning.selection_metric", metric, SELECTION_METRICS)
         check_choice("pruning.mi_subset", self.mi_subset, MI_SUBSETS)
         check_choice("pruning.tau_schedule", self.tau_schedule, TAU_SCHEDULES)
         check_choice("pruning.mask_lr_schedule", self.mask_lr_schedule, MASK_LR_SCHEDULES)
@@ -256,16 +261,18 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
             "head_acc": float(sums["head_hits"]) / n}
 
 
-def _evaluate(model, split: Split | None, num_classes, num_bias, bias_names, batch_size, device) -> dict | None:
+def _evaluate(model, split: Split | None, num_classes, num_bias, bias_names, batch_size, device,
+              group_weights=None) -> dict | None:
     if split is None or len(split) == 0:
         return None
     out = predict(model, split, batch_size, device)
-    return accuracy_metrics(out["y"], out["b"], out["pred"], num_classes, num_bias, bias_names)
+    return accuracy_metrics(out["y"], out["b"], out["pred"], num_classes, num_bias, bias_names, group_weights)
 
 
 def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | None, test: Split | None, *,
                num_classes: int, num_bias: int, weights: SampleWeights, settings: SearchSettings,
-               bias_names: tuple[str, ...] = ("bias",), device="cpu", seed: int = 0) -> SearchResult:
+               bias_names: tuple[str, ...] = ("bias",), device="cpu", seed: int = 0,
+               group_weights: torch.Tensor | None = None) -> SearchResult:
     """Run the BISE search on a frozen `model` with `gates` attached; returns the selected masks and history."""
     settings.validate()
     model.eval()
@@ -305,8 +312,9 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
                                                              settings, num_bias, generator, device, epoch, bar, tap)}
             masks = gates.binary_masks()
             with gates.mode("fixed"):
+                # group_weights (the training split's group shares) make acc_weighted_avg_group selectable.
                 val_metrics = _evaluate(model, val, num_classes, num_bias, bias_names, settings.eval_batch_size,
-                                        device)
+                                        device, group_weights)
                 test_metrics = (_evaluate(model, test, num_classes, num_bias, bias_names,
                                           settings.eval_batch_size, device) if settings.track_test else None)
             row.update(sparsity_units=unit_sparsity(masks),

@@ -9,9 +9,17 @@ from torch import nn
 
 from bise_cli.bootstrap import bootstrap_ci
 from bise_cli.data.base import DatasetBundle
-from bise_cli.metrics import accuracy_metrics, disparity_metrics, overlapping_group_metrics
+from bise_cli.metrics import accuracy_metrics, disparity_metrics, group_proportions, overlapping_group_metrics
 from bise_cli.probe import fresh_probe_leakage, mean_over_attributes
 from bise_cli.train import predict
+
+
+def train_group_weights(bundle: DatasetBundle) -> torch.Tensor | None:
+    """The training split's (y, b) proportions (one bias attribute only): weights of acc_weighted_avg_group."""
+    train = bundle.get("train")
+    if train is None or bundle.num_attributes > 1:
+        return None
+    return group_proportions(train.y, train.b, bundle.num_classes, bundle.num_bias)
 
 
 def split_metrics(model: nn.Module, bundle: DatasetBundle, split_name: str, batch_size: int, device,
@@ -22,7 +30,7 @@ def split_metrics(model: nn.Module, bundle: DatasetBundle, split_name: str, batc
     split = bundle[split_name]
     out = predict(model, split, batch_size, device)
     metrics = accuracy_metrics(out["y"], out["b"], out["pred"], bundle.num_classes, bundle.num_bias,
-                               bundle.bias_names)
+                               bundle.bias_names, train_group_weights(bundle))
     if bootstrap and bootstrap.get("n", 0) > 0:
         intervals = bootstrap_ci(out["y"], out["b"], out["pred"], n=bootstrap["n"], seed=seed,
                                  alpha=bootstrap["alpha"], num_bias=bundle.num_bias)

@@ -8,6 +8,8 @@ Groups are the (y, b) cells present in the data. With accuracy A_g of group g:
 - acc_conflicting  = accuracy on samples with b != y
 - acc_worst_group  = min over present groups of A_g
 - acc_avg_group    = the same number as acc_unbiased, under the name the text literature uses
+- acc_weighted_avg_group = sum over present groups of p_train(g) A_g, renormalised (the official code's
+                   CivilComments average; needs the training split's group proportions)
 
 With several bias attributes (b of shape (N, A), e.g. Multi-Color MNIST's left and right colours), the groups
 are the 2^A alignment patterns instead (attribute k aligned iff b_k == y), each pooled over its samples as the
@@ -85,9 +87,19 @@ def multi_attribute_metrics(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor
     }
 
 
+def group_proportions(y: torch.Tensor, b: torch.Tensor, num_classes: int, num_bias: int) -> torch.Tensor:
+    """The share of every (y, b) cell in a split (one bias attribute): the weights of acc_weighted_avg_group."""
+    cells = torch.bincount(y.long().cpu() * num_bias + b.long().cpu().flatten(), minlength=num_classes * num_bias)
+    return (cells.double() / max(len(y), 1)).view(num_classes, num_bias)
+
+
 def accuracy_metrics(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor, num_classes: int,
-                     num_bias: int, bias_names: tuple[str, ...] | list[str] | None = None) -> dict:
-    """Every accuracy metric of the module docstring plus the group matrix (as nested lists)."""
+                     num_bias: int, bias_names: tuple[str, ...] | list[str] | None = None,
+                     group_weights: torch.Tensor | None = None) -> dict:
+    """Every accuracy metric of the module docstring plus the group matrix (as nested lists). With
+    `group_weights` (the training split's `group_proportions`), also `acc_weighted_avg_group` = sum_g w_g A_g
+    over the groups present, the weights renormalised over them (the average the official code reports for
+    CivilComments)."""
     if b.dim() == 2 and b.shape[1] > 1:
         names = bias_names or [f"bias{k}" for k in range(b.shape[1])]
         return multi_attribute_metrics(y, b, pred, names)
@@ -96,7 +108,12 @@ def accuracy_metrics(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor, num_c
     matrix, counts = group_accuracy_matrix(y, b, pred, num_classes, num_bias)
     present = matrix[counts > 0]
     unbiased = float(present.mean()) if len(present) else math.nan
+    weighted = {}
+    if group_weights is not None:
+        w = group_weights.double().cpu() * (counts > 0)
+        weighted["acc_weighted_avg_group"] = float((w * matrix.nan_to_num()).sum() / w.sum()) if w.sum() else math.nan
     return {
+        **weighted,
         "acc": _mean(torch.ones_like(correct), correct),
         "acc_unbiased": unbiased,
         "acc_aligned": _mean(b == y, correct),

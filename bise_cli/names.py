@@ -61,6 +61,7 @@ _METRIC_TABLE = """
 acc | accuracy | 100 | % | + | 1 | fraction of correct predictions
 acc_unbiased | unbiased | 100 | % | + | 1 | mean of the group accuracies A_g over the (y, b) groups present
 acc_avg_group | avg group | 100 | % | + | 1 | average-group accuracy (= acc_unbiased unless the groups are redefined)
+acc_weighted_avg_group | weighted avg group | 100 | % | + | 1 | sum of A_g weighted by the training shares of the groups
 acc_aligned | aligned | 100 | % | + | 1 | accuracy on samples with b = y (on every bias attribute)
 acc_conflicting | conflicting | 100 | % | + | 1 | accuracy on samples with b != y (on every bias attribute)
 acc_worst_group | worst group | 100 | % | + | 1 | minimum over the present groups of A_g

@@ -24,7 +24,7 @@ from bise_cli.cache import StageCache
 from bise_cli.data.base import DatasetBundle
 from bise_cli.efficiency import efficiency_report
 from bise_cli.errors import BiseError, check_choice
-from bise_cli.evaluate import evaluate_model
+from bise_cli.evaluate import evaluate_model, train_group_weights
 from bise_cli.fingerprint import fingerprint_file
 from bise_cli.masking import GateSet, kept_units
 from bise_cli.models import build_backbone
@@ -229,7 +229,7 @@ def bise_search(ctx: Context, model, parent_key: dict) -> dict:
             result = run_search(model, gates, split, ctx.bundle.get("val"), ctx.bundle["test"],
                                 num_classes=ctx.bundle.num_classes, num_bias=ctx.bundle.num_bias, weights=weights,
                                 settings=settings, bias_names=ctx.bundle.bias_names, device=ctx.device,
-                                seed=seed_stage(ctx.seed, "bise"))
+                                seed=seed_stage(ctx.seed, "bise"), group_weights=train_group_weights(ctx.bundle))
             # The heads read the full-width bottleneck, so they are scored on the gated model (pruned units are
             # zeros there), before and after the search.
             gates.load_binary_masks(result.masks)
@@ -281,7 +281,7 @@ def finetune(ctx: Context, vanilla_model, masks, stage: str, parent_key: dict) -
                                  rho).to(ctx.device)
         best = baselines.BestState(model, ctx.bundle.get("val"), ctx.bundle.num_classes, ctx.bundle.num_bias,
                                    batch_size=ctx.cfg["eval_batch_size"], device=ctx.device,
-                                   metric=f["selection_metric"])
+                                   metric=f["selection_metric"], group_weights=train_group_weights(ctx.bundle))
         fit(model, split, epochs=f["epochs"], batch_size=f["batch_size"], optimizer=f["optimizer"], lr=f["lr"],
             momentum=f["momentum"], weight_decay=f["weight_decay"], scheduler=f["scheduler"],
             milestones=f.get("milestones"), sample_weights=weights, device=ctx.device,

@@ -220,3 +220,92 @@ def test_preset_config_and_pipeline(release, tmp_path):
     assert [r["stage"] for r in records] == cfg["stages"]
     assert {"dfr_train", "lff"} <= set(cfg["stages"])  # the baselines run wherever the data allows
     assert all(r["dataset"] == "cifar10c" for r in records)
+
+
+# ------------------------------------------------------------------------------------------- frost
+
+def _write_frost_textures(folder, colours=None):
+    """Six textures of 300x300 (60x60 after the 0.2 resize): three RGBA PNGs and three JPEGs, random or flat."""
+    from bise_cli.data.corruptions import FROST_FILES
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    for k, name in enumerate(FROST_FILES):
+        if colours is None:
+            pixels = rng.integers(0, 256, (300, 300, 4 if name.endswith(".png") else 3), dtype=np.uint8)
+        else:
+            pixels = np.broadcast_to(np.array(colours[k], np.uint8), (300, 300, 3)).copy()
+            if name.endswith(".png"):
+                pixels = np.dstack([pixels, np.full((300, 300), 17, np.uint8)])   # alpha is dropped
+        Image.fromarray(pixels).save(folder / name)
+    return folder
+
+
+def test_frost_with_generated_textures(tmp_path, monkeypatch):
+    from bise_cli.data.corruptions import FROST_DIR_ENV, frost
+    textures = _write_frost_textures(tmp_path / "frost")
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    direct = np.clip(frost(images, np.random.default_rng(1), frost_dir=textures), 0, 255).astype(np.uint8)
+    monkeypatch.setenv(FROST_DIR_ENV, str(textures))
+    a = corrupt(images, "Frost", np.random.default_rng(1))
+    assert a.shape == images.shape and a.dtype == np.uint8 and np.array_equal(a, direct)
+    assert np.array_equal(a, corrupt(images, "Frost", np.random.default_rng(1)))
+    assert not np.array_equal(a, images) and not np.array_equal(a, corrupt(images, "Frost", np.random.default_rng(2)))
+    # Flat textures: level 5 gives trunc(clip(0.75 x + 0.45 colour)) in RGB order (no channel swap); level 1 mixes
+    # 1 x + 0.2 colour. JPEG decoding of a flat colour may be off by a grey level or two.
+    colours = [(200, 40, 0), (10, 120, 250), (90, 90, 90), (255, 0, 128), (0, 255, 60), (1, 2, 3)]
+    flat = _write_frost_textures(tmp_path / "flat", colours)
+    for severity, (mix_x, mix_t) in ((5, (0.75, 0.45)), (1, (1, 0.2))):
+        out = frost(images, np.random.default_rng(3), severity, frost_dir=flat)
+        matches = []
+        for i in range(len(images)):
+            candidates = [np.clip(mix_x * images[i] + mix_t * np.array(c, float), 0, 255) for c in colours]
+            errors = [np.abs(out[i] - c).max() for c in candidates]
+            matches.append(int(np.argmin(errors)))
+            assert min(errors) <= 2 * mix_t + 1e-9, (severity, i)
+        assert max(matches) <= 4   # LfF draws the texture index from 0..4: frost6 is never used
+
+
+def test_frost_textures_found_in_package_without_import(tmp_path, monkeypatch):
+    import importlib
+
+    from bise_cli.data.corruptions import FROST_DIR_ENV, find_frost_dir
+    package = tmp_path / "site" / "imagecorruptions"
+    _write_frost_textures(package / "frost")
+    (package / "__init__.py").write_text("raise ImportError('imagecorruptions must not be imported')\n")
+    monkeypatch.delenv(FROST_DIR_ENV, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    assert find_frost_dir().resolve() == (package / "frost").resolve()
+    # An explicit folder wins over the package; an incomplete one is an error naming the missing files.
+    explicit = _write_frost_textures(tmp_path / "explicit")
+    assert find_frost_dir(explicit) == explicit
+    (explicit / "frost4.jpg").unlink()
+    with pytest.raises(BiseError, match="missing frost4.jpg"):
+        find_frost_dir(explicit)
+
+
+def test_frost_without_textures_names_the_install_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    from bise_cli.data.corruptions import FROST_DIR_ENV, check_supported
+    monkeypatch.delenv(FROST_DIR_ENV, raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)   # as if not installed
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    with pytest.raises(BiseError, match=r"Frost.*pip install --no-deps imagecorruptions.*BISE_FROST_DIR"):
+        corrupt(images, "Frost", np.random.default_rng(0))
+    with pytest.raises(BiseError, match=r"pip install --no-deps imagecorruptions"):
+        check_supported("type0")
+    check_supported("type1")
+    monkeypatch.setenv(FROST_DIR_ENV, str(tmp_path / "empty"))
+    with pytest.raises(BiseError, match=r"empty \(missing frost1.png.*pip install --no-deps imagecorruptions"):
+        corrupt(images, "Frost", np.random.default_rng(0))
+
+
+def test_local_build_type0_with_frost_textures(tmp_path, monkeypatch):
+    from bise_cli.data.corruptions import FROST_DIR_ENV
+    root = _write_batches(tmp_path / "cifar")
+    monkeypatch.setenv(FROST_DIR_ENV, str(_write_frost_textures(tmp_path / "frost")))
+    bundle = build("build", root, 0.9, seed=0, corruptions="type0", cache_dir=str(tmp_path / "cache"))
+    train = bundle["train"]
+    assert train.x.shape == (100, 3, 32, 32) and bundle.info["corruption_names"][1] == "Frost"
+    assert int((train.b == 1).sum()) > 0

@@ -48,3 +48,30 @@ def test_overlapping_groups_by_hand():
     m = overlapping_group_metrics(y, pred, identities, ["male", "muslim"])
     assert m["groups"] == {"male:1,y:0": 1.0, "male:1,y:1": 0.0, "muslim:1,y:1": 0.5}
     assert m["acc_worst_group"] == 0.0 and m["acc_avg_group"] == pytest.approx(0.5)
+
+
+def test_weighted_average_group_accuracy_uses_the_training_shares():
+    from bise_cli.metrics import group_proportions
+
+    # Training shares of the 4 (y, b) cells: 0.5, 0.25, 0.125, 0.125.
+    y_train = torch.tensor([0, 0, 0, 0, 1, 1, 0, 1])
+    b_train = torch.tensor([0, 0, 0, 0, 1, 1, 1, 0])
+    weights = group_proportions(y_train, b_train, 2, 2)
+    assert weights.tolist() == [[0.5, 0.125], [0.125, 0.25]]
+    # Test: cell (0,0) all right, (0,1) all wrong, (1,1) half right, (1,0) absent (its weight is dropped).
+    y = torch.tensor([0, 0, 0, 1, 1])
+    b = torch.tensor([0, 0, 1, 1, 1])
+    pred = torch.tensor([0, 0, 1, 1, 0])
+    metrics = accuracy_metrics(y, b, pred, 2, 2, group_weights=weights)
+    expected = (0.5 * 1.0 + 0.125 * 0.0 + 0.25 * 0.5) / (0.5 + 0.125 + 0.25)
+    assert metrics["acc_weighted_avg_group"] == pytest.approx(expected)
+    assert "acc_weighted_avg_group" not in accuracy_metrics(y, b, pred, 2, 2)
+
+
+def test_selection_metric_is_checked():
+    from bise_cli.bise import SearchSettings
+    from bise_cli.errors import BiseError
+
+    SearchSettings(selection_metric="acc_weighted_avg_group", also_select_by=("acc_avg_group",)).validate()
+    with pytest.raises(BiseError, match="unknown pruning.selection_metric 'acc_best'"):
+        SearchSettings(selection_metric="acc_best").validate()

@@ -11,15 +11,27 @@ Exactness: random draws come from the given Generator, so a local build is repro
 any released file. The original relies on OpenCV and ImageMagick for some steps; they are replaced here by
 equivalents (scipy filters with OpenCV's reflect-101 border; ImageMagick's MotionBlurImage kernel re-derived:
 a one-sided Gaussian of width 2*ceil(radius)+1 sampled along the angle with integer offsets and edge clamping,
-an approximation of the original). Two corruptions are not supported: Frost (needs LfF's frost texture images)
-and Spatter at levels 1-3 (needs OpenCV's Canny and histogram equalisation; level 5, the one used, is supported).
-Glass Blur keeps the original's numpy aliasing: its "swap" copies the neighbour into the pixel.
+an approximation of the original). Spatter at levels 1-3 is not supported (needs OpenCV's Canny and histogram
+equalisation; level 5, the one used, is supported). Glass Blur keeps the original's numpy aliasing: its "swap"
+copies the neighbour into the pixel.
+
+Frost needs the frost texture images (frost1.png ... frost6.jpg). They are read, without importing it, from the
+package data of the PyPI package `imagecorruptions` (1.1.2; its module no longer imports, as it needs
+pkg_resources, and it pulls in opencv-python and scikit-image), so install it with
+`pip install --no-deps imagecorruptions`. A folder holding the files can be given instead with the environment
+variable BISE_FROST_DIR (or the `frost_dir` argument of `frost`; `find_frost_dir` resolves the folder). As in
+LfF only the first five files are ever drawn. OpenCV's resize by 0.2 (bilinear, no antialiasing) samples source
+pixel 5i + 2 exactly, so it is done here by decimation; JPEG textures are decoded by PIL, not OpenCV, which may
+differ by a grey level.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
@@ -36,7 +48,10 @@ CORRUPTION_LISTS = {
               "Glass Blur", "Motion Blur", "Zoom Blur", "Original"),
 }
 PROTOCOL_SEVERITY = 5   # LfF "Severity 4" + 1
-UNSUPPORTED = {"Frost": "needs LfF's frost texture images"}
+UNSUPPORTED: dict[str, str] = {}   # name -> reason; every corruption of both lists is supported now
+FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
+FROST_DIR_ENV = "BISE_FROST_DIR"
+FROST_INSTALL_HINT = "pip install --no-deps imagecorruptions"
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -210,6 +225,68 @@ def fog(x, rng, severity=PROTOCOL_SEVERITY):
     return _out(out)
 
 
+def find_frost_dir(folder: str | Path | None = None) -> Path:
+    """The folder with the frost textures: `folder`, else $BISE_FROST_DIR, else `frost/` inside the installed
+    `imagecorruptions` package (found with importlib's find_spec, never imported). BiseError if none has them."""
+    tried = []
+    candidates = [folder] if folder is not None else []
+    if not candidates and os.environ.get(FROST_DIR_ENV):
+        candidates.append(os.environ[FROST_DIR_ENV])
+    if not candidates:
+        try:
+            spec = importlib.util.find_spec("imagecorruptions")
+        except (ImportError, ValueError):
+            spec = None
+        for location in (spec.submodule_search_locations or []) if spec is not None else []:
+            candidates.append(Path(location) / "frost")
+        if not candidates:
+            tried.append("package imagecorruptions (not installed)")
+    for candidate in candidates:
+        path = Path(candidate)
+        missing = [name for name in FROST_FILES[:5] if not (path / name).is_file()]
+        if not missing:
+            return path
+        tried.append(f"{path} (missing {', '.join(missing)})")
+    raise BiseError(f"corruption 'Frost' needs the frost texture images {', '.join(FROST_FILES[:5])}; none found "
+                    f"(tried: {'; '.join(tried)}). Install them with `{FROST_INSTALL_HINT}` or set "
+                    f"{FROST_DIR_ENV} to a folder holding them; or use dataset.corruptions=type1 or the released "
+                    "files (dataset.source=files)")
+
+
+def _frost_texture(path: Path) -> np.ndarray:
+    """A texture as uint8 RGB, shrunk as OpenCV's resize(fx=fy=0.2, INTER_LINEAR) does: output pixel i sits at
+    source (i + 0.5) * 5 - 0.5 = 5i + 2, an exact pixel, so bilinear sampling is plain decimation; the output
+    size is round(0.2 * side)."""
+    with Image.open(path) as image:
+        texture = np.asarray(image.convert("RGB"))   # drops alpha like cv2.imread; RGB, so no BGR swap needed
+    height, width = (int(round(side * 0.2)) for side in texture.shape[:2])
+    rows = np.minimum(5 * np.arange(height) + 2, texture.shape[0] - 1)
+    cols = np.minimum(5 * np.arange(width) + 2, texture.shape[1] - 1)
+    return texture[rows][:, cols]
+
+
+def frost(x, rng, severity=PROTOCOL_SEVERITY, frost_dir: str | Path | None = None):
+    """LfF frost: per image, texture k ~ U{0..4}, shrunk by 0.2, a random 32x32 crop (row start then column
+    start, each U{0..side-33}), mixed as clip(a * x + b * crop) with (a, b) the severity's pair."""
+    a, b = [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)][severity - 1]
+    folder = find_frost_dir(frost_dir)
+    textures: dict[int, np.ndarray] = {}
+    _, height, width, _ = x.shape
+    out = np.empty(x.shape, dtype=np.float64)
+    for i, image in enumerate(x):
+        k = int(rng.integers(5))   # np.random.randint(5): frost6 is never drawn
+        if k not in textures:
+            textures[k] = _frost_texture(folder / FROST_FILES[k])
+        texture = textures[k]
+        if texture.shape[0] <= height or texture.shape[1] <= width:
+            raise BiseError(f"frost texture {folder / FROST_FILES[k]} is too small: {texture.shape[1]}x"
+                            f"{texture.shape[0]} after the 0.2 resize, needs more than {width}x{height}")
+        top = int(rng.integers(0, texture.shape[0] - height))
+        left = int(rng.integers(0, texture.shape[1] - width))
+        out[i] = a * image.astype(np.float64) + b * texture[top:top + height, left:left + width]
+    return np.clip(out, 0, 255)
+
+
 def snow(x, rng, severity=PROTOCOL_SEVERITY):
     loc, scale, zoom, threshold, radius, sigma, keep = [
         (0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
@@ -329,7 +406,7 @@ CORRUPTIONS: dict[str, Callable] = {
     "Gaussian Noise": gaussian_noise, "Shot Noise": shot_noise, "Impulse Noise": impulse_noise,
     "Speckle Noise": speckle_noise, "Gaussian Blur": gaussian_blur, "Defocus Blur": defocus_blur,
     "Glass Blur": glass_blur, "Motion Blur": motion_blur, "Zoom Blur": zoom_blur, "Original": original,
-    "Snow": snow, "Frost": _unsupported("Frost"), "Fog": fog, "Brightness": brightness, "Contrast": contrast,
+    "Snow": snow, "Frost": frost, "Fog": fog, "Brightness": brightness, "Contrast": contrast,
     "Spatter": spatter, "Elastic": elastic, "JPEG": jpeg, "Pixelate": pixelate, "Saturate": saturate,
 }
 
@@ -344,7 +421,9 @@ def check_supported(kind: str) -> None:
     """A one-line BiseError before any work when the list has a corruption this module cannot build."""
     for name in corruption_names(kind):
         if name in UNSUPPORTED:
-            CORRUPTIONS[name](None, None)
+            _unsupported(name)(None, None)
+        if name == "Frost":
+            find_frost_dir()
 
 
 def corrupt(images: np.ndarray, name: str, rng: np.random.Generator,

@@ -14,9 +14,11 @@ Sources (`dataset.source`):
 - `build`: a local construction from CIFAR-10's python pickles (`cifar-10-batches-py/` in root): per class, the
   LfF quota rule assigns corruption labels in dataset order (train at rho, test at `test_rho` 0.1), and image i
   gets corruption `names[b_i]` at protocol level 5 (LfF "Severity 4" + 1), from `dataset.corruptions` (type0:
-  LfF's weather/digital list; type1: noise/blur). Type0 contains Frost, which needs texture images and fails
-  with a one-line error. The list and severity used for the released tarball are not documented, so a locally
-  built set is comparable in protocol, not pixel for pixel (see bise_cli.data.corruptions).
+  LfF's weather/digital list; type1: noise/blur). Type0 contains Frost, which needs texture images: those of the
+  PyPI package imagecorruptions (`pip install --no-deps imagecorruptions`, never imported) or a folder named by
+  BISE_FROST_DIR; without them type0 fails with a one-line error. The list and severity used for the released
+  tarball are not documented, so a locally built set is comparable in protocol, not pixel for pixel (see
+  bise_cli.data.corruptions).
 - `download`: torchvision's CIFAR-10 download into root, then `build`.
 """
 

@@ -35,7 +35,7 @@ from PIL import Image
 
 from bise_cli.data.augment import crop_flip
 from bise_cli.data.base import DatasetBundle, Split
-from bise_cli.data.corruptions import PROTOCOL_SEVERITY, check_supported, corrupt, corruption_names
+from bise_cli.data.corruptions import PROTOCOL_SEVERITY, check_supported, corrupt, corruption_names, find_frost_dir
 from bise_cli.data.image_cache import cached_arrays, digest, file_listing_key
 from bise_cli.data.multicolor_mnist import check_max_samples, check_rho, subset_index
 from bise_cli.errors import BiseError, check_choice
@@ -217,9 +217,14 @@ def build_local(root: str | Path, rho: float, seed: int, corruptions: str = "typ
     if keep is not None:
         train_x, train_y = train_x[keep.numpy()], train_y[keep.numpy()]
     batch_files = sorted(folder.glob("*_batch*"))
+    # Frost reads texture images: the built pixels depend on them too, so they are part of the key.
+    textures = ""
+    if "Frost" in names:
+        frost_dir = find_frost_dir()
+        textures = file_listing_key(sorted(frost_dir.glob("frost*")), frost_dir)
     key = digest({"kind": "cifar10c-build", "version": BUILD_VERSION, "listing": file_listing_key(batch_files, folder),
                   "rho": rho, "test_rho": test_rho, "names": names, "severity": severity, "seed": seed,
-                  "max_samples": max_samples})
+                  "max_samples": max_samples, "frost_textures": textures})
 
     def build():
         started = time.perf_counter()

@@ -65,10 +65,16 @@ class DFRResult:
 # ------------------------------------------------------------------------------------------------- groups
 
 def group_ids(y: torch.Tensor, b: torch.Tensor, num_bias: int) -> np.ndarray:
-    """One integer per (y, b_1, ..., b_A) cell: b of shape (N,) or (N, A)."""
-    cell = y.long().cpu().clone()
-    for column in bias_columns(b):
-        cell = cell * num_bias + column.long().cpu()
+    """One integer per group: the (y, b) cell for one bias attribute; with several (b of shape (N, A)), the
+    (y, alignment pattern) cell, the groups the metrics use (the (y, b_1, ..., b_A) cells would be mostly empty:
+    Multi-Color MNIST has 1,000 of them for 25 both-conflicting training samples)."""
+    y = y.long().cpu()
+    columns = bias_columns(b)
+    if len(columns) == 1:
+        return (y * num_bias + columns[0].long().cpu()).numpy()
+    cell = y.clone()
+    for column in columns:
+        cell = cell * 2 + (column.long().cpu() == y).long()
     return cell.numpy()
 
 

@@ -139,3 +139,14 @@ def test_seeded_determinism_and_the_two_variants():
     assert torch.allclose(no_val.mean, z.double().mean(0)) and len(no_val.history) == 2
     with_val = dfr_train(z[:60], y[:60], b[:60], z[60:], y[60:], b[60:], seed=4, **options)
     assert torch.allclose(with_val.mean, z[:60].double().mean(0))
+
+
+def test_groups_of_several_bias_attributes_are_alignment_patterns_per_class():
+    from bise_cli.dfr import group_ids
+
+    y = torch.tensor([0, 0, 0, 1, 1])
+    b = torch.tensor([[0, 0], [0, 3], [5, 7], [1, 1], [2, 1]])   # per row: (left, right) colours
+    ids = group_ids(y, b, num_bias=10)
+    # (y, left aligned, right aligned): (0,1,1), (0,1,0), (0,0,0), (1,1,1), (1,0,1)
+    assert ids.tolist() == [0 * 4 + 3, 0 * 4 + 2, 0, 1 * 4 + 3, 1 * 4 + 1]
+    assert group_ids(y, b[:, 0], num_bias=10).tolist() == [0, 0, 5, 11, 12]  # one attribute: the (y, b) cell

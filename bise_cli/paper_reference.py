@@ -56,6 +56,12 @@ REFERENCES: tuple[Reference, ...] = (
     *_bmnist("bise", 0.99, "ce", acc=96.0, sparsity_weights=18.5, macs=338.2),
     *_bmnist("bise", 0.99, "mi", acc=91.1, sparsity_weights=18.7, macs=337.3),
     *_bmnist("bise", 0.99, "ce+mi", acc=96.1, sparsity_weights=20.9, macs=328.3),
+    # Baselines in the paper's BiasedMNIST table, probably taken from Barbano et al. (ICLR 2023); LfF is a stage
+    # here, SoftCon and BCon+BBal are numbers only (their own training methods, not implemented).
+    *_bmnist("lff", 0.99, acc=95.1), *_bmnist("lff", 0.995, acc=90.3), *_bmnist("lff", 0.997, acc=63.7),
+    *_bmnist("softcon", 0.99, acc=95.2), *_bmnist("softcon", 0.995, acc=93.1), *_bmnist("softcon", 0.997, acc=88.6),
+    *_bmnist("bcon_bbal", 0.99, acc=98.1), *_bmnist("bcon_bbal", 0.995, acc=97.7),
+    *_bmnist("bcon_bbal", 0.997, acc=97.3),
     Reference("multicolor_mnist", "vanilla", "acc_unbiased", 57.4, source=NAHON),
     Reference("multicolor_mnist", "bise", "acc_unbiased", 60.3),
     Reference("multicolor_mnist", "bise_ft", "acc_unbiased", 70.6),

@@ -243,3 +243,10 @@ def test_constant_reweighting_and_gamma_in_full_config_records_are_the_main_tabl
     lines = format_table(summarize(df, metrics=["acc_unbiased"]), "md", reference=True,
                          context=constant_context(df)).splitlines()
     assert lines[2:4] == ["| vanilla | 50.0 | 57.4 | 1 |", "| bise_ft | 60.0 | 70.6 | 1 |"]
+
+
+def test_baseline_references_of_the_biased_mnist_table():
+    assert [reference_value("biased_mnist", "lff", rho, "acc") for rho in (0.99, 0.995, 0.997)] == [95.1, 90.3, 63.7]
+    assert reference_value("biased_mnist", "softcon", 0.997, "acc") == 88.6
+    assert reference_value("biased_mnist", "bcon_bbal", 0.99, "acc") == 98.1
+    assert reference_value("biased_mnist", "lff", 0.99, "acc_unbiased") is None  # top-1 accuracy, not unbiased

@@ -47,10 +47,12 @@ STAGES: tuple[Stage, ...] = (
           "the units of largest weight L2 norm kept, with BISE's per-layer kept-unit counts"),
     Stage("ffw", "FFW", "tab:red", "FFW baseline: unstructured soft weight gates trained on a small unbiased set"),
     Stage("dfr_train", "DFR (train)", "tab:brown",
-          "deep feature reweighting: last layer retrained on group-balanced training data (upcoming baseline)"),
+          "deep feature reweighting: last layer retrained on group-balanced training data"),
     Stage("dfr_val", "DFR (val)", "tab:olive",
-          "deep feature reweighting: last layer retrained on the unbiased validation data (upcoming baseline)"),
-    Stage("lff", "LfF", "tab:pink", "Learning from Failure, debiased training from scratch (upcoming baseline)"),
+          "deep feature reweighting: last layer retrained on the unbiased validation data"),
+    Stage("lff", "LfF", "tab:pink", "Learning from Failure, debiased training from scratch"),
+    Stage("softcon", "SoftCon", "tab:gray", "paper reference only (Barbano et al., ICLR 2023); not run by bise"),
+    Stage("bcon_bbal", "BCon+BBal", "gold", "paper reference only (Barbano et al., ICLR 2023); not run by bise"),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 _STAGES = {stage.name: stage for stage in STAGES}

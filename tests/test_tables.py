@@ -182,7 +182,8 @@ def test_names_are_declared_once_in_order():
     assert STAGE_NAMES[:7] == ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude", "ffw")
     assert {"dfr_train", "dfr_val", "lff"} <= set(STAGE_NAMES)
     assert len(set(STAGE_NAMES)) == len(STAGES) and len({s.colour for s in STAGES}) == len(STAGES)
-    readme_metrics = ("acc", "acc_unbiased", "acc_avg_group", "acc_aligned", "acc_conflicting", "acc_worst_group",
+    readme_metrics = ("acc", "acc_unbiased", "acc_avg_group", "acc_weighted_avg_group", "acc_aligned",
+                      "acc_conflicting", "acc_worst_group",
                       "dp_diff", "eo_diff", "sparsity_units", "sparsity_weights", "params", "macs",
                       "latency_ms_b1", "latency_ms_b100", "leakage", "leakage_head")
     mc_groups = ("acc_both_aligned", "acc_left_aligned_right_conflicting", "acc_left_conflicting_right_aligned",

@@ -145,8 +145,10 @@ def test_civilcomments_with_bert_end_to_end_on_a_wilds_layout_file(tmp_path):
         "pruning.head_refine_epochs=1", "finetune.epochs=1", "leakage_probe.epochs=1", "latency.repeats=1",
         "latency.warmup=0", "stages=[vanilla,bise,bise_ft,random]", f"output_root={tmp_path / 'outputs'}"])
     records = pipeline.run(cfg, tmp_path / "run")
-    assert [r["stage"] for r in records] == ["vanilla", "bise", "bise", "bise_ft", "random"]
-    assert [r.get("selection") for r in records[1:3]] == ["acc_worst_group", "acc"]
+    assert [r["stage"] for r in records] == ["vanilla", "bise", "bise", "bise", "bise", "bise_ft", "random"]
+    assert [r.get("selection") for r in records[1:5]] == ["acc_worst_group", "acc", "acc_avg_group",
+                                                          "acc_weighted_avg_group"]
+    assert 0 <= records[0]["acc_weighted_avg_group"] <= 1
     for record in records:
         assert record["dataset"] == "civilcomments" and 0 <= record["dp_diff"] <= 1 and 0 <= record["eo_diff"] <= 1
         assert record["wilds_acc_worst_group"] == record["acc_worst_group"]  # groups=wilds is the headline

@@ -31,7 +31,7 @@ from torch import nn
 
 from bise_cli.data.base import Split, bias_columns
 from bise_cli.errors import BiseError, check_choice
-from bise_cli.masking import GateSet, capture_input, unit_sparsity
+from bise_cli.masking import GateSet, capture_input, round_masks, unit_sparsity
 from bise_cli.metrics import accuracy_metrics
 from bise_cli.precision import autocast, check_precision
 from bise_cli.probe import HeadOptimiser, feature_epoch, head_accuracy, make_head, mean_over_attributes, model_epoch
@@ -75,6 +75,7 @@ class SearchSettings(HeadOptimiser):
     mask_lr_schedule: str = "none"
     mask_optimizer: str = "sgd"
     precision: str = "fp32"  # the run's `precision` (set by the pipeline, not a pruning option)
+    round_to: int = 1  # keep per-layer unit counts at multiples of this (extra units by final gate logit)
     cache_features: str = "auto"
     augment: bool = False
     selection: str = "best_val"
@@ -85,6 +86,8 @@ class SearchSettings(HeadOptimiser):
 
     def validate(self) -> SearchSettings:
         check_precision(self.precision)
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise BiseError(f"pruning.round_to must be an integer >= 1 (1 = no rounding), got {self.round_to!r}")
         for metric in (self.selection_metric, *self.also_select_by):
             check_choice("pruning.selection_metric", metric, SELECTION_METRICS)
         check_choice("pruning.mi_subset", self.mi_subset, MI_SUBSETS)
@@ -136,6 +139,8 @@ class SearchResult:
     settings: dict = field(default_factory=dict)
     # Best masks under other validation metrics ({metric: {"epoch", "masks"}}), recorded for comparison.
     alternatives: dict = field(default_factory=dict)
+    # The selected masks before `round_to` (equal to `masks` without rounding).
+    unrounded_masks: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- MI estimator
@@ -350,9 +355,17 @@ def _select(gates: GateSet, bests: dict, history: list[dict], heads: _Heads, pre
     if settings.selection == "best_val" and not has_val:
         log.warning("pruning.selection=best_val but the dataset has no validation split: using the last masks")
     best = bests[settings.selection_metric]
-    alternatives = {m: {"epoch": b["epoch"], "masks": b["masks"]} for m, b in bests.items()
+    # Rounded unit counts run at the speed their MACs promise; the extra units are those whose final gate
+    # logits came closest to being kept.
+    scores = gates.logits_snapshot()
+
+    def rounded(masks: dict) -> dict:
+        return masks if settings.round_to == 1 else round_masks(masks, scores, settings.round_to)
+
+    alternatives = {m: {"epoch": b["epoch"], "masks": rounded(b["masks"])} for m, b in bests.items()
                     if m != settings.selection_metric and use_best}
-    return SearchResult(masks=best["masks"] if use_best else last, last_masks=last,
+    selected = best["masks"] if use_best else last
+    return SearchResult(masks=rounded(selected), unrounded_masks=selected, last_masks=last,
                         best_epoch=best["epoch"] if use_best else len(history), history=history,
                         alternatives=alternatives, head_states=heads.states(), pretrain_head_states=pretrain_states,
                         cached_features=use_cache, approximate_cache=approximate, settings=asdict(settings))

@@ -173,3 +173,20 @@ def test_two_bias_attributes_get_one_head_each_and_the_last_masks_without_val(ti
     assert all(torch.equal(result.masks[k], last[k]) for k in last)
     assert result.best_epoch == len(result.history) == 2
     assert all(row["mi"] is None or 0 <= row["mi"] <= 2 for row in result.history)  # a sum of two in [0, 1]
+
+
+def test_round_to_rounds_the_selected_masks_up(tiny):
+    bundle, model = tiny
+    gates = GateSet(model.gate_points(), init=1.0).attach(model)
+    settings = SearchSettings(tau_period=1, tau_min=0.3, head_pretrain_epochs=1, head_refine_epochs=1,
+                              batch_size=100, gate_init=1.0, mask_lr=0.5, selection="last", round_to=4)
+    weights = sample_weights("nominal_rho", bundle["search"].y, bundle["search"].b, 10, 10, (0.9,))
+    result = run_search(model, gates, bundle["search"], None, None, num_classes=10, num_bias=10, weights=weights,
+                        settings=settings, seed=0)
+    gates.detach()
+    for name, mask in result.masks.items():
+        kept, before = int(mask.sum()), int(result.unrounded_masks[name].sum())
+        assert kept >= before and (kept % 4 == 0 or kept == mask.numel() or before == 0)
+        assert bool((mask | ~result.unrounded_masks[name]).all())  # every unit kept before is still kept
+    with pytest.raises(BiseError, match="round_to"):
+        SearchSettings(round_to=0).validate()

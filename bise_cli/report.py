@@ -59,12 +59,30 @@ def write_report(run_dir: str | Path, cfg: dict, records: list[dict], note: str 
         lines.append(f"| {record['stage']} | " + " | ".join(format_value(k, record.get(k)) for k in present) + " |")
     lines += ["", "Bias before and after: compare `aligned` vs `conflicting` and the bias-probe accuracy of the "
               "vanilla row with the pruned rows.", ""]
+    lines += confidence_lines(records)
     changed = deviations(cfg)
     lines += ["## Settings that deviate from the paper", ""]
     lines += [f"- `{key}` = {value!r} (paper: {paper!r})" for key, value, paper in changed] or ["- none"]
     lines.append("")
     lines += _plots(run_dir)
     return write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def confidence_lines(records: list[dict]) -> list[str]:
+    """The per-run bootstrap intervals of the accuracy metrics (`<metric>_ci`), when the run computed them."""
+    names = [m for m in METRIC_NAMES if any(isinstance(r.get(f"{m}_ci"), list) for r in records)]
+    if not names:
+        return []
+    lines = ["## 95 % bootstrap intervals (test set)", "", "| stage | " + " | ".join(heading(m) for m in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for record in records:
+        cells = []
+        for name in names:
+            interval = record.get(f"{name}_ci")
+            cells.append(f"[{format_value(name, interval[0])}, {format_value(name, interval[1])}]"
+                         if isinstance(interval, list) else format_value(name, None))
+        lines.append(f"| {record['stage']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _plots(run_dir: Path) -> list[str]:

@@ -190,3 +190,20 @@ def test_round_to_rounds_the_selected_masks_up(tiny):
         assert bool((mask | ~result.unrounded_masks[name]).all())  # every unit kept before is still kept
     with pytest.raises(BiseError, match="round_to"):
         SearchSettings(round_to=0).validate()
+
+
+def test_augmentation_switches_the_cached_head_features_off(tiny):
+    """With an augmented search split the frozen model sees new inputs every epoch: cached features would be an
+    approximation, so `cache_features=auto` recomputes them."""
+    bundle, model = tiny
+    search = bundle["search"]
+    flips = Split(search.x, search.y, search.b, search.encode, augment=lambda x, g: x.flip(-1))
+    weights = sample_weights("none", search.y, search.b, 10, 10, None)
+    for augment, cached in ((True, False), (False, True)):
+        gates = GateSet(model.gate_points(), init=1.0).attach(model)
+        settings = SearchSettings(tau_period=1, tau_min=0.6, head_pretrain_epochs=1, head_refine_epochs=1,
+                                  batch_size=100, gate_init=1.0, selection="last", augment=augment)
+        result = run_search(model, gates, flips, None, None, num_classes=10, num_bias=10, weights=weights,
+                            settings=settings, seed=0)
+        gates.detach()
+        assert result.cached_features is cached and not result.approximate_cache

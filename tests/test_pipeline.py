@@ -143,9 +143,11 @@ def test_civilcomments_with_bert_end_to_end_on_a_wilds_layout_file(tmp_path):
         f"dataset.root={root}", "dataset.max_length=16", "dataset.groups=wilds", "train.epochs=1",
         "train.lr=0.001", "pruning.tau_period=1", "pruning.tau_min=0.3", "pruning.head_pretrain_epochs=1",
         "pruning.head_refine_epochs=1", "finetune.epochs=1", "leakage_probe.epochs=1", "latency.repeats=1",
-        "latency.warmup=0", "stages=[vanilla,bise,bise_ft,random]", f"output_root={tmp_path / 'outputs'}"])
+        "latency.warmup=0", "stages=[vanilla,bise,bise_ft,random,dfr_train,dfr_val,lff]",
+        f"output_root={tmp_path / 'outputs'}"])
     records = pipeline.run(cfg, tmp_path / "run")
-    assert [r["stage"] for r in records] == ["vanilla", "bise", "bise", "bise", "bise", "bise_ft", "random"]
+    assert [r["stage"] for r in records] == ["vanilla", "bise", "bise", "bise", "bise", "bise_ft", "random",
+                                             "dfr_train", "dfr_val", "lff"]
     assert [r.get("selection") for r in records[1:5]] == ["acc_worst_group", "acc", "acc_avg_group",
                                                           "acc_weighted_avg_group"]
     assert 0 <= records[0]["acc_weighted_avg_group"] <= 1

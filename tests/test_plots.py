@@ -55,3 +55,13 @@ def test_report_metrics_follow_the_declared_order():
     assert report_metrics(same) == ["acc", "acc_unbiased", "acc_both_conflicting", "leakage"]
     wilds = [{**same[0], "acc_avg_group": 0.7}]  # another group definition: both are shown
     assert report_metrics(wilds) == ["acc", "acc_unbiased", "acc_avg_group", "acc_both_conflicting", "leakage"]
+
+
+def test_report_shows_the_bootstrap_intervals(tmp_path):
+    from conftest import compose_config
+
+    records = [{"stage": "vanilla", "acc_unbiased": 0.5, "acc_unbiased_ci": [0.45, 0.55]},
+               {"stage": "bise", "acc_unbiased": 0.6}]
+    text = write_report(tmp_path, compose_config([]), records).read_text()
+    assert "## 95 % bootstrap intervals (test set)" in text
+    assert "| vanilla | [45.0, 55.0] |" in text and "| bise | – |" in text

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-SPLIT_NAMES = ("train", "search", "val", "test")
+SPLIT_NAMES = ("train", "search", "val", "test", "test_conflicting")  # the last one: CelebA only
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ lint: $(STAMP)  ## ruff
 bench: $(STAMP)  ## benchmarks (minutes; some need the full MNIST in $(MNIST))
 	$(BIN)/python benchmarks/run_all.py --mnist $(MNIST)
 
-table-multicolor-mnist: $(STAMP)  ## paper Table: Multi-Color MNIST, full protocol, 3 seeds (~20 min on 2 CPU cores)
+table-multicolor-mnist: $(STAMP)  ## paper Table: Multi-Color MNIST, full protocol, 3 seeds (~30 min on 2 CPU cores)
 	$(BIN)/bise run -m experiment=paper/multicolor_mnist
 	$(BIN)/bise table outputs/sweeps/paper_multicolor_mnist --reference
 

@@ -62,17 +62,26 @@ def pattern_name(names: tuple[str, ...] | list[str], aligned: tuple[bool, ...]) 
     return "acc_" + "_".join(f"{n}_{w}" for n, w in zip(names, words, strict=True))
 
 
+def alignment_groups(y: torch.Tensor, b: torch.Tensor) -> list[tuple[tuple[bool, ...], torch.Tensor]]:
+    """(pattern, sample mask) for each of the 2^A alignment patterns of A bias attributes, all-aligned first:
+    pattern[k] is True when attribute k agrees with the target."""
+    aligned = b.long().cpu() == y.long().cpu().unsqueeze(1)
+    attributes = b.shape[1]
+    groups = []
+    for code in range(2 ** attributes):
+        pattern = tuple(not (code >> (attributes - 1 - k)) & 1 for k in range(attributes))
+        groups.append((pattern, (aligned == torch.tensor(pattern)).all(1)))
+    return groups
+
+
 def multi_attribute_metrics(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor,
                             names: tuple[str, ...] | list[str]) -> dict:
     """Accuracy metrics over the 2^A alignment patterns of A bias attributes (see the module docstring)."""
     y, b, pred = y.long().cpu(), b.long().cpu(), pred.long().cpu()
     correct = pred == y
     aligned = b == y.unsqueeze(1)
-    patterns = {}
-    for code in range(2 ** b.shape[1]):
-        pattern = tuple(not (code >> (b.shape[1] - 1 - k)) & 1 for k in range(b.shape[1]))  # aligned first
-        mask = (aligned == torch.tensor(pattern)).all(1)
-        patterns[pattern_name(names, pattern)] = (_mean(mask, correct), int(mask.sum()))
+    patterns = {pattern_name(names, pattern): (_mean(mask, correct), int(mask.sum()))
+                for pattern, mask in alignment_groups(y, b)}
     present = [acc for acc, count in patterns.values() if count]
     unbiased = sum(present) / len(present) if present else math.nan
     return {

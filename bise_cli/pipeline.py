@@ -25,7 +25,15 @@ from bise_cli.data.noise import flip_labels
 from bise_cli.errors import BiseError
 from bise_cli.fingerprint import fingerprint_bundle
 from bise_cli.precision import configure_backends, peak_memory_mb, reset_peak_memory
-from bise_cli.records import RunDir, check_record_keys, config_hash, make_record, write_json, write_text
+from bise_cli.records import (
+    NOT_RESULT_SETTINGS,
+    RunDir,
+    check_record_keys,
+    config_hash,
+    make_record,
+    write_json,
+    write_text,
+)
 from bise_cli.report import write_report
 
 log = logging.getLogger(__name__)
@@ -33,8 +41,6 @@ log = logging.getLogger(__name__)
 # The stages this runner implements, in the order they print (names and titles are declared in names.py).
 STAGES = ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude", "ffw", "dfr_train", "dfr_val", "lff")
 MASK_STAGES = ("bise", "bise_ft", "random", "magnitude")  # need BISE's structured masks
-# Settings that never change a result: left out of the run's identity.
-NOT_RESULT_KEYS = ("device", "hydra", "output_root", "name", "note", "cache", "threads")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -60,7 +66,7 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
         torch.set_num_threads(int(cfg["threads"]))
     run_dir = RunDir(out_dir)
     # The run's identity: every setting that can change a result, plus the device that measures latency.
-    identity = config_hash({**{k: v for k, v in cfg.items() if k not in NOT_RESULT_KEYS}, "device": device.type})
+    identity = config_hash({**{k: v for k, v in cfg.items() if k not in NOT_RESULT_SETTINGS}, "device": device.type})
     records = run_dir.finished_records(identity)
     if records is not None:
         log.info("already done, skipping: %s", run_dir.path)

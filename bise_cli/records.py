@@ -85,9 +85,11 @@ def file_sha256(path: str | Path) -> str | None:
 # Fields every record sets itself; `record_keys` may not override them.
 RESERVED_FIELDS = ("stage", "keys", "run_dir", "data_sha256", "data_train_size", "data_source", "selection",
                    "peak_gpu_memory_mb")
-# Config entries that never change a result (or are lists of stages): left out of records.
-NOT_RECORD_SETTINGS = ("hydra", "device", "output_root", "name", "note", "cache", "stages", "record_keys",
-                       "threads")
+# Config entries that never change a result: left out of a run's identity (the pipeline adds the resolved device
+# itself) and of records.
+NOT_RESULT_SETTINGS = ("hydra", "device", "output_root", "name", "note", "cache", "threads")
+# Records also leave out the stage list and record_keys (a record is one stage; record_keys are merged in).
+NOT_RECORD_SETTINGS = (*NOT_RESULT_SETTINGS, "stages", "record_keys")
 
 
 def flatten_config(cfg: dict, prefix: str = "") -> dict:

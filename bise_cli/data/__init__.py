@@ -9,7 +9,7 @@ import torch
 
 from bise_cli.data.base import SPLIT_NAMES, DatasetBundle, Split, aligned_mask, bias_columns
 from bise_cli.errors import check_choice
-from bise_cli.metrics import pattern_name
+from bise_cli.metrics import alignment_groups, pattern_name
 
 DATASETS = ("biased_mnist", "multicolor_mnist", "civilcomments", "cifar10c", "celeba")
 
@@ -57,10 +57,8 @@ def summarize_split(split: Split, num_classes: int, num_bias: int, bias_names: t
     if len(columns) == 1:
         return {"size": len(split), **_attribute_summary(split.y, columns[0], num_classes, num_bias)}
     aligned = aligned_mask(split.y, split.b)
-    groups = {}
-    for code in range(2 ** len(columns)):
-        pattern = tuple(not (code >> (len(columns) - 1 - k)) & 1 for k in range(len(columns)))
-        groups[pattern_name(bias_names, pattern)[len("acc_"):]] = int((aligned == torch.tensor(pattern)).all(1).sum())
+    groups = {pattern_name(bias_names, pattern)[len("acc_"):]: int(mask.sum())
+              for pattern, mask in alignment_groups(split.y, split.b)}
     return {
         "size": len(split),
         "aligned_fraction": round(float(aligned.all(1).float().mean()), 6) if len(split) else None,

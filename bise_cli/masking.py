@@ -29,7 +29,8 @@ class GatePoint:
     """A gate position: `where` is "output" or "input" of submodule `module`; units along `dim`.
 
     `producer` names the conv/linear layer whose weight row i computes unit i (used by magnitude pruning);
-    empty means `module` itself."""
+    empty means `module` itself. `removable` is False for units that physical pruning masks but cannot remove
+    (channels tied by a residual addition keep their width; `bise gates` reports them as masked-not-removed)."""
 
     name: str
     module: str
@@ -37,6 +38,7 @@ class GatePoint:
     where: str = "output"
     dim: int = 1
     producer: str = ""
+    removable: bool = True
 
 
 class Gate(nn.Module):

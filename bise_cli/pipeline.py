@@ -35,6 +35,7 @@ from bise_cli.records import (
     write_text,
 )
 from bise_cli.report import write_report
+from bise_cli.tracking import check_tracker, track_run
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
     check_record_keys(cfg.get("record_keys") or {})
     check_stage_combination(list(cfg["stages"]), cfg["pruning"]["name"])
     stages.pruning_settings(cfg["pruning"])
+    check_tracker(cfg.get("logger"))
     device = resolve_device(cfg["device"])
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -70,6 +72,7 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
     records = run_dir.finished_records(identity)
     if records is not None:
         log.info("already done, skipping: %s", run_dir.path)
+        track_run(cfg.get("logger"), run_dir.path, cfg, records)  # e.g. logger=mlflow added to a finished run
         return records
     check_writable(run_dir.path)
     if cfg["cache"]:
@@ -81,9 +84,14 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
         recipe(cfg, device, run_dir)
     except BaseException as error:
         run_dir.fail(error)
+        try:  # the stages that finished still reach the tracker; its own trouble never hides the run's error
+            track_run(cfg.get("logger"), run_dir.path, cfg, run_dir.records, failed=True)
+        except Exception as tracking_error:  # noqa: BLE001
+            log.warning("tracking the failed run failed too: %s", tracking_error)
         raise
     write_report(run_dir.path, cfg, run_dir.records, cfg.get("note", ""))
     run_dir.finish(identity, seconds=round(time.perf_counter() - started, 1))
+    track_run(cfg.get("logger"), run_dir.path, cfg, run_dir.records)
     return run_dir.records
 
 

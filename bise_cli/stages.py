@@ -21,6 +21,7 @@ import torch
 from bise_cli import baselines
 from bise_cli.bise import SearchSettings, run_search
 from bise_cli.cache import StageCache
+from bise_cli.checkpoints import load_into, read_state_dict
 from bise_cli.data.base import DatasetBundle
 from bise_cli.efficiency import efficiency_report
 from bise_cli.errors import BiseError, check_choice
@@ -139,6 +140,7 @@ def vanilla(ctx: Context):
 
         trained = ctx.cache.get_or_compute("vanilla", key, train)
         model.load_state_dict(trained["state_dict"])
+        write_json(ctx.run_dir.file("vanilla_history.json"), trained["history"])
     freeze(model)
     metrics = ctx.cache.get_or_compute(
         "vanilla_metrics", {**ctx.eval_key(key), "stage": "vanilla_metrics"},
@@ -147,21 +149,12 @@ def vanilla(ctx: Context):
 
 
 def load_checkpoint(model, path: str, ctx: Context) -> None:
-    """Load a state dict (or a dict holding one under `state_dict`) trained elsewhere, safely (tensors only)."""
-    try:
-        state = torch.load(path, map_location=ctx.device, weights_only=True)
-    except Exception as error:  # unpickling refused, not a torch file, unreadable: all the user's file
-        raise BiseError(f"cannot read vanilla_checkpoint {path!r}: {str(error).splitlines()[0][:200]}") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BiseError(f"vanilla_checkpoint {path!r} is not a state dict (a mapping of parameter names to "
-                        f"tensors); got {type(state).__name__}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())[:300]
-        raise BiseError(f"vanilla_checkpoint {path!r} does not match backbone={ctx.cfg['backbone']['name']} "
-                        f"with {ctx.bundle.num_classes} classes: {detail}") from None
+    """Load a state dict trained elsewhere (`.pt` read tensors-only, or `.safetensors`); a one-line error names
+    the missing, unexpected and mis-shaped keys."""
+    state = read_state_dict(path, "vanilla_checkpoint")
+    load_into(model, state, f"vanilla_checkpoint {path!r} (backbone={ctx.cfg['backbone']['name']}, "
+                            f"{ctx.bundle.num_classes} classes)")
+    model.to(ctx.device)
 
 
 def milestones(cfg: dict) -> list[int]:
@@ -282,20 +275,23 @@ def finetune(ctx: Context, vanilla_model, masks, stage: str, parent_key: dict) -
         best = baselines.BestState(model, ctx.bundle.get("val"), ctx.bundle.num_classes, ctx.bundle.num_bias,
                                    batch_size=ctx.cfg["eval_batch_size"], device=ctx.device,
                                    metric=f["selection_metric"], group_weights=train_group_weights(ctx.bundle))
-        fit(model, split, epochs=f["epochs"], batch_size=f["batch_size"], optimizer=f["optimizer"], lr=f["lr"],
-            momentum=f["momentum"], weight_decay=f["weight_decay"], scheduler=f["scheduler"],
-            milestones=f.get("milestones"), sample_weights=weights, device=ctx.device,
-            seed=seed_stage(ctx.seed, stage), description=stage, after_epoch=best.update if f["select_best"] else None,
-            precision=ctx.cfg["precision"])
+        history = fit(model, split, epochs=f["epochs"], batch_size=f["batch_size"], optimizer=f["optimizer"],
+                      lr=f["lr"], momentum=f["momentum"], weight_decay=f["weight_decay"], scheduler=f["scheduler"],
+                      milestones=f.get("milestones"), sample_weights=weights, device=ctx.device,
+                      seed=seed_stage(ctx.seed, stage), description=stage,
+                      after_epoch=best.update if f["select_best"] else None, precision=ctx.cfg["precision"])
         best.restore()
         freeze(model)
         if gates is None:
-            return {"metrics": {**ctx.evaluate(model), "best_epoch": best.epoch}}
+            return {"metrics": {**ctx.evaluate(model), "best_epoch": best.epoch}, "history": history}
         gates.detach()
         return {"metrics": {**ctx.evaluate(prune_model(model, masks), dense=vanilla_model, masks=masks),
-                            "best_epoch": best.epoch}}
+                            "best_epoch": best.epoch}, "history": history}
 
-    return ctx.cache.get_or_compute(stage, key, train)["metrics"]
+    result = ctx.cache.get_or_compute(stage, key, train)
+    if "history" in result:  # entries cached before curves were kept have none
+        write_json(ctx.run_dir.file(f"{stage}_history.json"), result["history"])
+    return result["metrics"]
 
 
 # ----------------------------------------------------------------------------------------------- baselines

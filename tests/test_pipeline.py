@@ -128,8 +128,29 @@ def test_vanilla_checkpoint_is_used_and_a_mismatch_is_one_clear_error(tmp_path):
     assert records[0]["stage"] == "vanilla" and "train_seconds" not in records[0]
     wrong = tmp_path / "wide.pt"
     torch.save(build_backbone("simple_convnet", 10, width=0.5).state_dict(), wrong)
-    with pytest.raises(BiseError, match="does not match backbone=simple_convnet"):
+    with pytest.raises(BiseError, match=r"\(backbone=simple_convnet, 10 classes\) does not match the model: "
+                       r"shape mismatches 25 \(extracter.0.bias \(8,\) vs \(2,\), extracter.0.weight \(8, 3, 7, 7\) vs "
+                       r"\(2, 3, 7, 7\)"):
         pipeline.run(_cfg(tmp_path, "stages=[vanilla]", f"vanilla_checkpoint={wrong}"), tmp_path / "b")
+
+
+def test_vanilla_checkpoint_from_safetensors_and_with_wrapped_or_missing_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    from bise_cli.models import build_backbone
+
+    state = build_backbone("simple_convnet", 10, width=0.125).state_dict()
+    pt = tmp_path / "vanilla.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, pt)  # DDP-style file
+    tensors = tmp_path / "vanilla.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tensors))
+    a = pipeline.run(_cfg(tmp_path, "stages=[vanilla]", f"vanilla_checkpoint={pt}"), tmp_path / "a")
+    b = pipeline.run(_cfg(tmp_path, "stages=[vanilla]", f"vanilla_checkpoint={tensors}"), tmp_path / "b")
+    assert a[0]["acc"] == b[0]["acc"]  # the same weights through both formats
+    partial = tmp_path / "partial.pt"
+    torch.save({**{k: v for k, v in state.items() if k != "fc.bias"}, "head.w": torch.zeros(1)}, partial)
+    with pytest.raises(BiseError, match=r"missing keys 1 \(fc.bias\); unexpected keys 1 \(head.w\)"):
+        pipeline.run(_cfg(tmp_path, "stages=[vanilla]", f"vanilla_checkpoint={partial}"), tmp_path / "c")
 
 
 def test_civilcomments_with_bert_end_to_end_on_a_wilds_layout_file(tmp_path):

@@ -63,9 +63,26 @@ def mismatch(model: nn.Module, state: dict[str, torch.Tensor], ignore: tuple[str
     return "; ".join(p for p in parts if p)
 
 
+def align_prefix(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the model's wrapper prefix added when that makes its keys match: bise wraps user models
+    (e.g. a torchvision ResNet as `net`, a Hugging Face model as `model`), while users save the plain model's
+    state dict. Unchanged when the keys already match or the prefix does not help."""
+    expected = set(model.state_dict())
+    if set(state) & expected:
+        return state
+    heads = {key.split(".", 1)[0] for key in expected}
+    if len(heads) == 1:
+        prefix = f"{heads.pop()}."
+        prefixed = {prefix + k: v for k, v in state.items()}
+        if set(prefixed) & expected:
+            return prefixed
+    return state
+
+
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str, ignore: tuple[str, ...] = ()) -> None:
-    """Load `state` into `model` (strict except for keys under `ignore`), or a one-line BiseError that names
-    what does not match."""
+    """Load `state` into `model` (strict except for keys under `ignore`; the model's wrapper prefix added when
+    needed), or a one-line BiseError that names what does not match."""
+    state = align_prefix(model, state)
     problem = mismatch(model, state, ignore)
     if problem:
         raise BiseError(f"{what} does not match the model: {problem}")

@@ -125,6 +125,8 @@ def make_record(stage: str, metrics: dict, cfg: dict, extra: dict | None = None)
     """One self-describing record: stage, the names of its config fields, the flattened config, the metrics."""
     config = flatten_config(cfg)
     for key, value in (cfg.get("record_keys") or {}).items():
+        if key.split(".")[0] in NOT_RECORD_SETTINGS:  # e.g. a `logger=mlflow` override: never a result setting
+            continue
         # Overrides echoed into record_keys (sweep keys) repeat a config value; a different value is a clash.
         if key in config and config[key] != value and str(config[key]) != str(value):
             from bise_cli.errors import BiseError

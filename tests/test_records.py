@@ -69,3 +69,13 @@ def test_run_dir_status_and_records(tmp_path):
         run.fail(error)
     status = run.status()
     assert status["state"] == "failed" and status["error"] == "ValueError: boom" and "Traceback" in status["traceback"]
+
+
+def test_overrides_of_settings_that_never_change_a_result_are_not_record_keys():
+    from bise_cli.records import make_record
+
+    cfg = {"seed": 1, "logger": {"name": "mlflow"}, "threads": 1,
+           "record_keys": {"logger": "mlflow", "threads": 1, "seed": 1, "ablation": "ce"}}
+    record = make_record("vanilla", {"acc": 0.5}, cfg)
+    assert "logger" not in record and "threads" not in record  # tables would split rows by them
+    assert record["seed"] == 1 and record["ablation"] == "ce" and record["keys"] == ["seed", "ablation"]

@@ -13,7 +13,7 @@ help:  ## list targets
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[text,launchers,export,timm,tracking,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[text,launchers,export,timm,tracking,parquet,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install bise with all extras

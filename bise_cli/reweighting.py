@@ -28,7 +28,8 @@ from bise_cli.errors import BiseError, check_choice
 REWEIGHTINGS = ("nominal_rho", "inverse_rho", "group_balanced", "empirical", "none")
 # The official code's default per dataset (its options 1, 3 and 8).
 PAPER_DEFAULTS = {"biased_mnist": "nominal_rho", "cifar10c": "nominal_rho", "multicolor_mnist": "inverse_rho",
-                  "celeba": "group_balanced", "civilcomments": "group_balanced"}
+                  "celeba": "group_balanced", "civilcomments": "group_balanced", "table": "group_balanced",
+                  "waterbirds": "group_balanced"}
 
 
 def resolve(name: str, dataset: str, unsupervised: bool = False) -> str:

@@ -11,7 +11,7 @@ from bise_cli.data.base import SPLIT_NAMES, DatasetBundle, Split, aligned_mask, 
 from bise_cli.errors import check_choice
 from bise_cli.metrics import alignment_groups, pattern_name
 
-DATASETS = ("biased_mnist", "multicolor_mnist", "civilcomments", "cifar10c", "celeba")
+DATASETS = ("biased_mnist", "multicolor_mnist", "civilcomments", "cifar10c", "celeba", "table", "waterbirds")
 
 
 def build_dataset(name: str, rho: float, seed: int, source: str, root: str, max_samples: int | None = None,
@@ -33,6 +33,12 @@ def build_dataset(name: str, rho: float, seed: int, source: str, root: str, max_
     if name == "celeba":
         from bise_cli.data.celeba import build as build_celeba
         return build_celeba(source, root, seed, max_samples, **options)
+    if name == "table":
+        from bise_cli.data.table import build as build_table
+        return build_table(source, root, seed, max_samples, **options)
+    if name == "waterbirds":
+        from bise_cli.data.waterbirds import build as build_waterbirds
+        return build_waterbirds(source, root, seed, max_samples, **options)
     from bise_cli.data.civilcomments import load_civilcomments
     return load_civilcomments(root=root, source=source, max_samples=max_samples, seed=seed,
                               synthetic_rho=rho, **options)

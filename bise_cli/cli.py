@@ -1,7 +1,9 @@
-"""The `bise` command: `run` (the pipeline, through Hydra), `data` (inspect a dataset), `table` (aggregate).
+"""The `bise` command: `run` (the pipeline, through Hydra), `audit` (the model card of an unpruned model), `data`
+(inspect a dataset), `gates` (where BISE's gates go), `table` (aggregate), `export` (a pruned model as a file).
 
 Only this module and pipeline.py know Hydra. `bise run ARGS` hands ARGS to a Hydra app, so every Hydra feature
-works as documented: overrides, `-m` sweeps, `--cfg job`, `--help`, launchers.
+works as documented: overrides, `-m` sweeps, `--cfg job`, `--help`, launchers; `bise audit` is the same app with
+the stages fixed to [vanilla]. `bise gates` only composes the config (Hydra's compose API): it writes nothing.
 """
 
 from __future__ import annotations
@@ -32,10 +34,20 @@ commands:
                            bise run -m rho=0.99,0.995,0.997 seed=0,1,2
                            bise run experiment=quickstart
                      `bise run --help` lists every config group; `bise run --cfg job` prints the config
+  audit [overrides]  the model card of a model WITHOUT pruning it (stages fixed to [vanilla]); writes
+                     MODEL_CARD.md, model_card.json and group_accuracy.png into outputs/audits/<overrides>
+                     e.g.  bise audit dataset=celeba backbone=resnet18 vanilla_checkpoint=model.pt
   data [overrides]   build the dataset only; print and write a summary and a sample grid
+  gates [overrides]  list the backbone's gates (module, position, units, removable) and the layers left ungated
+                     e.g.  bise gates backbone=resnet18 dataset=cifar10c    (classes=N sets the class count;
+                     by default it is the dataset's, and only unknown datasets are built to find it)
   table DIR [opts]   mean +- std tables (md, tex, csv) over every record under DIR; `bise table --help`
+  export RUN_DIR --format state_dict|torchscript|onnx [--out PATH] [--stage bise]
+                     the run's pruned model as a standalone file, reloaded and checked against the pruned
+                     model, with preprocessing.json (input and classes) beside it; `bise export --help`
   version            print the version
 """
+COMMANDS = ("run", "audit", "data", "gates", "table", "export", "version")
 MAX_DIRNAME = 200
 FAILED_JOBS: list[str] = []
 # Overrides that do not change results: not written as record keys (and not part of run folder names).
@@ -158,8 +170,8 @@ def _validated(cfg: DictConfig) -> dict:
     return plain
 
 
-@_guarded
-def run_task(cfg: DictConfig):
+def _run_pipeline(cfg: DictConfig) -> None:
+    """The job of `bise run` (and `bise audit`): check, run the pipeline, print the summary."""
     from bise_cli.validate import check_writable
 
     _interrupt_on_sigterm()
@@ -179,6 +191,11 @@ def run_task(cfg: DictConfig):
 
 
 @_guarded
+def run_task(cfg: DictConfig):
+    _run_pipeline(cfg)
+
+
+@_guarded
 def data_task(cfg: DictConfig):
     from bise_cli.validate import check_writable
 
@@ -190,6 +207,134 @@ def data_task(cfg: DictConfig):
 
     bundle = pipeline.load_data(plain)
     write_data_summary(bundle, _output_dir())
+
+
+@_guarded
+def audit_task(cfg: DictConfig):
+    """`bise run` with stages=[vanilla]: the model card of the vanilla model (no search, no pruning)."""
+    OmegaConf.update(cfg, "stages", ["vanilla"])
+    _run_pipeline(cfg)
+    print(f"model card: {_output_dir() / 'MODEL_CARD.md'}")
+
+
+# The built-in datasets' class counts, so that `bise gates` need not build a dataset (the gates never depend on
+# it: no backbone gates its classifier).
+NUM_CLASSES = {"biased_mnist": 10, "multicolor_mnist": 10, "cifar10c": 10, "celeba": 2, "civilcomments": 2,
+               "waterbirds": 2}
+
+
+def _compose(overrides: list[str]) -> dict:
+    """The resolved config for `overrides` through Hydra's compose API (no run folder, no log file)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        # Hydra appends its config search path to "not found" messages: the first sentence is the message.
+        raise BiseError(" ".join(str(error).split(" Config search path")[0].split())[:300]) from None
+
+
+def _gate_rows(model) -> list[dict]:
+    """One row per gate, then one per channel group left ungated: `describe_gates` (bise_cli.models.auto_gates;
+    keys name, module, units, where, removable, status, reason, ...), or the same rows from `gate_points()`."""
+    try:
+        from bise_cli.models.auto_gates import describe_gates
+    except ImportError:  # an older tree without automatic gates
+        return [{"name": p.name, "module": p.module, "units": p.units, "where": p.where,
+                 "producer": p.producer or p.module, "removable": p.removable,
+                 "status": "removed" if p.removable else "masked-not-removed", "reason": ""}
+                for p in model.gate_points()]
+    return [dict(row) for row in describe_gates(model)]
+
+
+def _ungated_layers(model, rows: list[dict]) -> list[dict]:
+    """The ungated channel groups `describe_gates` reports; for a hand-written backbone (which reports none) the
+    conv and linear layers that are no gate's producer, whose output units are therefore kept whole."""
+    from torch import nn
+
+    reported = [row for row in rows if row.get("status") == "ungated"]
+    if reported or hasattr(model, "ungated_groups"):
+        return [{"module": row.get("module"), "type": type(model.get_submodule(row["module"])).__name__
+                 if row.get("module") else "", "units": row.get("units"), "reason": row.get("reason", "")}
+                for row in reported]
+    covered = {row.get("producer") or row.get("module") for row in rows}
+    classifier = getattr(model, "classifier", None)
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and name not in covered:
+            units = getattr(module, "out_channels", None) or getattr(module, "out_features", None)
+            reason = "the classifier: its outputs are the classes" if module is classifier else \
+                "no gate on its output units (kept whole)"
+            layers.append({"module": name, "type": type(module).__name__, "units": units, "reason": reason})
+    return layers
+
+
+def gates_command(argv: list[str]) -> int:
+    """`bise gates [overrides] [classes=N]`: a table of the backbone's gates and of the layers left ungated."""
+    from rich.table import Table
+
+    from bise_cli.summary import console
+    from bise_cli.validate import validate_config
+
+    if any(arg in ("-h", "--help") for arg in argv):
+        print("usage: bise gates [overrides] [classes=N]\n  lists where BISE's gates go in the configured backbone "
+              "(e.g. bise gates backbone=resnet18 dataset=cifar10c)")
+        return 0
+    classes = [arg for arg in argv if arg.lstrip("+").startswith("classes=")]
+    plain = _compose([arg for arg in argv if arg not in classes])
+    for warning in validate_config(plain):
+        log.warning(warning)
+    num_classes, origin = _class_count(plain, classes[-1].partition("=")[2] if classes else None)
+
+    from bise_cli.models import build_backbone
+
+    backbone = plain["backbone"]
+    try:
+        model = build_backbone(backbone["name"], num_classes, **{k: v for k, v in backbone.items() if k != "name"})
+    except (ValueError, TypeError) as error:  # a backbone option the constructor refuses
+        raise BiseError(f"cannot build backbone {backbone['name']}: {error}") from None
+    rows = _gate_rows(model)
+    gates = [row for row in rows if row.get("status") != "ungated"]
+    table = Table(title=f"gates of {backbone['name']} ({num_classes} classes, from {origin})")
+    for column in ("gate", "module", "where", "units", "removable", "reason"):
+        table.add_column(column, justify="right" if column == "units" else "left")
+    for row in gates:
+        module = ", ".join([str(row.get("module")), *row.get("also", [])])
+        table.add_row(str(row.get("name")), module, str(row.get("where", "")), str(row.get("units")),
+                      "yes" if row.get("removable", True) else "masked-not-removed", str(row.get("reason") or ""))
+    units = sum(int(row.get("units") or 0) for row in gates)
+    removable = sum(int(row.get("units") or 0) for row in gates if row.get("removable", True))
+    table.caption = (f"{len(gates)} gates, {units} units: {removable} removable, {units - removable} "
+                     "masked-not-removed (the pruned model keeps their width and zeroes them)")
+    console.print(table)
+    ungated = _ungated_layers(model, rows)
+    if ungated:
+        table = Table(title=f"{len(ungated)} channel group(s) left ungated")
+        for column in ("module", "type", "units", "reason"):
+            table.add_column(column)
+        for row in ungated:
+            table.add_row(*(str(row.get(column, "")) for column in ("module", "type", "units", "reason")))
+        console.print(table)
+    return 0
+
+
+def _class_count(plain: dict, given: str | None) -> tuple[int, str]:
+    """The backbone's class count and where it came from: `classes=N`, the dataset config's `num_classes`, a
+    built-in dataset's, else the dataset itself (built once: the only case that reads data)."""
+    dataset = plain["dataset"]["name"]
+    if given is not None:
+        if not given.isdigit() or int(given) < 1:
+            raise BiseError(f"classes must be a positive integer, got {given!r}")
+        return int(given), "classes="
+    if plain["dataset"].get("num_classes"):
+        return int(plain["dataset"]["num_classes"]), f"dataset {dataset}"
+    if dataset in NUM_CLASSES:
+        return NUM_CLASSES[dataset], f"dataset {dataset}"
+    from bise_cli import pipeline
+    return pipeline.load_data(plain).num_classes, f"dataset {dataset}, built to count them"
 
 
 def _hydra_app(task, argv: list[str], program: str, extra: list[str] = ()) -> None:
@@ -215,6 +360,22 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{len(FAILED_JOBS)} job(s) failed; see status.json in: {', '.join(FAILED_JOBS)}",
                       file=sys.stderr)
                 sys.exit(1)
+        elif command == "audit":  # default folder outputs/audits/<overrides>, unless the user chose one
+            if any(arg.lstrip("+~").startswith("stages=") or arg.lstrip("~") == "stages" for arg in rest):
+                raise BiseError("bise audit evaluates the model as given: its stages are always [vanilla] "
+                                "(use bise run for the BISE stages)")
+            chosen = any(arg.lstrip("+").startswith("hydra.run.dir=") for arg in rest)
+            _hydra_app(audit_task, rest, "bise audit", [] if chosen else
+                       ["hydra.run.dir='${output_root}/audits/${bise.dirname:${hydra:job.override_dirname}}'"])
+            if FAILED_JOBS:
+                print(f"{len(FAILED_JOBS)} job(s) failed; see status.json in: {', '.join(FAILED_JOBS)}",
+                      file=sys.stderr)
+                sys.exit(1)
+        elif command == "gates":
+            sys.exit(gates_command(rest))
+        elif command == "export":
+            from bise_cli.export import export_command
+            sys.exit(export_command(rest))
         elif command == "data":  # default folder outputs/data/<overrides>, unless the user chose one
             chosen = any(arg.lstrip("+").startswith("hydra.run.dir=") for arg in rest)
             _hydra_app(data_task, rest, "bise data", [] if chosen else
@@ -225,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "version":
             print(__version__)
         else:
-            raise BiseError(f"unknown command {command!r}; allowed: run, data, table, version (see bise --help)")
+            raise BiseError(f"unknown command {command!r}; allowed: {', '.join(COMMANDS)} (see bise --help)")
     except BiseError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

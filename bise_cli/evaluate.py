@@ -4,20 +4,12 @@ WILDS overlapping-group metrics when the split carries identity columns, and bia
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from bise_cli.bootstrap import bootstrap_ci
-from bise_cli.data.base import DatasetBundle, bias_columns
-from bise_cli.metrics import (
-    accuracy_metrics,
-    disparity_metrics,
-    group_accuracy_matrix,
-    group_proportions,
-    overlapping_group_metrics,
-)
+from bise_cli.data.base import DatasetBundle
+from bise_cli.metrics import accuracy_metrics, disparity_metrics, group_proportions, overlapping_group_metrics
 from bise_cli.probe import fresh_probe_leakage, mean_over_attributes
 from bise_cli.train import predict
 
@@ -30,18 +22,6 @@ def train_group_weights(bundle: DatasetBundle) -> torch.Tensor | None:
     return group_proportions(train.y, train.b, bundle.num_classes, bundle.num_bias)
 
 
-def group_cells(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor, num_classes: int, num_bias: int,
-                bias_names: tuple[str, ...]) -> dict:
-    """`group_accuracy` and `group_count`: per bias attribute, the (class x bias value) matrices of accuracy
-    (None for an empty cell) and sample counts, the tables a model card shows."""
-    accuracy, count = {}, {}
-    for name, column in zip(bias_names, bias_columns(b), strict=True):
-        acc, n = group_accuracy_matrix(y, column, pred, num_classes, num_bias)
-        accuracy[name] = [[None if math.isnan(v) else round(v, 6) for v in row] for row in acc.tolist()]
-        count[name] = n.tolist()
-    return {"group_accuracy": accuracy, "group_count": count}
-
-
 def split_metrics(model: nn.Module, bundle: DatasetBundle, split_name: str, batch_size: int, device,
                   bootstrap: dict | None = None, seed: int = 0) -> dict:
     """Every metric of `split_name` (accuracy family, disparity when binary, WILDS groups when available), and
@@ -51,8 +31,6 @@ def split_metrics(model: nn.Module, bundle: DatasetBundle, split_name: str, batc
     out = predict(model, split, batch_size, device)
     metrics = accuracy_metrics(out["y"], out["b"], out["pred"], bundle.num_classes, bundle.num_bias,
                                bundle.bias_names, train_group_weights(bundle))
-    metrics.update(group_cells(out["y"], out["b"], out["pred"], bundle.num_classes, bundle.num_bias,
-                               bundle.bias_names))
     if bootstrap and bootstrap.get("n", 0) > 0:
         intervals = bootstrap_ci(out["y"], out["b"], out["pred"], n=bootstrap["n"], seed=seed,
                                  alpha=bootstrap["alpha"], num_bias=bundle.num_bias)

@@ -75,7 +75,8 @@ def alignment_groups(y: torch.Tensor, b: torch.Tensor) -> list[tuple[tuple[bool,
 
 
 def multi_attribute_metrics(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor,
-                            names: tuple[str, ...] | list[str]) -> dict:
+                            names: tuple[str, ...] | list[str], num_classes: int | None = None,
+                            num_bias: int | None = None) -> dict:
     """Accuracy metrics over the 2^A alignment patterns of A bias attributes (see the module docstring)."""
     y, b, pred = y.long().cpu(), b.long().cpu(), pred.long().cpu()
     correct = pred == y
@@ -93,7 +94,20 @@ def multi_attribute_metrics(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor
         "acc_avg_group": unbiased,
         **{name: acc for name, (acc, _) in patterns.items()},
         "group_count": {name: count for name, (_, count) in patterns.items()},
+        # Per attribute, the (class x bias value) tables that `group_acc` / `group_count` hold for one attribute.
+        **_attribute_tables(y, b, pred, names, num_classes or int(y.max()) + 1, num_bias or int(b.max()) + 1),
     }
+
+
+def _attribute_tables(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor, names, num_classes: int,
+                      num_bias: int) -> dict:
+    """{"attribute_group_acc": {name: matrix}, "attribute_group_count": {name: counts}}; None for empty cells."""
+    accuracy, count = {}, {}
+    for name, column in zip(names, b.unbind(1), strict=True):
+        matrix, counts = group_accuracy_matrix(y, column, pred, num_classes, num_bias)
+        accuracy[name] = [[None if math.isnan(v) else round(v, 6) for v in row] for row in matrix.tolist()]
+        count[name] = counts.tolist()
+    return {"attribute_group_acc": accuracy, "attribute_group_count": count}
 
 
 def group_proportions(y: torch.Tensor, b: torch.Tensor, num_classes: int, num_bias: int) -> torch.Tensor:
@@ -111,7 +125,7 @@ def accuracy_metrics(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor, num_c
     CivilComments)."""
     if b.dim() == 2 and b.shape[1] > 1:
         names = bias_names or [f"bias{k}" for k in range(b.shape[1])]
-        return multi_attribute_metrics(y, b, pred, names)
+        return multi_attribute_metrics(y, b, pred, names, num_classes, num_bias)
     y, b, pred = y.long().cpu(), b.long().cpu().flatten(), pred.long().cpu()
     correct = pred == y
     matrix, counts = group_accuracy_matrix(y, b, pred, num_classes, num_bias)

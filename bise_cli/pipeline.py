@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from bise_cli import stages
 from bise_cli.cache import StageCache
+from bise_cli.card import write_run_card
 from bise_cli.data import build_dataset, summarize_bundle
 from bise_cli.data.base import DatasetBundle, Split
 from bise_cli.data.noise import flip_labels
@@ -72,6 +73,8 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
     records = run_dir.finished_records(identity)
     if records is not None:
         log.info("already done, skipping: %s", run_dir.path)
+        if not run_dir.file("MODEL_CARD.md").is_file():  # finished before runs had cards: derived from records
+            write_run_card(run_dir.path, cfg, records)
         track_run(cfg.get("logger"), run_dir.path, cfg, records)  # e.g. logger=mlflow added to a finished run
         return records
     check_writable(run_dir.path)
@@ -90,6 +93,7 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
             log.warning("tracking the failed run failed too: %s", tracking_error)
         raise
     write_report(run_dir.path, cfg, run_dir.records, cfg.get("note", ""))
+    write_run_card(run_dir.path, cfg, run_dir.records)
     run_dir.finish(identity, seconds=round(time.perf_counter() - started, 1))
     track_run(cfg.get("logger"), run_dir.path, cfg, run_dir.records)
     return run_dir.records
@@ -105,6 +109,7 @@ def recipe(cfg: dict, device: torch.device, run_dir: RunDir) -> None:
     bundle = load_data(cfg)
     fingerprint = fingerprint_bundle(bundle)
     write_json(run_dir.file("data_summary.json"), {"info": bundle.info, "fingerprint": fingerprint,
+                                                   "bias_names": list(bundle.bias_names),
                                                    "splits": summarize_bundle(bundle)})
     # The data moves to the device once; batches are then gathered there (no host copies per batch).
     bundle.splits = {name: split.to(device) for name, split in bundle.splits.items()}

@@ -33,7 +33,8 @@ def test_help_and_config(tmp_path):
     assert "rho: 0.99" in job and "name: biased_mnist" in job and "tau_min: 0.001" in job
     bad = bise("frobnicate", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == (
-        "error: unknown command 'frobnicate'; allowed: run, data, table, version (see bise --help)")
+        "error: unknown command 'frobnicate'; allowed: run, audit, data, gates, table, export, version "
+        "(see bise --help)")
 
 
 def test_quickstart_run_with_tiny_settings(tmp_path):

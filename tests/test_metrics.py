@@ -77,15 +77,15 @@ def test_selection_metric_is_checked():
         SearchSettings(selection_metric="acc_best").validate()
 
 
-def test_group_cells_are_the_class_by_bias_accuracy_and_count_tables_of_each_attribute():
-    from bise_cli.evaluate import group_cells
+def test_several_attributes_also_get_each_attributes_class_by_bias_tables():
+    from bise_cli.metrics import accuracy_metrics
 
     y = torch.tensor([0, 0, 0, 1, 1, 1])
     b = torch.tensor([[0, 1], [0, 0], [1, 1], [1, 1], [1, 0], [1, 1]])  # two attributes
     pred = torch.tensor([0, 1, 0, 1, 0, 1])
-    cells = group_cells(y, b, pred, num_classes=2, num_bias=2, bias_names=("left", "right"))
+    metrics = accuracy_metrics(y, b, pred, 2, 2, ("left", "right"))
     # left: (y0,b0) 2 samples 1 right; (y0,b1) 1 sample right; (y1,b0) empty; (y1,b1) 3 samples, 2 right.
-    assert cells["group_accuracy"]["left"] == [[0.5, 1.0], [None, round(2 / 3, 6)]]
-    assert cells["group_count"]["left"] == [[2, 1], [0, 3]]
-    assert cells["group_accuracy"]["right"] == [[0.0, 1.0], [0.0, 1.0]]
-    assert cells["group_count"]["right"] == [[1, 2], [1, 2]]
+    assert metrics["attribute_group_acc"]["left"] == [[0.5, 1.0], [None, round(2 / 3, 6)]]
+    assert metrics["attribute_group_count"]["left"] == [[2, 1], [0, 3]]
+    assert metrics["attribute_group_acc"]["right"] == [[0.0, 1.0], [0.0, 1.0]]
+    assert metrics["attribute_group_count"]["right"] == [[1, 2], [1, 2]]

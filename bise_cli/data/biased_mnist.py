@@ -74,6 +74,12 @@ def encode(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(127.5).sub_(1.0)
 
 
+def preprocessing() -> dict:
+    """What `encode` does, for exported models: input = (uint8 RGB * scale - mean) / std, channels first."""
+    return {"kind": "image", "size": [3, 28, 28], "scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3,
+            "resize": None, "class_names": [str(digit) for digit in range(NUM_CLASSES)]}
+
+
 def _rng(seed: int, stream: str) -> np.random.Generator:
     return np.random.default_rng([seed, STREAMS[stream]])
 
@@ -113,6 +119,6 @@ def build_biased_mnist(digits: Digits, rho: float, seed: int = 0, max_samples: i
     }
     info = {"source": digits.source, "location": digits.location, "rho": rho, "val_rho": val_rho,
             "clean_split": clean_split, "train_digits": n,
-            "sizes": {name: len(split) for name, split in splits.items()}}
+            "sizes": {name: len(split) for name, split in splits.items()}, "preprocessing": preprocessing()}
     return DatasetBundle("biased_mnist", splits, NUM_CLASSES, NUM_CLASSES, info, bias_names=("colour",),
                          nominal_rho=(rho,))

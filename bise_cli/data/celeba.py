@@ -49,6 +49,16 @@ def encode(x: torch.Tensor) -> torch.Tensor:
     return (x.float().div_(255.0) - MEAN) / STD
 
 
+def preprocessing(image_size: int = 224) -> dict:
+    """What the image cache and `encode` do, for exported models: a bilinear squash to image_size x image_size,
+    then input = (uint8 RGB * scale - mean) / std, channels first."""
+    return {"kind": "image", "size": [3, image_size, image_size], "scale": 1 / 255,
+            "mean": [round(v, 6) for v in MEAN.flatten().tolist()],
+            "std": [round(v, 6) for v in STD.flatten().tolist()],
+            "resize": [image_size, image_size], "interpolation": "bilinear",
+            "class_names": [f"not {TARGET}", TARGET]}
+
+
 # ------------------------------------------------------------------------------------------- layouts
 
 def _read_table(path: Path, **kwargs) -> pd.DataFrame:
@@ -234,5 +244,6 @@ def build(source: str, root: str | Path, seed: int, max_samples: int | None = No
             "sizes": {name: len(split) for name, split in splits.items()},
             "groups": {name: {f"y{y}_b{b}": int(((s.y == y) & (s.b == b)).sum()) for y in (0, 1) for b in (0, 1)}
                        for name, s in splits.items() if name != "search"},
-            "val_per_group": len(frames["val"]) // 4, "test_per_group": len(frames["test"]) // 4}
+            "val_per_group": len(frames["val"]) // 4, "test_per_group": len(frames["test"]) // 4,
+            "preprocessing": preprocessing(image_size)}
     return DatasetBundle("celeba", splits, 2, 2, info, bias_names=("gender",), nominal_rho=None)

@@ -43,6 +43,7 @@ from bise_cli.progress import progress_bar
 
 log = logging.getLogger("bise")
 NUM_CLASSES = 10
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")  # CIFAR-10
 SOURCES = ("files", "build", "download")
 RHO_FOLDERS = {0.995: "0.5pct", 0.99: "1pct", 0.98: "2pct", 0.95: "5pct"}
 TEST_RHO = 0.1
@@ -55,6 +56,14 @@ STREAMS = {"train": 1, "test": 2}
 def encode(x: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> ToTensor + Normalize(CIFAR mean, std)."""
     return (x.float().div_(255.0) - MEAN) / STD
+
+
+def preprocessing() -> dict:
+    """What `encode` does, for exported models: input = (uint8 RGB * scale - mean) / std, channels first."""
+    return {"kind": "image", "size": [3, 32, 32], "scale": 1 / 255,
+            "mean": [round(v, 6) for v in MEAN.flatten().tolist()],
+            "std": [round(v, 6) for v in STD.flatten().tolist()],
+            "resize": None, "class_names": list(CLASS_NAMES)}
 
 
 def rho_folder(rho: float) -> str:
@@ -272,6 +281,7 @@ def build(source: str, root: str | Path, rho: float, seed: int, max_samples: int
     splits = {"train": _split(train), "test": _split(test)}
     splits["search"] = splits["train"]
     info.update(rho=rho, sizes={name: len(split) for name, split in splits.items()},
-                aligned={name: int((split.y == split.b).sum()) for name, split in splits.items()})
+                aligned={name: int((split.y == split.b).sum()) for name, split in splits.items()},
+                preprocessing=preprocessing())
     return DatasetBundle("cifar10c", splits, NUM_CLASSES, NUM_CLASSES, info, bias_names=("corruption",),
                          nominal_rho=(rho,))

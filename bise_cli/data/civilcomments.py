@@ -206,6 +206,12 @@ def _resolve(root: str, source: str, cache_dir: str, seed: int, synthetic_size: 
                     "dataset.source=synthetic (generated demo data, not real comments)")
 
 
+def preprocessing(tokenizer: str = OFFLINE_MODEL, max_length: int = 220) -> dict:
+    """What tokenisation does, for exported models: (N, 3, max_length) int64 = input_ids, attention_mask,
+    token_type_ids (bise_cli.data.tokenize)."""
+    return {"kind": "text", "tokenizer": tokenizer, "max_length": max_length, "class_names": ["non-toxic", "toxic"]}
+
+
 def _group_counts(y: torch.Tensor, s: torch.Tensor) -> dict[str, int]:
     return {f"y={a},s={b}": int(((y == a) & (s == b)).sum()) for a in (0, 1) for b in (0, 1)}
 
@@ -245,7 +251,7 @@ def load_civilcomments(root: str, source: str = "auto", groups: str = "coarse",
     info = {"source": used, "synthetic": synthetic, "path": str(path), "sha256": digest,
             "rows_in_file": len(df) + dropped, "dropped_comments": dropped, "max_samples": max_samples,
             "counts": counts, "groups": groups, "identity_names": list(IDENTITY_NAMES),
-            "tokenizer": tokenizer, "max_length": max_length,
+            "tokenizer": tokenizer, "max_length": max_length, "preprocessing": preprocessing(tokenizer, max_length),
             "tokenize_seconds": {k: round(v, 3) for k, v in seconds.items()}}
     if used == "synthetic":
         info["synthetic_settings"] = {"n": synthetic_size, "rho": synthetic_rho, "seed": seed}

@@ -151,6 +151,12 @@ def encode(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
+def preprocessing() -> dict:
+    """What `encode` does, for exported models: input = (uint8 RGB * scale - mean) / std, channels first."""
+    return {"kind": "image", "size": [3, 28, 28], "scale": 1 / 255, "mean": [0.0] * 3, "std": [1.0] * 3,
+            "resize": None, "class_names": [str(digit) for digit in range(NUM_CLASSES)]}
+
+
 def group_counts(y: torch.Tensor, b: torch.Tensor) -> dict[str, int]:
     """Sizes of the four (left, right) aligned/conflicting groups, keyed by BISE's group names."""
     left_aligned, right_aligned = b[:, 0] == y, b[:, 1] == y
@@ -196,6 +202,7 @@ def _coloured_split(images: torch.Tensor, labels: torch.Tensor, rho_left: float,
 def _bundle(splits: dict[str, Split], info: dict) -> DatasetBundle:
     info["groups"] = {name: group_counts(split.y, split.b) for name, split in splits.items() if name != "search"}
     info["sizes"] = {name: len(split) for name, split in splits.items()}
+    info["preprocessing"] = preprocessing()
     # nominal_rho: the training correlations the data was built with (BISE's reweighting option 3 uses them).
     return DatasetBundle("multicolor_mnist", splits, NUM_CLASSES, NUM_CLASSES, info, bias_names=("left", "right"),
                          nominal_rho=(info["rho_left"], info["rho_right"]))

@@ -1,0 +1,144 @@
+"""The model card (group accuracy matrices, the card of a tiny run, numbers equal to the records), `bise audit`
+on a saved checkpoint and `bise gates`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bise_cli import cli, pipeline
+from bise_cli.card import build_card, disparity, rebuild_run_card, record_matrices, render_markdown
+from bise_cli.errors import BiseError
+from bise_cli.models import build_backbone
+from bise_cli.records import read_jsonl
+
+from conftest import TINY_OVERRIDES, compose_config
+
+MLP = ["backbone=mlp", "~backbone.width"]  # the smoke preset sets simple_convnet's width
+
+
+def test_matrices_come_from_the_records_and_disparity_spans_the_non_empty_cells():
+    assert disparity([[0.5, 1.0, None], [0.0, 0.5, None]]) == 1.0
+    single = {"group_acc": [[0.5, 1.0], [None, 0.25]], "group_count": [[2, 1], [0, 4]]}
+    assert record_matrices(single, ["colour"]) == {"colour": {"accuracy": single["group_acc"],
+                                                              "count": single["group_count"]}}
+    several = {"group_count": {"both_aligned": 3}, "attribute_group_acc": {"left": [[1.0]], "right": [[0.5]]},
+               "attribute_group_count": {"left": [[3]], "right": [[2]]}}
+    assert record_matrices(several, ["left", "right"]) == {"left": {"accuracy": [[1.0]], "count": [[3]]},
+                                                          "right": {"accuracy": [[0.5]], "count": [[2]]}}
+    assert record_matrices({"acc": 0.5}, ["colour"]) == {}  # a record from before the tables were kept
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny real run with vanilla, BISE and BISE+FT and the card the pipeline wrote. The MLP is the cheapest
+    backbone on BiasedMNIST's 3 x 28 x 28 images."""
+    root = tmp_path_factory.mktemp("card")
+    cfg = compose_config([*TINY_OVERRIDES, *MLP, f"output_root={root / 'outputs'}", "stages=[vanilla,bise,bise_ft]",
+                          "bootstrap.n=20"])
+    records = pipeline.run(cfg, root / "run")
+    return root / "run", cfg, records
+
+
+def test_card_numbers_equal_the_records(tiny_run):
+    run_dir, cfg, records = tiny_run
+    summary = json.loads((run_dir / "data_summary.json").read_text())
+    assert summary["info"]["preprocessing"]["kind"] == "image"  # stored by the dataset builder (bise export)
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["kind"] == "bise" and list(card["performance"]) == ["vanilla", "bise", "bise_ft"]
+    for record in records:
+        if record["stage"] not in card["performance"] or record.get("selection"):
+            continue
+        stage = card["performance"][record["stage"]]
+        assert stage["metrics"] and all(record[name] == value for name, value in stage["metrics"].items())
+        assert all(record[f"{name}_ci"] == value for name, value in stage["intervals"].items())
+        assert stage["intervals"]["acc_worst_group"] == record["acc_worst_group_ci"]
+        assert stage["group_accuracy"]["colour"] == record["group_acc"]
+        assert stage["disparity"]["colour"] == disparity(record["group_acc"])
+        assert stage["gap_aligned_conflicting"] == record["acc_aligned"] - record["acc_conflicting"]
+        efficiency = card["efficiency"][record["stage"]]
+        assert all(record.get(name) == value for name, value in efficiency.items())
+    assert card["data"]["splits"]["test"]["size"] == summary["splits"]["test"]["size"]
+    assert card["data"]["data_sha256"] == records[0]["data_sha256"]
+    assert card["data"]["bias_attributes"][0]["value_counts"]["train"] == summary["splits"]["train"]["bias_counts"]
+    assert sum(map(sum, card["data"]["test_group_counts"]["colour"])) == summary["splits"]["test"]["size"]
+    assert {"key": "rho", "value": 0.9, "default": 0.99} in card["settings"]["deviations_from_defaults"]
+    assert card["settings"]["versions"]["torch"] == torch.__version__
+    text = (run_dir / "MODEL_CARD.md").read_text()
+    for heading in ("## 1. General", "## 2. Data", "## 3. Accuracy", "## 4. Efficiency", "## 5. Settings",
+                    "## 6. Known limitations", "not a conformity assessment", "decisions about people"):
+        assert heading in text
+    assert (run_dir / "group_accuracy.png").stat().st_size > 5000
+
+
+def test_vanilla_only_card_is_an_audit(tiny_run):
+    run_dir, cfg, records = tiny_run
+    summary = json.loads((run_dir / "data_summary.json").read_text())
+    card = build_card(cfg, [r for r in records if r["stage"] == "vanilla"], summary)
+    assert card["kind"] == "audit" and list(card["performance"]) == ["vanilla"]
+    assert card["performance"]["vanilla"]["group_accuracy"] == {"colour": records[0]["group_acc"]}
+    assert not any(d["key"].startswith(("pruning.", "finetune.")) for d in card["settings"]["deviations_from_defaults"])
+    assert any(line.startswith("Audit only") for line in card["limitations"])
+    assert "## 3. Accuracy" in render_markdown(card)
+
+
+def test_audit_command_on_a_saved_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    torch.save(build_backbone("mlp", 10).state_dict(), tmp_path / "model.pt")
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-m", "bise_cli", "audit", *TINY_OVERRIDES, *MLP, "bootstrap.n=0",
+                             "vanilla_checkpoint=model.pt", "output_root=out"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [folder] = list((tmp_path / "out" / "audits").iterdir())
+    assert f"model card: {folder / 'MODEL_CARD.md'}" in result.stdout.replace("\n", "")
+    assert [r["stage"] for r in read_jsonl(folder / "metrics.jsonl")] == ["vanilla"]
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["kind"] == "audit" and card["general"]["vanilla_checkpoint"] == "model.pt"
+    assert len(card["performance"]["vanilla"]["group_accuracy"]["colour"]) == 10
+    assert not (folder / "pruned_bise.pt").exists()
+
+
+def test_a_card_is_rebuilt_from_a_finished_run_folder_alone(tiny_run, tmp_path):
+    run_dir, _, _ = tiny_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.yaml", "status.json", "metrics.jsonl", "data_summary.json"):
+        (copy / name).write_bytes((run_dir / name).read_bytes())
+    rebuild_run_card(copy)
+    rebuilt, original = (json.loads((folder / "model_card.json").read_text()) for folder in (copy, run_dir))
+    assert {k: v for k, v in rebuilt.items() if k != "generated"} == \
+        {k: v for k, v in original.items() if k != "generated"}
+    with pytest.raises(BiseError, match="holds no records"):
+        rebuild_run_card(tmp_path)
+
+
+def test_audit_refuses_other_stages(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["audit", "stages=[vanilla,bise]"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: bise audit evaluates the model as given: its stages are "
+                                               "always [vanilla] (use bise run for the BISE stages)")
+
+
+@pytest.mark.parametrize("backbone, total", [("simple_convnet", "4 gates, 240 units"),
+                                             ("resnet18", "16 gates, 3840 units")])
+def test_gates_lists_every_gate(capsys, backbone, total):
+    assert cli.gates_command([f"backbone={backbone}", "classes=3"]) == 0
+    out = capsys.readouterr().out
+    for point in build_backbone(backbone, 3).gate_points():
+        assert f" {point.name} " in out and point.module in out
+    assert total in out and "3 classes, from classes=" in out
+    assert "the classifier: its outputs are the classes" in out
+
+
+def test_gates_errors():
+    with pytest.raises(BiseError, match="classes must be a positive integer, got 'x'"):
+        cli.gates_command(["classes=x"])
+    with pytest.raises(BiseError, match="Could not find 'backbone/nonet'"):
+        cli.gates_command(["backbone=nonet"])

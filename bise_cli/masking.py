@@ -30,7 +30,11 @@ class GatePoint:
 
     `producer` names the conv/linear layer whose weight row i computes unit i (used by magnitude pruning);
     empty means `module` itself. `removable` is False for units that physical pruning masks but cannot remove
-    (channels tied by a residual addition keep their width; `bise gates` reports them as masked-not-removed)."""
+    (channels tied by a residual addition keep their width; `bise gates` reports them as masked-not-removed).
+
+    `also` names further submodules that get the same gate vector at the same position (`where`, `dim`): one
+    channel group read by several layers (an expansion read by a squeeze-excitation block and a projection conv)
+    is gated once, at every layer that reads it (bise_cli.models.auto_gates)."""
 
     name: str
     module: str
@@ -39,6 +43,12 @@ class GatePoint:
     dim: int = 1
     producer: str = ""
     removable: bool = True
+    also: tuple[str, ...] = ()
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Every submodule this gate is hooked on: `module` first, then `also`."""
+        return (self.module, *self.also)
 
 
 class Gate(nn.Module):
@@ -98,19 +108,21 @@ class GateSet(nn.Module):
         return self.gates[_key(name)]
 
     def attach(self, model: nn.Module) -> GateSet:
-        """Register one hook per gate point on `model` (idempotent: re-attaching detaches first)."""
+        """Register one hook per gate point and hooked module (`module` and `also`) on `model` (idempotent:
+        re-attaching detaches first)."""
         self.detach()
         for point in self.points:
-            module = model.get_submodule(point.module)
-            gate = self.gate(point.name)
-            if point.where == "output":
-                handle = module.register_forward_hook(lambda _m, _i, out, g=gate: g.apply(out))
-            elif point.where == "input":
-                handle = module.register_forward_pre_hook(
-                    lambda _m, args, g=gate: (g.apply(args[0]),) + tuple(args[1:]))
-            else:
+            if point.where not in ("output", "input"):
                 raise ValueError(f"gate point {point.name}: where must be 'output' or 'input', not {point.where!r}")
-            self._handles.append(handle)
+            gate = self.gate(point.name)
+            for name in point.modules:
+                module = model.get_submodule(name)
+                if point.where == "output":
+                    handle = module.register_forward_hook(lambda _m, _i, out, g=gate: g.apply(out))
+                else:
+                    handle = module.register_forward_pre_hook(
+                        lambda _m, args, g=gate: (g.apply(args[0]),) + tuple(args[1:]))
+                self._handles.append(handle)
         # Backbones with mask-dependent layers (BERT's mask-aware LayerNorm) are told about the gates.
         if hasattr(model, "bind_gates"):
             model.bind_gates(self)

@@ -32,6 +32,9 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "pruned_resnet18": ("bise_cli.models.resnet18", "PrunedResNet18"),
     "pruned_bert": ("bise_cli.models.bert", "PrunedBert"),
     "mlp": ("bise_cli.models.mlp", "MLP"),
+    # Automatic gates: rebuilt from the architecture name and the masks, re-applied deterministically.
+    "pruned_torchvision": ("bise_cli.models.torchvision_net", "PrunedTorchvision"),
+    "pruned_timm": ("bise_cli.models.timm_net", "PrunedTimm"),
 }
 
 

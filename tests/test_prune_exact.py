@@ -34,12 +34,28 @@ def _bert():
     return build_backbone("bert", 2, pretrained="tiny")
 
 
+def _hf():
+    pytest.importorskip("transformers")
+    # A tiny random RoBERTa: the hf backbone's non-BERT layout (pooler = classifier.dense, head = out_proj).
+    return build_backbone("hf", 2, pretrained="tiny", config_overrides={"model_type": "roberta"})
+
+
+def _timm():
+    pytest.importorskip("timm")
+    return build_backbone("timm", 10, arch="test_efficientnet", input_size=[3, 32, 32])
+
+
 # backbone name -> (builder of a small random model, builder of an input batch)
 CASES = {
     "simple_convnet": (lambda: build_backbone("simple_convnet", 10, width=0.25), lambda: torch.randn(2, 3, 28, 28)),
     "resnet18": (lambda: build_backbone("resnet18", 10, weights=None), lambda: torch.randn(2, 3, 32, 32)),
     "bert": (_bert, _tokens),
     "mlp": (lambda: build_backbone("mlp", 10), lambda: torch.rand(2, 3, 28, 28)),
+    # Automatic gates; every family they support is covered in tests/test_auto_gates.py.
+    "torchvision": (lambda: build_backbone("torchvision", 10, arch="mobilenet_v3_small", input_size=[3, 32, 32]),
+                    lambda: torch.randn(2, 3, 32, 32)),
+    "timm": (_timm, lambda: torch.randn(2, 3, 32, 32)),
+    "hf": (_hf, _tokens),
 }
 # The MLP backbone is being added separately; it is tested as soon as its module exists.
 TESTED = [name for name in CASES if name != "mlp" or importlib.util.find_spec("bise_cli.models.mlp") is not None]

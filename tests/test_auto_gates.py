@@ -1,0 +1,358 @@
+"""Automatic gates (bise_cli.models.auto_gates, Torch-Pruning's DepGraph): for torchvision, timm and Hugging Face
+families, pruned logits == gated logits (BISE, CVPR 2026), the removable gates really shrink the model, pruned
+checkpoints load back, and `describe_gates` lists every gate.
+
+Random weights only (nothing is downloaded), 32x32 inputs, BatchNorm/LayerNorm parameters and statistics moved
+away from their init values so that a mis-sliced normalisation cannot hide.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from bise_cli.efficiency import count_macs
+from bise_cli.errors import BiseError
+from bise_cli.masking import GatePoint, GateSet
+from bise_cli.models import build_backbone, describe_gates
+from bise_cli.models.auto_gates import AutoGatedNet, KeptInput, PrunedAutoNet
+from bise_cli.prune import ARCHITECTURES, load_pruned, prune_model, save_pruned
+from bise_cli.train import freeze
+
+
+def _image() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def _tokens() -> torch.Tensor:
+    from bise_cli.models.bert import example_input
+
+    torch.manual_seed(3)
+    x = example_input(2, 8)
+    x[1, 1, 5:] = 0  # padded positions
+    return x
+
+
+def _vision(library: str, arch: str, **options):
+    if library == "timm":
+        pytest.importorskip("timm")
+    return lambda: build_backbone(library, 10, arch=arch, input_size=[3, 32, 32], **options)
+
+
+def _hf():
+    pytest.importorskip("transformers")
+    return build_backbone("hf", 2, pretrained="tiny")
+
+
+# family -> (builder, input)
+FAMILIES = {
+    "resnet18": (_vision("torchvision", "resnet18"), _image),
+    "resnet50": (_vision("torchvision", "resnet50"), _image),
+    "mobilenet_v3_small": (_vision("torchvision", "mobilenet_v3_small"), _image),
+    "efficientnet_b0": (_vision("torchvision", "efficientnet_b0"), _image),
+    "convnext_tiny": (_vision("torchvision", "convnext_tiny"), _image),
+    "resnet18_shared": (_vision("torchvision", "resnet18", residual_gates="shared"), _image),
+    "timm_resnet18": (lambda: _vision("timm", "resnet18")(), _image),
+    "hf_tiny_bert": (_hf, _tokens),
+}
+MASK_CASES = ["all_kept", "random", "one_left", "emptied", "removable_only"]
+
+
+def _randomise_norms(model: nn.Module, generator: torch.Generator) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1 or name.endswith("layer_scale"):
+                noise = 0.2 * torch.randn(param.shape, generator=generator)
+                param.copy_(noise + (1.0 if name.endswith("weight") else 0.0))
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
+            elif name.endswith("running_var"):
+                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
+
+
+@functools.cache
+def _frozen(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = freeze(FAMILIES[family][0]())
+    _randomise_norms(model, torch.Generator().manual_seed(1))
+    return model
+
+
+def _masks(points: list[GatePoint], case: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    masks = {p.name: torch.rand(p.units, generator=generator) > 0.5 for p in points}
+    if case == "all_kept":
+        return {p.name: torch.ones(p.units, dtype=torch.bool) for p in points}
+    if case == "one_left":
+        for p in points:
+            masks[p.name] = torch.zeros(p.units, dtype=torch.bool)
+            masks[p.name][p.units // 2] = True
+    elif case == "emptied":  # a whole removable gate and a whole masked one (where the family has them)
+        for removable in (True, False):
+            chosen = [p for p in points if p.removable == removable]
+            if chosen:
+                masks[chosen[len(chosen) // 2].name][:] = False
+    elif case == "removable_only":
+        masks.update({p.name: torch.ones(p.units, dtype=torch.bool) for p in points if not p.removable})
+    return masks
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_pruned_equals_gated(family, case, tmp_path):
+    model = copy.deepcopy(_frozen(family))
+    x = FAMILIES[family][1]()
+    with torch.no_grad():
+        vanilla = model(x)
+        gates = GateSet(model.gate_points()).attach(model)
+        masks = _masks(gates.points, case)
+        gates.load_binary_masks(masks)
+        gates.set_mode("fixed")
+        gated = model(x)
+        pruned = prune_model(model, masks)  # with the gates attached: the original must not change
+        assert torch.equal(model(x), gated)
+        gates.detach()
+        assert torch.equal(model(x), vanilla)
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in pruned.modules()), "gate hooks copied"
+        out = pruned(x)
+    assert out.shape == gated.shape
+    assert (out - gated).abs().max() <= 1e-5
+    if case == "all_kept":
+        assert (out - vanilla).abs().max() <= 1e-5 and _count(pruned) == _count(model)
+    else:
+        assert _count(pruned) < _count(model)
+    if case == "removable_only" and family != "hf_tiny_bert":
+        # Removable gates alone shrink the model everywhere, without any reader reading a subset.
+        assert not any(isinstance(m, KeptInput) for m in pruned.modules())
+        assert count_macs(pruned, x[:1]) < count_macs(model, x[:1])
+    if case == "emptied":  # dummy units, random masks elsewhere: the round trip re-applies all of it
+        save_pruned(pruned, tmp_path / "pruned.pt")
+        loaded = load_pruned(tmp_path / "pruned.pt")
+        assert type(loaded) is type(pruned) and _count(loaded) == _count(pruned)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), out)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_describe_gates_lists_every_gate(family):
+    model = _frozen(family)
+    rows = describe_gates(model)
+    gated = [r for r in rows if r["status"] != "ungated"]
+    points = model.gate_points()
+    assert [r["name"] for r in gated] == [p.name for p in points]
+    for row, point in zip(gated, points, strict=True):
+        assert row["units"] == point.units and row["also"] == list(point.also)
+        assert row["status"] == ("removed" if point.removable else "masked-not-removed")
+        assert point.removable or row["reason"]
+        producer = model.get_submodule(row["producer"])  # magnitude pruning reads its weight rows
+        assert producer.weight.shape[0] == point.units
+    assert all(r["reason"] for r in rows if r["status"] == "ungated")
+    if family != "hf_tiny_bert":  # the logits are never gated, and the ungated list says so
+        assert any("logits" in r["reason"] for r in rows if r["status"] == "ungated")
+
+
+def test_gate_counts_at_32x32():
+    """The paper's ResNet-18 gates, found automatically: block-internal channels removable (1920 units), each
+    tensor read from the residual streams (8 blocks + the classifier) masked-not-removed."""
+    points = _frozen("resnet18").gate_points()
+    assert sum(p.units for p in points if p.removable) == 2 * (64 + 128 + 256 + 512)
+    masked = [p for p in points if not p.removable]
+    assert len(masked) == 9 and sum(p.units for p in masked) == 64 * 3 + 128 * 2 + 256 * 2 + 512 * 2
+    assert next(p for p in masked if p.name == "layer2.0.conv1.in").also == ("net.layer2.0.downsample.0",)
+    assert all(p.removable for p in _frozen("resnet18_shared").gate_points())
+    # Squeeze-excitation: one gate on the expansion, read by the SE block's first conv and the projection.
+    mobile = {p.name: p for p in _frozen("mobilenet_v3_small").gate_points()}
+    expansion = mobile["features.4.block.0.0.out"]
+    assert expansion.removable and expansion.module.endswith("block.2.fc1") and expansion.also[0].endswith("3.0")
+
+
+def test_builtin_backbones_are_described_from_gate_points():
+    model = build_backbone("simple_convnet", 10, width=0.25)
+    rows = describe_gates(model)
+    assert [r["name"] for r in rows] == [p.name for p in model.gate_points()]
+    assert all(r["status"] == "removed" for r in rows)
+
+
+def test_features_are_the_classifier_input():
+    model = _frozen("mobilenet_v3_small")
+    x = _image()
+    with torch.no_grad():
+        z = model.features(x)
+        assert z.shape == (2, model.classifier.in_features)
+        assert torch.allclose(model.classifier(z), model(x))
+
+
+def test_fine_tuning_with_fixed_gates_keeps_pruned_units_silent():
+    """Train mode (BatchNorm on batch statistics), trainable weights, fixed gates: autograd works through the
+    hooks, pruned channels get no gradient, and after a step pruning is still exact."""
+    model = copy.deepcopy(_frozen("mobilenet_v3_small"))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    gates = GateSet(model.gate_points()).attach(model)
+    masks = _masks(gates.points, "random")
+    gates.load_binary_masks(masks)
+    gates.set_mode("fixed")
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(4, 3, 32, 32)
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    point = next(p for p in gates.points if p.removable and not masks[p.name].all())
+    grad = model.get_submodule(point.producer).weight.grad
+    assert grad[~masks[point.name]].abs().max() == 0 and grad[masks[point.name]].abs().max() > 0
+    optimizer.step()
+    freeze(model)
+    with torch.no_grad():
+        gated = model(x)
+        gates.detach()
+        assert (prune_model(model, masks)(x) - gated).abs().max() <= 1e-5
+
+
+class ChannelSoftmax(nn.Module):
+    """Mixes channels, but Torch-Pruning sees an element-wise op."""
+
+    def forward(self, x):
+        return torch.softmax(x, dim=1)
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1)
+        self.mix = ChannelSoftmax()
+        self.fc = nn.Linear(8, 1000)
+
+    def forward(self, x):
+        x = self.conv3(self.mix(self.conv2(torch.relu(self.conv1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class TinyAuto(AutoGatedNet):
+    def __init__(self, num_classes=10, arch="tiny", weights=None, input_size=(3, 16, 16),
+                 residual_gates="per_block", verify=True, force_masked=()):
+        super().__init__(TinyNet(), num_classes, input_size, residual_gates, spec={"arch": arch}, family="tiny",
+                         verify=verify, force_masked=force_masked)
+
+
+class PrunedTiny(PrunedAutoNet):
+    arch_name = "pruned_tiny"
+
+
+TinyAuto.pruned_class = PrunedTiny
+
+
+def test_your_own_model_and_the_exactness_check(monkeypatch, caplog):
+    """A plain nn.Module gets gates too; an op misjudged as per-channel (here: softmax over channels, declared
+    per-channel on purpose) is caught by the construction-time check and its group demoted."""
+    from bise_cli.models import auto_gates
+
+    torch.manual_seed(0)
+    honest = TinyAuto()
+    assert {p.name: p.removable for p in honest.gate_points()} == {
+        "conv1.out": True, "conv3.in": False, "conv3.out": True}  # after the softmax: masked, not removed
+    monkeypatch.setattr(auto_gates, "PER_CHANNEL_OPS", auto_gates.PER_CHANNEL_OPS | {"softmax"})
+    torch.manual_seed(0)
+    model = freeze(TinyAuto())
+    assert "failed the exactness check" in caplog.text
+    demoted = next(p for p in model.gate_points() if p.name == "conv3.in")
+    assert not demoted.removable and model.spec["force_masked"] == ["conv2"]
+    masks = {p.name: torch.arange(p.units) % 2 == 0 for p in model.gate_points()}
+    x = torch.randn(2, 3, 16, 16)
+    gates = GateSet(model.gate_points()).attach(model)
+    gates.load_binary_masks(masks)
+    gates.set_mode("fixed")
+    with torch.no_grad():
+        gated = model(x)
+        gates.detach()
+        assert (model.pruned_copy(masks)(x) - gated).abs().max() <= 1e-5
+
+
+def test_the_float64_check_used_on_cuda_returns_a_float32_model(monkeypatch):
+    from bise_cli.models import auto_gates
+
+    torch.manual_seed(0)
+    model = freeze(TinyAuto())
+    masks = {p.name: torch.arange(p.units) % 3 != 0 for p in model.gate_points()}
+    reference = model.pruned_copy(masks)
+    monkeypatch.setattr(auto_gates, "check_in_float64", lambda device: True)
+    pruned = model.pruned_copy(masks)
+    assert {p.dtype for p in pruned.parameters()} == {torch.float32}
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(pruned(x), reference(x))
+
+
+def test_gate_point_also_hooks_every_listed_module():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 3))
+    point = GatePoint("g", "1", 4, where="input", dim=-1, also=("2",))
+    gates = GateSet([point]).attach(model)
+    gates.load_binary_masks({"g": torch.tensor([True, False, True, False])})
+    seen = []
+    for name in ("1", "2"):
+        model.get_submodule(name).register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    x = torch.ones(1, 4)
+    model[1](x), model[2](x)
+    assert [s.tolist() for s in seen] == [[[1.0, 0.0, 1.0, 0.0]]] * 2
+    gates.detach()
+    assert len(model[1]._forward_pre_hooks) == len(model[2]._forward_pre_hooks) == 1  # only the test's own
+
+
+def test_unknown_names_and_bad_options_are_one_line_errors(monkeypatch):
+    with pytest.raises(BiseError, match="close names: resnet18"):
+        build_backbone("torchvision", 10, arch="resnet19")
+    with pytest.raises(BiseError, match="residual_gates"):
+        build_backbone("torchvision", 10, arch="resnet18", input_size=[3, 32, 32], residual_gates="nope")
+    with pytest.raises(BiseError, match="no final nn.Linear"):
+        build_backbone("torchvision", 10, arch="squeezenet1_0", input_size=[3, 64, 64])
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if the extra were not installed
+    with pytest.raises(BiseError, match=r"pip install -e '\.\[timm\]'"):
+        build_backbone("timm", 10, arch="resnet18")
+
+
+def test_hf_rejects_other_layouts():
+    pytest.importorskip("transformers")
+    with pytest.raises(BiseError, match="model type 'distilbert' is not supported"):
+        build_backbone("hf", 2, pretrained="tiny", config_overrides={"model_type": "distilbert"})
+
+
+def test_weights_from_a_file(tmp_path):
+    import torchvision
+
+    torch.manual_seed(5)
+    source = torchvision.models.resnet18()  # ImageNet-style: a 1000-class head
+    torch.save(source.state_dict(), tmp_path / "resnet18.pt")
+    model = build_backbone("torchvision", 10, arch="resnet18", weights=str(tmp_path / "resnet18.pt"),
+                           input_size=[3, 32, 32])
+    assert torch.equal(model.net.layer3[1].conv2.weight, source.layer3[1].conv2.weight)
+    assert model.classifier.out_features == 10
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "resnet18.safetensors"))
+    model = build_backbone("torchvision", 10, arch="resnet18", weights=str(tmp_path / "resnet18.safetensors"),
+                           input_size=[3, 32, 32])
+    assert torch.equal(model.net.conv1.weight, source.conv1.weight)
+    broken = {k: v for k, v in source.state_dict().items() if not k.startswith("layer4.1.")}
+    broken["extra.weight"] = torch.zeros(1)
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(BiseError, match=r"missing keys 12 \(layer4\.1\.bn1\..*unexpected keys 1 \(extra\.weight\)"):
+        build_backbone("torchvision", 10, arch="resnet18", weights=str(tmp_path / "broken.pt"),
+                       input_size=[3, 32, 32])
+
+
+def test_dense_models_are_not_checkpoints_and_pruned_ones_are_registered(tmp_path):
+    model = _frozen("resnet18")
+    with pytest.raises(TypeError, match="cannot save"):
+        save_pruned(model, tmp_path / "dense.pt")
+    pruned = prune_model(model, {p.name: torch.ones(p.units, dtype=torch.bool) for p in model.gate_points()})
+    assert type(pruned).arch_name in ARCHITECTURES
+    assert pruned.constructor_kwargs()["arch"] == "resnet18"

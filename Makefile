@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MNIST  ?= ../shared/data/mnist
 
-.PHONY: help install quickstart test lint bench table-multicolor-mnist table-cifar10c table-celeba table-biased-mnist table-ablation table-efficiency table-label-noise table-civilcomments clean
+.PHONY: help install quickstart example-own-model test lint bench table-multicolor-mnist table-cifar10c table-celeba table-biased-mnist table-ablation table-efficiency table-label-noise table-civilcomments clean
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -20,6 +20,11 @@ install: $(STAMP)  ## create .venv and install bise with all extras
 
 quickstart: $(STAMP)  ## reduced Multi-Color MNIST protocol: vanilla -> BISE -> prune -> baselines, ~2 min on CPU
 	$(BIN)/bise run experiment=quickstart
+
+example-own-model: $(STAMP)  ## your model + your data: PNG manifest, a user-trained torchvision ResNet-18 -> BISE -> card -> ONNX
+	$(BIN)/python -m bise_cli.examples.own_model
+	$(BIN)/bise run experiment=example/own_model
+	$(BIN)/bise export outputs/runs/experiment=example_own_model --format onnx
 
 test: $(STAMP)  ## the test suite (CPU, no network, no ../shared)
 	$(BIN)/python -m pytest tests

@@ -44,6 +44,7 @@ FAIRNESS_ROWS = ("dp_diff", "eo_diff")
 EXTRA_SPLIT_ROWS = ("val_acc_unbiased", "val_acc_worst_group", "test_conflicting_acc", "wilds_acc_worst_group")
 EFFICIENCY_ROWS = ("sparsity_units", "sparsity_weights", "params", "params_dense", "macs", "macs_dense",
                    "latency_ms_b1", "latency_ms_b100", "latency_ms_b1_dense", "latency_ms_b100_dense")
+MAX_GROUPS = 16        # group lists longer than this are left to the (class x bias value) tables
 SMALL_CELL = 30        # test cells with fewer samples than this give noisy group accuracies (flagged)
 DECIMALS = 6           # matrices are rounded like the records' `group_acc`
 ANNEX_IV_NOTE = ("Structured after the technical documentation of EU AI Act Annex IV (points 1-4: description, "
@@ -131,6 +132,15 @@ def _dataset_groups(info: dict) -> dict | None:
     return None
 
 
+def _bias_value_names(info: dict, names: list[str]) -> dict[str, list[str]]:
+    """{attribute: value names in code order} when the dataset recorded them (dataset=table's `bias_codes`)."""
+    codes = info.get("bias_codes")
+    if not isinstance(codes, dict):
+        return {}
+    return {name: [value for value, _ in sorted(codes[name].items(), key=lambda item: item[1])]
+            for name in names if isinstance(codes.get(name), dict)}
+
+
 def _data_section(cfg: dict, records: list[dict], data_summary: dict, names: list[str],
                   group_matrices: dict, num_bias: int | None) -> dict:
     info = data_summary.get("info") or {}
@@ -152,7 +162,10 @@ def _data_section(cfg: dict, records: list[dict], data_summary: dict, names: lis
         "data_sha256": first.get("data_sha256") or (data_summary.get("fingerprint") or {}).get("sha256"),
         "synthetic": bool(info.get("synthetic")),
         "label_noise": info.get("label_noise", (cfg.get("dataset") or {}).get("label_noise")),
-        "rho": cfg.get("rho"),
+        # The training bias-target correlation the dataset was built with (None when it has no nominal value,
+        # e.g. a user's table: the config's rho does not apply there).
+        "nominal_rho": data_summary.get("nominal_rho"),
+        "bias_value_names": _bias_value_names(info, names),
         "splits": {name: {"size": row.get("size"), "aligned_fraction": row.get("aligned_fraction")}
                    for name, row in splits.items()},
         "bias_attributes": attributes,
@@ -338,11 +351,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *["| " + " | ".join(map(str, row)) + " |" for row in rows], ""]
 
 
-def _matrix_lines(matrix: list[list], classes: list[str] | None, fmt) -> list[str]:
-    values = len(matrix[0]) if matrix else 0
+def _matrix_lines(matrix: list[list], classes: list[str] | None, fmt, values: list[str] | None = None) -> list[str]:
+    width = len(matrix[0]) if matrix else 0
+    values = values if values and len(values) == width else [str(v) for v in range(width)]
     rows = [[(classes[i] if classes and i < len(classes) else str(i)), *[fmt(v) for v in row]]
             for i, row in enumerate(matrix)]
-    return _table(["class \\ bias value", *[str(v) for v in range(values)]], rows)
+    return _table(["class \\ bias value", *values], rows)
 
 
 def render_markdown(card: dict) -> str:
@@ -363,7 +377,10 @@ def render_markdown(card: dict) -> str:
                                                    g["stages"].items()) + ".",
               f"- Intended use: {g['intended_use']}.", f"- Not intended for: {g['not_intended_for']}.", "",
               "## 2. Data and data governance", "",
-              f"- Dataset: `{d['dataset']}`" + (" (SYNTHETIC)" if d["synthetic"] else "") + f", rho = {d['rho']}.",
+              f"- Dataset: `{d['dataset']}`" + (" (SYNTHETIC)" if d["synthetic"] else "")
+              + (", nominal training bias-target correlation " + " / ".join(map(str, d["nominal_rho"]))
+                 if d.get("nominal_rho") else "")
+              + ".",
               f"- Source: {d['source']}.",
               f"- Content fingerprint (sha256 of the loaded tensors): `{d['data_sha256']}`."]
     if d.get("label_noise"):
@@ -378,13 +395,16 @@ def render_markdown(card: dict) -> str:
                   *_table(["split", "counts per bias value"],
                           [[split, " ".join(map(str, c))] for split, c in attribute["value_counts"].items()])]
     for name, counts in (d["test_group_counts"] or {}).items():
-        lines += [f"Test samples per (class, `{name}`) cell:", "", *_matrix_lines(counts, classes, str)]
+        lines += [f"Test samples per (class, `{name}`) cell:", "",
+                  *_matrix_lines(counts, classes, str, d.get("bias_value_names", {}).get(name))]
     groups, title = (d["pattern_groups"], "Alignment-pattern groups (aligned / conflicting per attribute):") \
         if d.get("pattern_groups") else (d.get("dataset_groups"), "Groups as the dataset defines them:")
+    # Many groups (e.g. 10 classes x 10 colours) are unreadable in one line: the cell table above has them.
+    groups = {split: row for split, row in (groups or {}).items() if isinstance(row, dict) and len(row) <= MAX_GROUPS}
     if groups:
         lines += [title, "", *_table(["split", "samples per group"],
                                      [[split, ", ".join(f"{k} {v}" for k, v in row.items())]
-                                      for split, row in groups.items() if isinstance(row, dict)])]
+                                      for split, row in groups.items()])]
 
     lines += ["## 3. Accuracy and robustness across groups (test split)", ""]
     change = "bise" in stages and "vanilla" in stages
@@ -425,7 +445,7 @@ def render_markdown(card: dict) -> str:
             matrix = p[x]["group_accuracy"].get(name)
             if matrix:
                 lines += [f"Group accuracy (%), {declared_stage(x).title}, class x `{name}`:", "",
-                          *_matrix_lines(matrix, classes, _pct)]
+                          *_matrix_lines(matrix, classes, _pct, d.get("bias_value_names", {}).get(name))]
     if any(p[x]["group_accuracy"] for x in stages):
         lines += ["![group accuracy before and after](group_accuracy.png)", ""]
 

@@ -110,6 +110,7 @@ def recipe(cfg: dict, device: torch.device, run_dir: RunDir) -> None:
     fingerprint = fingerprint_bundle(bundle)
     write_json(run_dir.file("data_summary.json"), {"info": bundle.info, "fingerprint": fingerprint,
                                                    "bias_names": list(bundle.bias_names),
+                                                   "nominal_rho": bundle.nominal_rho,
                                                    "splits": summarize_bundle(bundle)})
     # The data moves to the device once; batches are then gathered there (no host copies per batch).
     bundle.splits = {name: split.to(device) for name, split in bundle.splits.items()}

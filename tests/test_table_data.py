@@ -364,3 +364,22 @@ def test_pipeline_on_a_table(tmp_path):
     summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
     assert summary["info"]["preprocessing"]["size"] == [3, 28, 28]
     assert summary["splits"]["val"]["size"] == 4
+
+
+def test_waterbirds_paper_plus_preset_runs_on_the_release_layout(tmp_path):
+    """experiment=paper_plus/waterbirds composes ResNet-50 with ImageNet weights and worst-group selection; the
+    run itself is shrunk (ResNet-18, random weights, 32 px, one epoch) to fit a test."""
+    root = tmp_path / "waterbird_complete95_forest2water2"
+    write_waterbirds(root)
+    preset = compose_config(["experiment=paper_plus/waterbirds", f"dataset.root={root}"])
+    assert preset["backbone"] == {"name": "torchvision", "arch": "resnet50", "weights": "imagenet",
+                                  "input_size": [3, 224, 224], "residual_gates": "per_block"}
+    assert preset["pruning"]["selection_metric"] == "acc_worst_group" and preset["dataset"]["image_size"] == 224
+    cfg = compose_config(["experiment=paper_plus/waterbirds", f"dataset.root={root}", "dataset.image_size=32",
+                          f"output_root={tmp_path / 'out'}", "backbone.arch=resnet18", "backbone.weights=none",
+                          "backbone.input_size=[3,32,32]", "stages=[vanilla,bise,bise_ft,dfr_val]",
+                          *[o for o in TINY if not o.startswith("backbone")]])
+    records = pipeline.run(cfg, tmp_path / "run")
+    assert [r["stage"] for r in records] == ["vanilla", "bise", "bise", "bise_ft", "dfr_val"]
+    assert [r.get("selection") for r in records if r["stage"] == "bise"] == ["acc_worst_group", "acc_avg_group"]
+    assert all(0.0 <= r["acc_worst_group"] <= 1.0 for r in records)

@@ -590,7 +590,21 @@ def load_backbone_weights(net: nn.Module, path: str, classifier: str, family: st
     net.load_state_dict({k: v for k, v in state.items() if not k.startswith(ignore)}, strict=not ignore)
 
 
-class AutoGatedNet(Backbone):
+class _WrappedNet:
+    """Forward and bottleneck of a wrapped model `self.net` whose final layer is `self.classifier`."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's input wherever the model computes it (captured, not re-implemented; in a pruned
+        model only the kept units where the classifier reads a subset)."""
+        with capture_input(self.classifier) as tap:
+            self.net(x)
+        return tap["z"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class AutoGatedNet(_WrappedNet, Backbone):
     """A model with automatically placed BISE gates: `net` is the wrapped model, `classifier_name` the path of
     its final nn.Linear (replaced to have `num_classes` outputs). Subclasses build `net` (torchvision, timm)
     and set `pruned_class`; `family` names the model in messages ("torchvision resnet50")."""
@@ -637,15 +651,6 @@ class AutoGatedNet(Backbone):
     def classifier(self) -> nn.Linear:
         return self.net.get_submodule(self.classifier_name)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        # The bottleneck is the classifier's input wherever the model computes it: captured, not re-implemented.
-        with capture_input(self.classifier) as tap:
-            self.net(x)
-        return tap["z"]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
     def gate_points(self) -> list[GatePoint]:
         """The planned gates, with module names relative to this backbone (`net.` + the model's own names)."""
         def prefixed(name: str) -> str:
@@ -675,7 +680,7 @@ class AutoGatedNet(Backbone):
         return self.pruned_class(net, self.classifier_name, spec)
 
 
-class PrunedAutoNet(nn.Module):
+class PrunedAutoNet(_WrappedNet, nn.Module):
     """A physically pruned AutoGatedNet: the pruned network plus the plain data that rebuilds it
     (`constructor_kwargs`: the architecture, its options and the masks, re-applied deterministically)."""
 
@@ -689,15 +694,6 @@ class PrunedAutoNet(nn.Module):
     def classifier(self) -> nn.Linear:
         layer = self.net.get_submodule(self.classifier_name)
         return layer.layer if isinstance(layer, KeptInput) else layer
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The classifier's input (only the kept units where the classifier reads a subset)."""
-        with capture_input(self.classifier) as tap:
-            self.net(x)
-        return tap["z"]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
     def constructor_kwargs(self) -> dict:
         """Plain data (architecture, options, masks as lists of bools) that rebuilds this architecture."""

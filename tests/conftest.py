@@ -75,3 +75,37 @@ def compose_config(overrides: list[str]) -> dict:
 
 def without_timing(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prune_and_compare(model: torch.nn.Module, x: torch.Tensor, make_masks, all_kept: bool, device=None):
+    """Gate `model` with `make_masks(gate points)` (fixed binary gates), prune it physically and assert what every
+    backbone must keep: the original is unchanged (gated while the gates are attached, vanilla after), no gate
+    hook is copied, pruned logits equal gated logits to 1e-5, and the pruned model has fewer parameters unless
+    every unit is kept (then it equals the vanilla model). Returns (pruned model, its logits on `x`)."""
+    from bise_cli.masking import GateSet
+    from bise_cli.prune import prune_model
+
+    vanilla = model(x)
+    gates = GateSet(model.gate_points())
+    gates = (gates.to(device) if device is not None else gates).attach(model)
+    masks = make_masks(gates.points)
+    gates.load_binary_masks(masks)
+    gates.set_mode("fixed")
+    gated = model(x)
+    pruned = prune_model(model, masks)  # with the gates still attached: the original must not change
+    assert torch.equal(model(x), gated)
+    gates.detach()
+    assert torch.equal(model(x), vanilla)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in pruned.modules()), "gate hooks were copied"
+    out = pruned(x)
+    assert out.shape == gated.shape
+    assert (out - gated).abs().max() <= 1e-5
+    if all_kept:
+        assert (out - vanilla).abs().max() <= 1e-5 and param_count(pruned) == param_count(model)
+    else:
+        assert param_count(pruned) < param_count(model)
+    return pruned, out

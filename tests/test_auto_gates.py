@@ -24,6 +24,8 @@ from bise_cli.models.auto_gates import AutoGatedNet, KeptInput, PrunedAutoNet
 from bise_cli.prune import ARCHITECTURES, load_pruned, prune_model, save_pruned
 from bise_cli.train import freeze
 
+from conftest import param_count, prune_and_compare
+
 
 def _image() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -103,34 +105,13 @@ def _masks(points: list[GatePoint], case: str) -> dict[str, torch.Tensor]:
     return masks
 
 
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @pytest.mark.parametrize("case", MASK_CASES)
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_pruned_equals_gated(family, case, tmp_path):
     model = copy.deepcopy(_frozen(family))
     x = FAMILIES[family][1]()
     with torch.no_grad():
-        vanilla = model(x)
-        gates = GateSet(model.gate_points()).attach(model)
-        masks = _masks(gates.points, case)
-        gates.load_binary_masks(masks)
-        gates.set_mode("fixed")
-        gated = model(x)
-        pruned = prune_model(model, masks)  # with the gates attached: the original must not change
-        assert torch.equal(model(x), gated)
-        gates.detach()
-        assert torch.equal(model(x), vanilla)
-        assert not any(m._forward_hooks or m._forward_pre_hooks for m in pruned.modules()), "gate hooks copied"
-        out = pruned(x)
-    assert out.shape == gated.shape
-    assert (out - gated).abs().max() <= 1e-5
-    if case == "all_kept":
-        assert (out - vanilla).abs().max() <= 1e-5 and _count(pruned) == _count(model)
-    else:
-        assert _count(pruned) < _count(model)
+        pruned, out = prune_and_compare(model, x, lambda points: _masks(points, case), case == "all_kept")
     if case == "removable_only" and family != "hf_tiny_bert":
         # Removable gates alone shrink the model everywhere, without any reader reading a subset.
         assert not any(isinstance(m, KeptInput) for m in pruned.modules())
@@ -138,7 +119,7 @@ def test_pruned_equals_gated(family, case, tmp_path):
     if case == "emptied":  # dummy units, random masks elsewhere: the round trip re-applies all of it
         save_pruned(pruned, tmp_path / "pruned.pt")
         loaded = load_pruned(tmp_path / "pruned.pt")
-        assert type(loaded) is type(pruned) and _count(loaded) == _count(pruned)
+        assert type(loaded) is type(pruned) and param_count(loaded) == param_count(pruned)
         with torch.no_grad():
             assert torch.equal(loaded(x), out)
 

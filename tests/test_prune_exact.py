@@ -15,10 +15,11 @@ import os
 import pytest
 import torch
 
-from bise_cli.masking import GateSet
 from bise_cli.models import BACKBONES, build_backbone
 from bise_cli.prune import ARCHITECTURES, load_pruned, prune_model, save_pruned
 from bise_cli.train import freeze
+
+from conftest import param_count, prune_and_compare
 
 
 def _tokens() -> torch.Tensor:
@@ -102,10 +103,6 @@ def _masks(points, case: str, generator: torch.Generator) -> dict[str, torch.Ten
     return masks
 
 
-def _count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def test_every_backbone_has_an_exactness_case():
     missing = set(BACKBONES) - set(CASES)
     assert not missing, f"backbones without a pruned == gated test case in tests/test_prune_exact.py: {missing}"
@@ -125,30 +122,12 @@ def test_pruned_equals_gated(name, case, tmp_path):
     model = copy.deepcopy(_frozen_model(name)).to(DEVICE)
     torch.manual_seed(3)
     x = CASES[name][1]().to(DEVICE)
-    vanilla = model(x)
-    gates = GateSet(model.gate_points()).to(DEVICE).attach(model)
-    masks = _masks(gates.points, case, torch.Generator().manual_seed(2))
-    gates.load_binary_masks(masks)
-    gates.set_mode("fixed")
-    gated = model(x)
-
-    pruned = prune_model(model, masks)  # with the gates still attached: the original must not change
-    assert torch.equal(model(x), gated)
-    gates.detach()
-    assert torch.equal(model(x), vanilla)
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in pruned.modules()), "gate hooks were copied"
-
-    out = pruned(x)
-    assert out.shape == gated.shape
-    assert (out - gated).abs().max() <= 1e-5
-    if case == "all_kept":
-        assert (out - vanilla).abs().max() <= 1e-5 and _count(pruned) == _count(model)
-    else:
-        assert _count(pruned) < _count(model)
+    pruned, out = prune_and_compare(model, x, lambda points: _masks(points, case, torch.Generator().manual_seed(2)),
+                                    case == "all_kept", DEVICE)
 
     save_pruned(pruned, tmp_path / "pruned.pt")
     loaded = load_pruned(tmp_path / "pruned.pt", map_location=str(DEVICE))
-    assert type(loaded) is type(pruned) and _count(loaded) == _count(pruned)
+    assert type(loaded) is type(pruned) and param_count(loaded) == param_count(pruned)
     assert torch.equal(loaded(x), out)
 
 

@@ -2,22 +2,42 @@
 Robustness to Spurious Correlations", ICLR 2023): a baseline that keeps the vanilla backbone frozen and retrains
 only its last layer on group-balanced data.
 
-The recipe of the DFR paper and its code:
+This module follows the order of operations of DFR's released evaluation code (its functions
+`dfr_train_subset_tune` / `dfr_train_subset_eval` for DFR^Tr_Tr and `dfr_on_validation_tune` /
+`dfr_on_validation_eval` for DFR^Tr_Val, with the script's defaults), step by step:
 
-- features z are the bottleneck (the input of the model's `classifier`), standardised with the mean and
-  standard deviation of the fitting set;
-- the last layer is an L1-regularised logistic regression (liblinear) fitted on a group-balanced subsample:
-  every (y, b) group present is subsampled, without replacement, to the size of the smallest one;
-- coefficients and intercepts are averaged over several such subsamples (DFR's final model uses 10);
-- the inverse regularisation strength C is chosen from a grid on held-out data by worst-group accuracy.
+- features z are the bottleneck (the input of the model's `classifier`); the last layer is an L1-regularised
+  logistic regression (liblinear) on standardised features;
+- a group-balanced subsample takes every (y, b) group present down to the size of the smallest one, without
+  replacement (each group's indices shuffled, the first ones kept, the groups concatenated in group order);
+- choosing C: ONE balanced subsample of the fitting set is drawn before the loop over the grid, and every C of
+  the grid is fitted on that same subsample and scored on the held-out set by worst-group accuracy; ties go to
+  the earlier C of the grid (numpy's argmax);
+- the final layer averages the coefficients and intercepts of several fits on fresh balanced subsamples, with
+  the standardisation fitted on the training split's embeddings (in both variants).
 
-Two variants (DFR's Sec. 5): `dfr_train` fits on the biased training split with its bias labels (DFR^Tr_Tr) and
-`dfr_val` on half of the unbiased validation split, choosing C on the other half and refitting on all of it
-(DFR^Tr_Val). The result folds the standardisation into one nn.Linear (`apply_dfr`), so the debiased model is
-the vanilla backbone with a new `classifier` and nothing else.
+The two variants (DFR's Sec. 5):
 
-Multi-class problems use one-vs-rest binary regressions, which is what liblinear does for several classes (and
-what scikit-learn did with solver="liblinear" before it refused multi-class input, in 1.8).
+- `dfr_train` (DFR^Tr_Tr) fits on the biased training split with its bias labels. C is chosen with the scaler
+  fitted on the (whole, unbalanced) fitting set and liblinear limited to 20 iterations (`select_max_iter`, DFR's
+  `max_iter=20`), scored on the validation split; the final model averages 10 subsamples of the training split.
+  Without a validation split (DFR's code always has one), C is chosen on a held-out half of the training split
+  (the other half fits), which is as biased as the training split; the final model uses all of it.
+- `dfr_val` (DFR^Tr_Val) fits on the unbiased validation split: a random half (the larger one when the size is
+  odd) is balanced and fits, with the scaler fitted on that balanced subsample; the other half scores C; the
+  final model averages 20 subsamples of the whole validation split (DFR's `num_retrains=20`). Validation
+  metrics of the resulting model are therefore not held-out numbers.
+
+Random numbers come from one seeded numpy Generator per call, drawn in DFR's order (the split into halves, the
+subsample, then for every fit the seed liblinear gets, as scikit-learn draws it from numpy's global generator
+when no random_state is given).
+
+Choices of our own (README, deviations table): several classes use one-vs-rest binary regressions (DFR's code
+handles two classes; one-vs-rest is what liblinear does for several, and what scikit-learn did with
+solver="liblinear" before it refused multi-class input in 1.8); with several bias attributes the groups are
+the (y, alignment pattern) cells; groups are the ones present (DFR's code counts 0..max id); DFR's class-weight
+search is off (its default); `n_select_subsamples` > 1 (default 1, DFR's) scores each C on that many subsamples,
+all drawn before the loop, by the mean of their metrics.
 """
 
 from __future__ import annotations
@@ -39,6 +59,8 @@ from bise_cli.metrics import ACCURACY_METRICS, accuracy_metrics
 
 # DFR's grid of inverse regularisation strengths (its code's C_OPTIONS), strongest fit first.
 DFR_C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+# liblinear's iteration limit for the final fits (scikit-learn's default, which DFR's code keeps).
+FINAL_MAX_ITER = 100
 
 
 @dataclass
@@ -49,7 +71,8 @@ class DFRResult:
     bias: torch.Tensor     # (C,)
     mean: torch.Tensor     # (D,)
     std: torch.Tensor      # (D,)
-    c: float
+    c: float               # the chosen inverse regularisation strength
+    n_subsamples: int = 1  # balanced subsamples averaged into weight and bias
     history: list[dict] = field(default_factory=list)  # one row per C of the grid: its selection metrics
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,12 +102,23 @@ def group_ids(y: torch.Tensor, b: torch.Tensor, num_bias: int) -> np.ndarray:
 
 
 def balanced_indices(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Indices of a group-balanced subsample: every group present is drawn without replacement down to the size
-    of the smallest present group (DFR's balancing); sorted, so the result does not depend on group order."""
-    values, counts = np.unique(groups, return_counts=True)
-    size = int(counts.min())
-    chosen = [rng.choice(np.flatnonzero(groups == g), size=size, replace=False) for g in values]
-    return np.sort(np.concatenate(chosen))
+    """Indices of a group-balanced subsample, drawn as DFR's code draws it: for every group present (in
+    increasing id order) its indices are shuffled and the first m kept, m the size of the smallest present
+    group; the groups are concatenated in that order."""
+    values = np.unique(groups)
+    members = [np.flatnonzero(groups == g) for g in values]
+    size = min(len(m) for m in members)
+    for m in members:
+        rng.shuffle(m)
+    return np.concatenate([m[:size] for m in members])
+
+
+def halves(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held_out) positions of a random split of range(n), as DFR's tuning splits the validation split:
+    shuffled, the first n // 2 held out, the rest (the larger half when n is odd) for fitting."""
+    order = np.arange(n)
+    rng.shuffle(order)
+    return order[n // 2:], order[: n // 2]
 
 
 # ------------------------------------------------------------------------------------------ logistic fits
@@ -95,21 +129,30 @@ def _l1_options() -> dict:
     return {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
 
 
+def liblinear_seed(rng: np.random.Generator) -> int:
+    """The seed of one liblinear fit, drawn from the run's generator at fit time (scikit-learn draws it the same
+    way from numpy's global generator when random_state is None, as in DFR's code)."""
+    return int(rng.integers(np.iinfo(np.int32).max))
+
+
 # The bias of a class the fitting set does not contain: far below any fitted logit.
 ABSENT_CLASS_BIAS = -1e4
 
 
-def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, seed: int,
+               max_iter: int = FINAL_MAX_ITER) -> tuple[np.ndarray, np.ndarray]:
     """L1 logistic regression (liblinear) as a (num_classes, D) weight and (num_classes,) bias whose argmax is
     the regression's prediction. Binary: sklearn's single row w becomes the rows [0; w] (softmax of [0, s] is
-    sigmoid(s)). More classes: one-vs-rest, one binary regression per class. A class absent from the fitting
-    set (a tiny split's balanced subsample) gets a zero row and a very low bias: it is never predicted."""
+    sigmoid(s)). More classes: one-vs-rest, one binary regression per class (all with the same liblinear seed,
+    as one multi-class liblinear call has). A class absent from the fitting set (a tiny split's balanced
+    subsample) gets a zero row and a very low bias: it is never predicted."""
     present = np.unique(y)
     if len(present) < 2:
         raise BiseError(f"DFR: the fitting set holds only class(es) {present.tolist()}; it needs at least two")
 
     def binary(target: np.ndarray) -> tuple[np.ndarray, float]:
-        model = LogisticRegression(C=c, solver="liblinear", random_state=seed, **_l1_options())
+        model = LogisticRegression(C=c, solver="liblinear", random_state=seed, max_iter=max_iter,
+                                   **_l1_options())
         model.fit(x, target)
         return model.coef_[0], float(model.intercept_[0])
 
@@ -121,96 +164,146 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, seed: i
     return np.stack([w for w, _ in rows]), np.array([b for _, b in rows])
 
 
-def fit_balanced(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, num_classes: int, c: float,
-                 n_subsamples: int, rng: np.random.Generator, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Weight and bias averaged over `n_subsamples` fits, each on a fresh group-balanced subsample."""
-    weights, biases = [], []
-    for k in range(n_subsamples):
+def _numpy(z: torch.Tensor) -> np.ndarray:
+    return z.double().cpu().numpy()
+
+
+def choose_c(z_fit: torch.Tensor, y_fit: torch.Tensor, b_fit: torch.Tensor, z_sel: torch.Tensor,
+             y_sel: torch.Tensor, b_sel: torch.Tensor, *, num_classes: int, num_bias: int,
+             c_grid, select_metric: str, rng: np.random.Generator, scale_on: str, max_iter: int,
+             n_select_subsamples: int = 1) -> tuple[float, list[dict]]:
+    """DFR's tuning: the balanced subsample(s) of the fitting set drawn once, before the loop over `c_grid`;
+    every C fitted on them and scored by `select_metric` on the selection set; the best C (ties: the earlier)
+    and one history row per C. `scale_on` is where the standardisation is fitted: "fit" (the whole fitting
+    set, DFR^Tr_Tr) or "subsample" (the balanced subsample, DFR^Tr_Val)."""
+    x_fit, x_sel = _numpy(z_fit), _numpy(z_sel)
+    y_fit_np = y_fit.long().cpu().numpy()
+    groups = group_ids(y_fit, b_fit, num_bias)
+    whole = StandardScaler().fit(x_fit) if scale_on == "fit" else None
+    prepared = []
+    for _ in range(n_select_subsamples):
         index = balanced_indices(groups, rng)
-        w, b = fit_logreg(x[index], y[index], num_classes, c, seed + k)
-        weights.append(w)
-        biases.append(b)
-    return np.mean(weights, axis=0), np.mean(biases, axis=0)
-
-
-def _standardise(z: torch.Tensor) -> tuple[StandardScaler, np.ndarray]:
-    scaler = StandardScaler().fit(z.double().cpu().numpy())
-    return scaler, scaler.transform(z.double().cpu().numpy())
-
-
-# --------------------------------------------------------------------------------------------------- DFR
-
-def run_dfr(z_fit: torch.Tensor, y_fit: torch.Tensor, b_fit: torch.Tensor, z_sel: torch.Tensor,
-            y_sel: torch.Tensor, b_sel: torch.Tensor, *, num_classes: int, num_bias: int,
-            c_grid: tuple[float, ...] | list[float] = DFR_C_GRID, n_subsamples: int = 10,
-            n_select_subsamples: int = 1, seed: int = 0, select_metric: str = "acc_worst_group",
-            z_final: torch.Tensor | None = None, y_final: torch.Tensor | None = None,
-            b_final: torch.Tensor | None = None) -> DFRResult:
-    """Choose C on the selection set, then fit the final averaged regression with it.
-
-    For every C of `c_grid`: fit on balanced subsamples of the fitting set (`n_select_subsamples`, averaged; DFR's
-    tuning uses one), score `select_metric` (a bise_cli.metrics accuracy metric over the selection set's groups)
-    and keep the best; ties go to the earlier C of the grid (DFR's argmax). The final model averages
-    `n_subsamples` balanced fits on the final set (`z_final`..., default: the fitting set), standardised with
-    that set's own mean and standard deviation.
-    """
-    check_choice("dfr select_metric", select_metric, ACCURACY_METRICS)
-    if not c_grid or any(c <= 0 for c in c_grid):
-        raise BiseError(f"DFR: c_grid must hold positive values (got {list(c_grid)})")
-    if n_subsamples < 1 or n_select_subsamples < 1:
-        raise BiseError(f"DFR: n_subsamples and n_select_subsamples must be >= 1 (got {n_subsamples}, "
-                        f"{n_select_subsamples})")
-    rng = np.random.default_rng(seed)
-    scaler, x_fit = _standardise(z_fit)
-    x_sel = scaler.transform(z_sel.double().cpu().numpy())
-    y_fit_np, groups_fit = y_fit.long().cpu().numpy(), group_ids(y_fit, b_fit, num_bias)
+        scaler = whole if whole is not None else StandardScaler().fit(x_fit[index])
+        prepared.append((scaler.transform(x_fit[index]), y_fit_np[index], scaler.transform(x_sel)))
     history, best = [], None
     for c in c_grid:
-        w, bias = fit_balanced(x_fit, y_fit_np, groups_fit, num_classes=num_classes, c=float(c),
-                               n_subsamples=n_select_subsamples, rng=rng, seed=seed)
-        pred = torch.from_numpy((x_sel @ w.T + bias).argmax(1))
-        metrics = accuracy_metrics(y_sel.cpu(), b_sel.cpu(), pred, num_classes, num_bias)
-        value = metrics[select_metric]
-        history.append({"c": float(c), **{m: metrics[m] for m in ACCURACY_METRICS}})
+        rows = []
+        for x, y, x_held in prepared:
+            w, bias = fit_logreg(x, y, num_classes, float(c), liblinear_seed(rng), max_iter)
+            pred = torch.from_numpy((x_held @ w.T + bias).argmax(1))
+            metrics = accuracy_metrics(y_sel.cpu(), b_sel.cpu(), pred, num_classes, num_bias)
+            rows.append([metrics[m] for m in ACCURACY_METRICS])
+        row = {"c": float(c), **dict(zip(ACCURACY_METRICS, np.mean(rows, axis=0).tolist(), strict=True))}
+        history.append(row)
+        value = row[select_metric]
         if not math.isnan(value) and (best is None or value > best[1]):
             best = (float(c), value)
     if best is None:
         raise BiseError(f"DFR: {select_metric} is undefined on the selection set for every C (no such samples)")
-    if z_final is None:
-        z_final, y_final, b_final = z_fit, y_fit, b_fit
-    scaler, x_final = _standardise(z_final)
-    w, bias = fit_balanced(x_final, y_final.long().cpu().numpy(), group_ids(y_final, b_final, num_bias),
-                           num_classes=num_classes, c=best[0], n_subsamples=n_subsamples, rng=rng, seed=seed)
+    return best[0], history
+
+
+def fit_averaged(z: torch.Tensor, y: torch.Tensor, b: torch.Tensor, z_scale: torch.Tensor, *, c: float,
+                 num_classes: int, num_bias: int, n_subsamples: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, StandardScaler]:
+    """DFR's final model: weight and bias averaged over `n_subsamples` fits, each on a fresh balanced subsample
+    of (z, y, b), standardised with a scaler fitted on `z_scale` (the training embeddings)."""
+    scaler = StandardScaler().fit(_numpy(z_scale))
+    x, y_np, groups = scaler.transform(_numpy(z)), y.long().cpu().numpy(), group_ids(y, b, num_bias)
+    weights, biases = [], []
+    for _ in range(n_subsamples):
+        index = balanced_indices(groups, rng)
+        w, bias = fit_logreg(x[index], y_np[index], num_classes, c, liblinear_seed(rng), FINAL_MAX_ITER)
+        weights.append(w)
+        biases.append(bias)
+    return np.mean(weights, axis=0), np.mean(biases, axis=0), scaler
+
+
+# --------------------------------------------------------------------------------------------------- DFR
+
+def _check(c_grid, n_subsamples: int, n_select_subsamples: int, select_metric: str, select_max_iter: int) -> None:
+    check_choice("baselines.dfr.select_metric", select_metric, ACCURACY_METRICS)
+    if not isinstance(c_grid, (list, tuple)) or not c_grid or any(
+            isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0 for c in c_grid):
+        raise BiseError(f"baselines.dfr.c_grid must be a non-empty list of numbers > 0, got {c_grid!r}")
+    for name, value in (("n_subsamples", n_subsamples), ("n_select_subsamples", n_select_subsamples),
+                        ("select_max_iter", select_max_iter)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BiseError(f"baselines.dfr.{name} must be an integer >= 1, got {value!r}")
+
+
+# The settings that differ between the two variants: one value per stage in conf/config.yaml.
+PER_STAGE = ("n_subsamples", "select_max_iter")
+
+
+def dfr_options(settings: dict, stage: str) -> dict:
+    """The keyword options of `dfr_train` / `dfr_val` (`stage`) from the `baselines.dfr` config, checked (one
+    clear error for a bad value). `n_subsamples` and `select_max_iter` hold one value per stage
+    ({dfr_train: ..., dfr_val: ...}) or one number for both."""
+    options = {key: settings[key] for key in ("c_grid", "n_select_subsamples", "select_metric")}
+    options["c_grid"] = list(options["c_grid"]) if isinstance(options["c_grid"], (list, tuple)) else \
+        options["c_grid"]
+    for key in PER_STAGE:
+        value = settings[key]
+        if isinstance(value, dict):
+            if stage not in value:
+                raise BiseError(f"baselines.dfr.{key} has no value for {stage}: give {{dfr_train: N, dfr_val: N}} "
+                                f"or one number, got {value!r}")
+            value = value[stage]
+        options[key] = value
+    _check(options["c_grid"], options["n_subsamples"], options["n_select_subsamples"], options["select_metric"],
+           options["select_max_iter"])
+    return options
+
+
+def _result(w: np.ndarray, bias: np.ndarray, scaler: StandardScaler, c: float, n_subsamples: int,
+            history: list[dict]) -> DFRResult:
     return DFRResult(weight=torch.from_numpy(w), bias=torch.from_numpy(bias),
                      mean=torch.from_numpy(scaler.mean_.copy()), std=torch.from_numpy(scaler.scale_.copy()),
-                     c=best[0], history=history)
-
-
-def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded random split of range(n) into two halves (the first gets the extra sample when n is odd)."""
-    order = np.random.default_rng([seed, 1]).permutation(n)
-    return np.sort(order[: (n + 1) // 2]), np.sort(order[(n + 1) // 2:])
+                     c=c, n_subsamples=n_subsamples, history=history)
 
 
 def dfr_train(z_train: torch.Tensor, y_train: torch.Tensor, b_train: torch.Tensor,
               z_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None,
-              b_val: torch.Tensor | None = None, **options) -> DFRResult:
-    """DFR on the biased training split with its bias labels. C is chosen on the validation split when there is
-    one; otherwise on a held-out half of the training split (fitting on the other half), and the final model
-    is refitted on all of it. `options` go to `run_dfr`."""
-    if z_val is not None:
-        return run_dfr(z_train, y_train, b_train, z_val, y_val, b_val, **options)
-    fit, sel = (torch.from_numpy(i) for i in _halves(len(y_train), options.get("seed", 0)))
-    return run_dfr(z_train[fit], y_train[fit], b_train[fit], z_train[sel], y_train[sel], b_train[sel],
-                   z_final=z_train, y_final=y_train, b_final=b_train, **options)
+              b_val: torch.Tensor | None = None, *, num_classes: int, num_bias: int, c_grid=DFR_C_GRID,
+              n_subsamples: int = 10, n_select_subsamples: int = 1, select_max_iter: int = 20,
+              select_metric: str = "acc_worst_group", seed: int = 0) -> DFRResult:
+    """DFR^Tr_Tr (DFR's `dfr_train_subset_tune` then `dfr_train_subset_eval`): C chosen on the validation split,
+    or, without one, on a held-out half of the training split (the other half fits); the final layer averages
+    `n_subsamples` balanced fits of the whole training split, standardised with its mean and deviation."""
+    _check(c_grid, n_subsamples, n_select_subsamples, select_metric, select_max_iter)
+    rng = np.random.default_rng(seed)
+    if z_val is None:
+        fit, held = (torch.from_numpy(i) for i in halves(len(y_train), rng))
+        tune = (z_train[fit], y_train[fit], b_train[fit], z_train[held], y_train[held], b_train[held])
+    else:
+        tune = (z_train, y_train, b_train, z_val, y_val, b_val)
+    c, history = choose_c(*tune, num_classes=num_classes, num_bias=num_bias, c_grid=c_grid,
+                          select_metric=select_metric, rng=rng, scale_on="fit", max_iter=select_max_iter,
+                          n_select_subsamples=n_select_subsamples)
+    w, bias, scaler = fit_averaged(z_train, y_train, b_train, z_train, c=c, num_classes=num_classes,
+                                   num_bias=num_bias, n_subsamples=n_subsamples, rng=rng)
+    return _result(w, bias, scaler, c, n_subsamples, history)
 
 
-def dfr_val(z_val: torch.Tensor, y_val: torch.Tensor, b_val: torch.Tensor, **options) -> DFRResult:
-    """DFR on the unbiased validation split: fit on one half, choose C on the other, refit on all of it (as
-    DFR's code does). Validation metrics of the resulting model are therefore not held-out numbers."""
-    fit, sel = (torch.from_numpy(i) for i in _halves(len(y_val), options.get("seed", 0)))
-    return run_dfr(z_val[fit], y_val[fit], b_val[fit], z_val[sel], y_val[sel], b_val[sel],
-                   z_final=z_val, y_final=y_val, b_final=b_val, **options)
+def dfr_val(z_val: torch.Tensor, y_val: torch.Tensor, b_val: torch.Tensor, z_train: torch.Tensor, *,
+            num_classes: int, num_bias: int, c_grid=DFR_C_GRID, n_subsamples: int = 20,
+            n_select_subsamples: int = 1, select_max_iter: int = FINAL_MAX_ITER,
+            select_metric: str = "acc_worst_group", seed: int = 0) -> DFRResult:
+    """DFR^Tr_Val (DFR's `dfr_on_validation_tune` then `dfr_on_validation_eval`): C chosen by fitting on a
+    balanced subsample of one half of the validation split (standardised with that subsample's statistics) and
+    scoring on the other half; the final layer averages `n_subsamples` balanced fits of the whole validation
+    split, standardised with the mean and deviation of the training embeddings `z_train`."""
+    _check(c_grid, n_subsamples, n_select_subsamples, select_metric, select_max_iter)
+    rng = np.random.default_rng(seed)
+    fit, held = (torch.from_numpy(i) for i in halves(len(y_val), rng))
+    c, history = choose_c(z_val[fit], y_val[fit], b_val[fit], z_val[held], y_val[held], b_val[held],
+                          num_classes=num_classes, num_bias=num_bias, c_grid=c_grid, select_metric=select_metric,
+                          rng=rng, scale_on="subsample", max_iter=select_max_iter,
+                          n_select_subsamples=n_select_subsamples)
+    w, bias, scaler = fit_averaged(z_val, y_val, b_val, z_train, c=c, num_classes=num_classes, num_bias=num_bias,
+                                   n_subsamples=n_subsamples, rng=rng)
+    return _result(w, bias, scaler, c, n_subsamples, history)
 
 
 def apply_dfr(model: nn.Module, result: DFRResult) -> nn.Module:

@@ -12,15 +12,27 @@ Groups are the (y, b) cells present in the data. With accuracy A_g of group g:
                    CivilComments average; needs the training split's group proportions)
 
 With several bias attributes (b of shape (N, A), e.g. Multi-Color MNIST's left and right colours), the groups
-are the 2^A alignment patterns instead (attribute k aligned iff b_k == y), each pooled over its samples as the
-BISE and DebiAN code do; acc_unbiased is their mean, acc_worst_group their minimum, acc_aligned the accuracy on
-samples aligned on every attribute and acc_conflicting on samples conflicting on every attribute. Each pattern
-has its own metric, e.g. acc_both_aligned, acc_left_aligned_right_conflicting (`pattern_name`).
+are the 2^A alignment patterns instead (attribute k aligned iff b_k == y). Each pattern's accuracy is pooled
+over its samples, as the BISE paper's code and FFW's code compute it; acc_unbiased is the mean of the pattern
+accuracies, acc_worst_group their minimum, acc_aligned the accuracy on samples aligned on every attribute and
+acc_conflicting on samples conflicting on every attribute. Each pattern has its own metric, e.g.
+acc_both_aligned, acc_left_aligned_right_conflicting (`pattern_name`).
 
-Disparity for binary tasks (fairlearn semantics, sensitive feature = b):
+DebiAN's code (Li et al., ECCV 2022, which built Multi-Color MNIST) averages differently: a pattern's accuracy
+is the mean of the accuracies of its (y, b_1, ..., b_A) cells (for Multi-Color MNIST the (digit, left colour,
+right colour) cells), and its unbiased accuracy the mean of those over the patterns. That convention is
+recorded beside the pooled one as acc_unbiased_cells (empty cells skipped). On a test set whose cells are nearly
+equal in size (Multi-Color MNIST's) the two are close but not identical.
 
-- dp_diff = max_s P(pred = 1 | b = s) - min_s P(pred = 1 | b = s)          (demographic parity difference)
-- eo_diff = max(TPR difference, FPR difference) across values of b        (equalised odds difference)
+Disparity for binary tasks, computed by fairlearn (`fairlearn.metrics`, sensitive feature = b):
+
+- dp_diff = max_s P(pred = 1 | b = s) - min_s P(pred = 1 | b = s)          (demographic_parity_difference)
+- eo_diff = max(TPR difference, FPR difference) across values of b        (equalized_odds_difference)
+
+A value of b with no positive samples (y = 1) has no true-positive rate and one with no negative samples no
+false-positive rate; fairlearn counts such a missing rate as 0, so it enters the difference (a value of b
+without positives whose other values have TPR 0.8 gives a TPR difference of 0.8). A split with one value of b
+present gives 0 for both.
 """
 
 from __future__ import annotations
@@ -30,11 +42,13 @@ import math
 import torch
 
 ACCURACY_METRICS = ("acc", "acc_unbiased", "acc_aligned", "acc_conflicting", "acc_worst_group")
+MULTI_ATTRIBUTE_METRICS = ("acc_unbiased_cells",)  # only with several bias attributes
 DISPARITY_METRICS = ("dp_diff", "eo_diff")
 EFFICIENCY_METRICS = ("sparsity_units", "sparsity_weights", "params", "macs", "latency_ms_b1",
                       "latency_ms_b100")
 LEAKAGE_METRICS = ("leakage", "leakage_head")
-ALL_METRICS = ACCURACY_METRICS + ("acc_avg_group",) + DISPARITY_METRICS + EFFICIENCY_METRICS + LEAKAGE_METRICS
+ALL_METRICS = (ACCURACY_METRICS + ("acc_avg_group",) + MULTI_ATTRIBUTE_METRICS + DISPARITY_METRICS
+               + EFFICIENCY_METRICS + LEAKAGE_METRICS)
 
 
 def _mean(mask: torch.Tensor, correct: torch.Tensor) -> float:
@@ -88,6 +102,7 @@ def multi_attribute_metrics(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor
     return {
         "acc": _mean(torch.ones_like(correct), correct),
         "acc_unbiased": unbiased,
+        "acc_unbiased_cells": cell_averaged_unbiased(y, b, correct),
         "acc_aligned": _mean(aligned.all(1), correct),
         "acc_conflicting": _mean((~aligned).all(1), correct),
         "acc_worst_group": min(present) if present else math.nan,
@@ -97,6 +112,19 @@ def multi_attribute_metrics(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor
         # Per attribute, the (class x bias value) tables that `group_acc` / `group_count` hold for one attribute.
         **_attribute_tables(y, b, pred, names, num_classes or int(y.max()) + 1, num_bias or int(b.max()) + 1),
     }
+
+
+def cell_averaged_unbiased(y: torch.Tensor, b: torch.Tensor, correct: torch.Tensor) -> float:
+    """DebiAN's unbiased accuracy: per alignment pattern, the mean accuracy of its (y, b_1, ..., b_A) cells
+    (empty cells skipped), then the mean over the patterns that have samples."""
+    cells, cell_of = torch.unique(torch.cat([y.unsqueeze(1), b], 1), dim=0, return_inverse=True)
+    counts = torch.bincount(cell_of).double()
+    accuracy = torch.bincount(cell_of, weights=correct.double()) / counts
+    pattern_of_cell = cells[:, 1:] == cells[:, :1]            # (cells, A): attribute k aligned in the cell
+    per_pattern = [float(accuracy[(pattern_of_cell == torch.tensor(pattern)).all(1)].mean())
+                   for pattern, _ in alignment_groups(y, b)
+                   if (pattern_of_cell == torch.tensor(pattern)).all(1).any()]
+    return sum(per_pattern) / len(per_pattern) if per_pattern else math.nan
 
 
 def _attribute_tables(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor, names, num_classes: int,
@@ -149,22 +177,15 @@ def accuracy_metrics(y: torch.Tensor, b: torch.Tensor, pred: torch.Tensor, num_c
 
 
 def disparity_metrics(y: torch.Tensor, s: torch.Tensor, pred: torch.Tensor) -> dict:
-    """Demographic parity and equalised odds differences of binary predictions across values of `s`."""
-    y, s, pred = y.long().cpu(), s.long().cpu(), pred.long().cpu()
-    selection, tpr, fpr = [], [], []
-    for value in torch.unique(s).tolist():
-        in_group = s == value
-        selection.append(float(pred[in_group].float().mean()))
-        positives, negatives = in_group & (y == 1), in_group & (y == 0)
-        if positives.any():
-            tpr.append(float(pred[positives].float().mean()))
-        if negatives.any():
-            fpr.append(float(pred[negatives].float().mean()))
+    """Demographic parity and equalised odds differences of binary (0/1) predictions across values of `s`,
+    computed by fairlearn (the module docstring says what an empty cell gives)."""
+    # Imported here: fairlearn loads scikit-learn and pandas, needed only for binary tasks.
+    from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
 
-    def spread(values: list[float]) -> float:
-        return max(values) - min(values) if values else 0.0
-
-    return {"dp_diff": spread(selection), "eo_diff": max(spread(tpr), spread(fpr))}
+    y, s, pred = (t.long().cpu().flatten().numpy() for t in (y, s, pred))
+    # Labels 0/1: fairlearn takes 1 as the positive label, also in a group where only one label occurs.
+    return {"dp_diff": float(demographic_parity_difference(y, pred, sensitive_features=s)),
+            "eo_diff": float(equalized_odds_difference(y, pred, sensitive_features=s))}
 
 
 def overlapping_group_metrics(y: torch.Tensor, pred: torch.Tensor, memberships: torch.Tensor,

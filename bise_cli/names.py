@@ -51,14 +51,18 @@ STAGES: tuple[Stage, ...] = (
     Stage("dfr_val", "DFR (val)", "tab:olive",
           "deep feature reweighting: last layer retrained on the unbiased validation data"),
     Stage("lff", "LfF", "tab:pink", "Learning from Failure, debiased training from scratch"),
-    Stage("softcon", "SoftCon", "tab:gray", "paper reference only (Barbano et al., ICLR 2023); not run by bise"),
-    Stage("bcon_bbal", "BCon+BBal", "gold", "paper reference only (Barbano et al., ICLR 2023); not run by bise"),
+    Stage("softcon", "SoftCon", "tab:gray",
+          "paper reference only: Hong & Yang, NeurIPS 2021 (the BISE paper's number, probably from Barbano et al.'s "
+          "ICLR 2023 table); not run by bise"),
+    Stage("bcon_bbal", "BCon+BBal", "gold",
+          "paper reference only: Hong & Yang, NeurIPS 2021 (the BISE paper's number, probably from Barbano et al.'s "
+          "ICLR 2023 table); not run by bise"),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 _STAGES = {stage.name: stage for stage in STAGES}
 
-# name | title | scale | unit | higher is better (+, -) | decimals | description. One row per metric: the table is
-# parsed once below, so adding a metric is adding a line.
+# name | title | scale | unit | higher is better (+, -, or . for no direction) | decimals (g: 4 significant digits) |
+# description. One row per metric: the table is parsed once below, so adding a metric is adding a line.
 _METRIC_TABLE = """
 acc | accuracy | 100 | % | + | 1 | fraction of correct predictions
 acc_unbiased | unbiased | 100 | % | + | 1 | mean of the group accuracies A_g over the (y, b) groups present
@@ -67,6 +71,7 @@ acc_weighted_avg_group | weighted avg group | 100 | % | + | 1 | sum of A_g weigh
 acc_aligned | aligned | 100 | % | + | 1 | accuracy on samples with b = y (on every bias attribute)
 acc_conflicting | conflicting | 100 | % | + | 1 | accuracy on samples with b != y (on every bias attribute)
 acc_worst_group | worst group | 100 | % | + | 1 | minimum over the present groups of A_g
+acc_unbiased_cells | unbiased (cells) | 100 | % | + | 1 | several bias attributes: mean over the alignment patterns of the mean accuracy of each pattern's (y, b_1, ..., b_A) cells (DebiAN's code)
 acc_both_aligned | both aligned | 100 | % | + | 1 | Multi-Color MNIST: left and right colour both agree with y
 acc_left_aligned_right_conflicting | L aligned, R confl. | 100 | % | + | 1 | left colour agrees with y, right does not
 acc_left_conflicting_right_aligned | L confl., R aligned | 100 | % | + | 1 | right colour agrees with y, left does not
@@ -81,6 +86,8 @@ latency_ms_b1 | latency b1 | 1 | ms | - | 2 | median forward latency at batch 1 
 latency_ms_b100 | latency b100 | 1 | ms | - | 2 | median forward latency at batch 100 on the run's device
 leakage | bias probe | 100 | % | - | 1 | test accuracy of a freshly trained linear bias probe on the final bottleneck
 leakage_head | bias head | 100 | % | - | 1 | test accuracy of BISE's own bias head on the final bottleneck
+dfr_c | DFR C | 1 |  | . | g | the inverse L1 regularisation strength DFR chose on held-out data
+dfr_subsamples | DFR subsamples | 1 |  | . | 0 | the group-balanced subsamples averaged into DFR's last layer
 """
 
 
@@ -88,7 +95,9 @@ def _parse_metrics(table: str) -> tuple[Metric, ...]:
     metrics = []
     for line in table.strip().splitlines():
         name, title, scale, unit, direction, decimals, description = (cell.strip() for cell in line.split("|", 6))
-        metrics.append(Metric(name, title, float(scale), unit, direction == "+", description, int(decimals)))
+        higher = {"+": True, "-": False}.get(direction)
+        metrics.append(Metric(name, title, float(scale), unit, higher, description,
+                              None if decimals == "g" else int(decimals)))
     return tuple(metrics)
 
 

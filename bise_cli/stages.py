@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # Bump a stage's version when its computation changes, so stale cache entries are not reused.
 STAGE_VERSIONS = {"vanilla": 2, "vanilla_metrics": 2, "identification": 2, "bise": 2, "bise_ft": 2,
-                  "reweighted_ft": 2, "random": 2, "magnitude": 2, "ffw": 2, "dfr_train": 2, "dfr_val": 2, "lff": 1}
+                  "reweighted_ft": 2, "random": 2, "magnitude": 2, "ffw": 2, "dfr_train": 3, "dfr_val": 3, "lff": 1}
 
 
 def pruning_settings(options: dict):
@@ -342,36 +342,39 @@ def ffw(ctx: Context, model, parent_key: dict) -> dict:
 # ------------------------------------------------------------------------------------ DFR and LfF baselines
 
 def dfr(ctx: Context, model, parent_key: dict, stage: str) -> dict:
-    """DFR (Kirichenko et al., ICLR 2023): the frozen vanilla backbone with its last layer refitted as an
-    L1 logistic regression on group-balanced bottleneck features: of the biased training split with its bias
-    labels (`dfr_train`, BISE's supervision) or of the unbiased validation split (`dfr_val`)."""
-    from bise_cli.dfr import apply_dfr, dfr_train, dfr_val
+    """DFR (Kirichenko et al., ICLR 2023), in the order of DFR's code: the frozen vanilla backbone with its last
+    layer refitted as an L1 logistic regression on group-balanced bottleneck features: of the biased training
+    split with its bias labels (`dfr_train`, BISE's supervision) or of the unbiased validation split (`dfr_val`,
+    standardised with the training features' statistics). The record carries the chosen C (`dfr_c`) and the
+    number of balanced subsamples averaged (`dfr_subsamples`)."""
+    from bise_cli.dfr import apply_dfr, dfr_options, dfr_train, dfr_val
 
-    d, val = ctx.cfg["baselines"]["dfr"], ctx.bundle.get("val")
+    options = dfr_options(ctx.cfg["baselines"]["dfr"], stage)
+    val = ctx.bundle.get("val")
     if stage == "dfr_val" and val is None:
         raise BiseError(f"dfr_val fits on the unbiased validation split: dataset {ctx.bundle.name} has none "
                         "(use dfr_train)")
-    key = {**parent_key, "stage": stage, "version": STAGE_VERSIONS[stage], "dfr": d,
+    key = {**parent_key, "stage": stage, "version": STAGE_VERSIONS[stage], "dfr": options,
            "bias_labels": ctx.cfg["bias_labels"]}
 
     def features(split):
         return predict(model, split, ctx.cfg["eval_batch_size"], ctx.device, features=True)["z"]
 
     def compute() -> dict:
-        options = dict(num_classes=ctx.bundle.num_classes, num_bias=ctx.bundle.num_bias,
-                       c_grid=tuple(d["c_grid"]), n_subsamples=d["n_subsamples"],
-                       n_select_subsamples=d["n_select_subsamples"], select_metric=d["select_metric"],
-                       seed=seed_stage(ctx.seed, stage))
+        kwargs = dict(num_classes=ctx.bundle.num_classes, num_bias=ctx.bundle.num_bias,
+                     seed=seed_stage(ctx.seed, stage), **options)
         if stage == "dfr_train":
             # The training split's bias labels, or the identification model's pseudo labels when unsupervised.
             train = ctx.bundle["train"] if ctx.cfg["bias_labels"] == "ground_truth" else \
                 ctx.bundle["train"].with_bias(predict(identification_model(ctx), ctx.bundle["train"],
                                                       ctx.cfg["eval_batch_size"], ctx.device)["pred"])
             extra = (features(val), val.y, val.b) if val is not None else ()
-            result = dfr_train(features(train), train.y, train.b, *extra, **options)
+            result = dfr_train(features(train), train.y, train.b, *extra, **kwargs)
         else:
-            result = dfr_val(features(val), val.y, val.b, **options)
-        return {"metrics": {**ctx.evaluate(apply_dfr(model, result)), "dfr_c": result.c}, "history": result.history}
+            result = dfr_val(features(val), val.y, val.b, features(ctx.bundle["train"]), **kwargs)
+        metrics = {**ctx.evaluate(apply_dfr(model, result)), "dfr_c": result.c,
+                   "dfr_subsamples": result.n_subsamples}
+        return {"metrics": metrics, "history": result.history}
 
     result = ctx.cache.get_or_compute(stage, key, compute)
     write_json(ctx.run_dir.file(f"{stage}_history.json"), result["history"])

@@ -259,6 +259,12 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
     if record_keys is not _MISSING and record_keys is not None and not isinstance(record_keys, dict):
         raise BiseError(f"record_keys must be a mapping, e.g. record_keys={{ablation:ce}}, got {record_keys!r}")
     _check_checkpoint(cfg.get("vanilla_checkpoint"))
+    dfr_settings = _get(cfg, "baselines.dfr")
+    if dfr_settings is not _MISSING:
+        from bise_cli.dfr import dfr_options  # lazy: scikit-learn
+
+        for stage in sorted({"dfr_train", "dfr_val"} & set(chosen)):
+            dfr_options(dfr_settings, stage)
 
     if _get(cfg, "train.epochs") == 0 and not cfg.get("vanilla_checkpoint"):
         warnings.append("train.epochs=0: the vanilla model keeps its random initial weights")

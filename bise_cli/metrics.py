@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 ACCURACY_METRICS = ("acc", "acc_unbiased", "acc_aligned", "acc_conflicting", "acc_worst_group")
@@ -183,6 +184,9 @@ def disparity_metrics(y: torch.Tensor, s: torch.Tensor, pred: torch.Tensor) -> d
     from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
 
     y, s, pred = (t.long().cpu().flatten().numpy() for t in (y, s, pred))
+    if len(np.unique(s)) < 2:
+        # One value of s: no disparity (fairlearn's answer too, but fairlearn rejects a single-sample split).
+        return {"dp_diff": 0.0, "eo_diff": 0.0}
     # Labels 0/1: fairlearn takes 1 as the positive label, also in a group where only one label occurs.
     return {"dp_diff": float(demographic_parity_difference(y, pred, sensitive_features=s)),
             "eo_diff": float(equalized_odds_difference(y, pred, sensitive_features=s))}

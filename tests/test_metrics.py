@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +90,81 @@ def test_several_attributes_also_get_each_attributes_class_by_bias_tables():
     assert metrics["attribute_group_count"]["left"] == [[2, 1], [0, 3]]
     assert metrics["attribute_group_acc"]["right"] == [[0.0, 1.0], [0.0, 1.0]]
     assert metrics["attribute_group_count"]["right"] == [[1, 2], [1, 2]]
+
+
+def test_multicolor_patterns_pooled_and_cell_averaged_by_hand():
+    # (digit, left, right) cells; pattern = (left == digit, right == digit).
+    rows = [  # (y, left, right, pred)
+        (0, 0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0), (1, 1, 1, 0),   # both aligned: cells 3/3 and 0/1
+        (0, 0, 1, 0), (0, 0, 1, 1), (0, 0, 2, 0),                 # L aligned, R conflicting: cells 1/2 and 1/1
+        (1, 0, 1, 1),                                             # L conflicting, R aligned: one cell 1/1
+        (2, 0, 1, 0), (2, 0, 1, 1), (2, 1, 0, 2), (2, 1, 0, 2),   # both conflicting: cells 0/2 and 2/2
+    ]
+    y, left, right, pred = (torch.tensor(column) for column in zip(*rows, strict=True))
+    m = accuracy_metrics(y, torch.stack([left, right], 1), pred, 3, 3, ("left", "right"))
+    # Pooled per pattern (the BISE paper's and FFW's code): 3/4, 2/3, 1/1, 2/4.
+    assert m["acc_both_aligned"] == pytest.approx(0.75)
+    assert m["acc_left_aligned_right_conflicting"] == pytest.approx(2 / 3)
+    assert m["acc_left_conflicting_right_aligned"] == 1.0 and m["acc_both_conflicting"] == 0.5
+    assert m["acc_unbiased"] == pytest.approx((0.75 + 2 / 3 + 1 + 0.5) / 4)
+    # Cell-averaged per pattern (DebiAN's code): (1 + 0) / 2, (1/2 + 1) / 2, 1, (0 + 1) / 2.
+    assert m["acc_unbiased_cells"] == pytest.approx((0.5 + 0.75 + 1 + 0.5) / 4)
+    # A pattern without samples is skipped by both averages.
+    keep = torch.tensor([i for i, row in enumerate(rows) if row[0] != 1 or row[1] != 0])
+    m = accuracy_metrics(y[keep], torch.stack([left, right], 1)[keep], pred[keep], 3, 3, ("left", "right"))
+    assert m["acc_unbiased_cells"] == pytest.approx((0.5 + 0.75 + 0.5) / 3)
+    assert m["acc_unbiased"] == pytest.approx((0.75 + 2 / 3 + 0.5) / 3)
+    # One bias attribute: no cell-averaged variant (its cells are its groups: acc_unbiased is that average).
+    assert "acc_unbiased_cells" not in accuracy_metrics(y, left, pred, 3, 3)
+
+
+def test_disparity_with_an_empty_cell_counts_the_missing_rate_as_zero():
+    # s=1 has no negatives: its FPR is missing and counts as 0 (fairlearn). s=0: TPR 1/2, FPR 1/2; s=1: TPR 1/2.
+    y = torch.tensor([1, 1, 0, 0, 1, 1])
+    s = torch.tensor([0, 0, 0, 0, 1, 1])
+    pred = torch.tensor([1, 0, 0, 1, 1, 0])
+    m = disparity_metrics(y, s, pred)
+    assert m["eo_diff"] == pytest.approx(0.5) and m["dp_diff"] == pytest.approx(0.0)
+    # One value of s present: no disparity (also for a single sample, which fairlearn itself rejects).
+    assert disparity_metrics(y, torch.zeros_like(s), pred) == {"dp_diff": 0.0, "eo_diff": 0.0}
+    assert disparity_metrics(y[:1], s[:1], pred[:1]) == {"dp_diff": 0.0, "eo_diff": 0.0}
+
+
+def _disparity_by_definition(y, s, pred, missing=0.0):
+    """fairlearn's semantics written out: per value of s the selection rate, TPR and FPR, a missing rate (no
+    positives / no negatives) counted as `missing` (fairlearn: 0; None: that value skipped, the convention bise
+    used before); the differences are max - min over the values of s."""
+    selection, tpr, fpr = [], [], []
+    for value in np.unique(s):
+        g = s == value
+        selection.append(pred[g].mean())
+        for rates, cell in ((tpr, g & (y == 1)), (fpr, g & (y == 0))):
+            rate = pred[cell].mean() if cell.any() else missing
+            if rate is not None:
+                rates.append(rate)
+
+    def spread(values):
+        return max(values) - min(values) if values else 0.0
+
+    return spread(selection), max(spread(tpr), spread(fpr))
+
+
+def test_disparity_agrees_with_fairlearn_on_random_cases_with_empty_cells():
+    from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
+
+    rng = np.random.default_rng(0)
+    empty_cells = conventions_differ = 0
+    for case in range(300):
+        n = int(rng.integers(2, 16))
+        values = int(rng.integers(1, 4))
+        y, s, pred = rng.integers(0, 2, n), rng.integers(0, values, n), rng.integers(0, 2, n)
+        ours = disparity_metrics(torch.from_numpy(y), torch.from_numpy(s), torch.from_numpy(pred))
+        expected = (demographic_parity_difference(y, pred, sensitive_features=s),
+                    equalized_odds_difference(y, pred, sensitive_features=s))
+        assert (ours["dp_diff"], ours["eo_diff"]) == pytest.approx(expected, abs=1e-12), case
+        assert (ours["dp_diff"], ours["eo_diff"]) == pytest.approx(_disparity_by_definition(y, s, pred)), case
+        empty_cells += any(not ((s == v) & (y == label)).any() for v in np.unique(s) for label in (0, 1))
+        conventions_differ += _disparity_by_definition(y, s, pred, missing=None)[1] != ours["eo_diff"]
+    # A third of the cases have a value of s without positives or without negatives, and in many of them
+    # skipping that value instead of counting its rate as 0 would change eo_diff.
+    assert empty_cells > 60 and conventions_differ > 20

@@ -5,7 +5,10 @@ ever sits beside the column of that metric. Values are in the units the tables p
 
 - BiasedMNIST (De Moura Matos et al., CVPR 2026, main table, ablation and efficiency figures): top-1 accuracy on
   the ρ = 0.1 test set, i.e. our `acc` (not the group-averaged `acc_unbiased`); weight sparsity S (%) is our
-  `sparsity_weights`, MFLOPs (multiply-accumulates) our `macs`.
+  `sparsity_weights`, MFLOPs (multiply-accumulates) our `macs`. The table's baselines are LfF (Nam et al.,
+  NeurIPS 2020) and SoftCon and BCon+BBal (Hong & Yang, NeurIPS 2021); their numbers are probably copied from
+  Barbano et al.'s table ("Unbiased Supervised Contrastive Learning", ICLR 2023). Each such reference says so
+  in its note, which the table footer prints.
 - Multi-Color MNIST (same paper): the unweighted mean of the four (left, right) aligned/conflicting group
   accuracies, our `acc_unbiased`. The vanilla value is the one reported by Nahon et al. (ICCV 2023, Table 3).
 - CelebA Blond_Hair / Male (same paper): which accuracy the headline numbers are is not stated; the balanced
@@ -22,6 +25,12 @@ from dataclasses import dataclass
 
 BISE_PAPER = "De Moura Matos et al., CVPR 2026"
 NAHON = "Nahon et al., ICCV 2023, Table 3"
+# The BiasedMNIST baseline numbers of the BISE paper: the methods' own papers, and the table they were probably
+# copied from (Barbano et al., "Unbiased Supervised Contrastive Learning", ICLR 2023; not checked against it).
+HONG_YANG = ("method: Hong & Yang, \"Unbiased Classification Through Bias-Contrastive and Bias-Balanced "
+             "Learning\", NeurIPS 2021; number probably from Barbano et al.'s table (ICLR 2023)")
+NAM = ("method: Nam et al., \"Learning from Failure\", NeurIPS 2020; number probably from Barbano et al.'s "
+       "table (ICLR 2023)")
 
 
 @dataclass(frozen=True)
@@ -36,8 +45,9 @@ class Reference:
     note: str = ""  # e.g. "metric inferred"
 
 
-def _bmnist(stage: str, rho: float, ablation: str | None = None, **values: float) -> list[Reference]:
-    return [Reference("biased_mnist", stage, metric, value, rho, ablation) for metric, value in values.items()]
+def _bmnist(stage: str, rho: float, ablation: str | None = None, note: str = "", **values: float) -> list[Reference]:
+    return [Reference("biased_mnist", stage, metric, value, rho, ablation, note=note)
+            for metric, value in values.items()]
 
 
 INFERRED = "metric inferred: the paper does not say which accuracy"
@@ -56,12 +66,15 @@ REFERENCES: tuple[Reference, ...] = (
     *_bmnist("bise", 0.99, "ce", acc=96.0, sparsity_weights=18.5, macs=338.2),
     *_bmnist("bise", 0.99, "mi", acc=91.1, sparsity_weights=18.7, macs=337.3),
     *_bmnist("bise", 0.99, "ce+mi", acc=96.1, sparsity_weights=20.9, macs=328.3),
-    # Baselines in the paper's BiasedMNIST table, probably taken from Barbano et al. (ICLR 2023); LfF is a stage
-    # here, SoftCon and BCon+BBal are numbers only (their own training methods, not implemented).
-    *_bmnist("lff", 0.99, acc=95.1), *_bmnist("lff", 0.995, acc=90.3), *_bmnist("lff", 0.997, acc=63.7),
-    *_bmnist("softcon", 0.99, acc=95.2), *_bmnist("softcon", 0.995, acc=93.1), *_bmnist("softcon", 0.997, acc=88.6),
-    *_bmnist("bcon_bbal", 0.99, acc=98.1), *_bmnist("bcon_bbal", 0.995, acc=97.7),
-    *_bmnist("bcon_bbal", 0.997, acc=97.3),
+    # Baselines in the paper's BiasedMNIST table: LfF (Nam et al.) is a stage here; SoftCon and BCon+BBal (Hong &
+    # Yang) are numbers only (their own training methods, not implemented). The values are probably copied from
+    # Barbano et al.'s table (ICLR 2023).
+    *_bmnist("lff", 0.99, note=NAM, acc=95.1), *_bmnist("lff", 0.995, note=NAM, acc=90.3),
+    *_bmnist("lff", 0.997, note=NAM, acc=63.7),
+    *_bmnist("softcon", 0.99, note=HONG_YANG, acc=95.2), *_bmnist("softcon", 0.995, note=HONG_YANG, acc=93.1),
+    *_bmnist("softcon", 0.997, note=HONG_YANG, acc=88.6),
+    *_bmnist("bcon_bbal", 0.99, note=HONG_YANG, acc=98.1), *_bmnist("bcon_bbal", 0.995, note=HONG_YANG, acc=97.7),
+    *_bmnist("bcon_bbal", 0.997, note=HONG_YANG, acc=97.3),
     Reference("multicolor_mnist", "vanilla", "acc_unbiased", 57.4, source=NAHON),
     Reference("multicolor_mnist", "bise", "acc_unbiased", 60.3),
     Reference("multicolor_mnist", "bise_ft", "acc_unbiased", 70.6),

@@ -168,3 +168,25 @@ def test_disparity_agrees_with_fairlearn_on_random_cases_with_empty_cells():
     # A third of the cases have a value of s without positives or without negatives, and in many of them
     # skipping that value instead of counting its rate as 0 would change eo_diff.
     assert empty_cells > 60 and conventions_differ > 20
+
+
+def test_biased_mnist_baselines_are_attributed_to_their_methods_in_the_reference_footer(tmp_path):
+    import json
+
+    from bise_cli.names import stage
+    from bise_cli.tables import constant_context, format_table, load_records, summarize
+
+    records = [{"stage": name, "keys": ["dataset", "rho", "seed"], "dataset": "biased_mnist", "rho": 0.99,
+                "seed": 0, "acc": 0.9} for name in ("bise", "lff", "softcon", "bcon_bbal")]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    df = load_records(tmp_path)
+    footer = format_table(summarize(df, metrics=["acc"]), "md", reference=True, context=constant_context(df))
+    lines = {line.split(")")[0]: line for line in footer.splitlines() if line.startswith("paper acc (")}
+    hong_yang = lines["paper acc (biased_mnist: softcon, bcon_bbal"]
+    assert "Hong & Yang" in hong_yang and "NeurIPS 2021" in hong_yang and "Barbano et al.'s table (ICLR 2023)" in hong_yang
+    lff = lines["paper acc (biased_mnist: lff"]
+    assert "Nam et al." in lff and "NeurIPS 2020" in lff and "Barbano" in lff
+    assert lines["paper acc (biased_mnist: bise"].endswith("De Moura Matos et al., CVPR 2026")
+    for name in ("softcon", "bcon_bbal"):
+        assert "Hong & Yang, NeurIPS 2021" in stage(name).description

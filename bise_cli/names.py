@@ -71,7 +71,7 @@ acc_weighted_avg_group | weighted avg group | 100 | % | + | 1 | sum of A_g weigh
 acc_aligned | aligned | 100 | % | + | 1 | accuracy on samples with b = y (on every bias attribute)
 acc_conflicting | conflicting | 100 | % | + | 1 | accuracy on samples with b != y (on every bias attribute)
 acc_worst_group | worst group | 100 | % | + | 1 | minimum over the present groups of A_g
-acc_unbiased_cells | unbiased (cells) | 100 | % | + | 1 | several bias attributes: mean over the alignment patterns of the mean accuracy of each pattern's (y, b_1, ..., b_A) cells (DebiAN's code)
+acc_unbiased_cells | unbiased (cells) | 100 | % | + | 1 | mean over patterns of their cells' mean accuracy (DebiAN)
 acc_both_aligned | both aligned | 100 | % | + | 1 | Multi-Color MNIST: left and right colour both agree with y
 acc_left_aligned_right_conflicting | L aligned, R confl. | 100 | % | + | 1 | left colour agrees with y, right does not
 acc_left_conflicting_right_aligned | L confl., R aligned | 100 | % | + | 1 | right colour agrees with y, left does not

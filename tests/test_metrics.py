@@ -184,7 +184,8 @@ def test_biased_mnist_baselines_are_attributed_to_their_methods_in_the_reference
     footer = format_table(summarize(df, metrics=["acc"]), "md", reference=True, context=constant_context(df))
     lines = {line.split(")")[0]: line for line in footer.splitlines() if line.startswith("paper acc (")}
     hong_yang = lines["paper acc (biased_mnist: softcon, bcon_bbal"]
-    assert "Hong & Yang" in hong_yang and "NeurIPS 2021" in hong_yang and "Barbano et al.'s table (ICLR 2023)" in hong_yang
+    assert "Hong & Yang" in hong_yang and "NeurIPS 2021" in hong_yang
+    assert "Barbano et al.'s table (ICLR 2023)" in hong_yang
     lff = lines["paper acc (biased_mnist: lff"]
     assert "Nam et al." in lff and "NeurIPS 2020" in lff and "Barbano" in lff
     assert lines["paper acc (biased_mnist: bise"].endswith("De Moura Matos et al., CVPR 2026")

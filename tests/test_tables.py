@@ -185,7 +185,8 @@ def test_names_are_declared_once_in_order():
     readme_metrics = ("acc", "acc_unbiased", "acc_avg_group", "acc_weighted_avg_group", "acc_aligned",
                       "acc_conflicting", "acc_worst_group",
                       "dp_diff", "eo_diff", "sparsity_units", "sparsity_weights", "params", "macs",
-                      "latency_ms_b1", "latency_ms_b100", "leakage", "leakage_head")
+                      "latency_ms_b1", "latency_ms_b100", "leakage", "leakage_head", "acc_unbiased_cells",
+                      "dfr_c", "dfr_subsamples")
     mc_groups = ("acc_both_aligned", "acc_left_aligned_right_conflicting", "acc_left_conflicting_right_aligned",
                  "acc_both_conflicting")
     assert set(readme_metrics + mc_groups) == set(METRIC_NAMES) and len(METRIC_NAMES) == len(METRICS)

@@ -43,12 +43,16 @@ all drawn before the loop, by the mean of their metrics.
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import sklearn
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
@@ -56,6 +60,8 @@ from torch import nn
 from bise_cli.data.base import bias_columns
 from bise_cli.errors import BiseError, check_choice
 from bise_cli.metrics import ACCURACY_METRICS, accuracy_metrics
+
+log = logging.getLogger(__name__)
 
 # DFR's grid of inverse regularisation strengths (its code's C_OPTIONS), strongest fit first.
 DFR_C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
@@ -164,6 +170,21 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, seed: i
     return np.stack([w for w, _ in rows]), np.array([b for _, b in rows])
 
 
+@contextmanager
+def _counting_unconverged(what: str, max_iter: int):
+    """Collect liblinear's convergence warnings (one per fit that stopped at `max_iter`; DFR's tuning limits it
+    to 20 on purpose) into one log line instead of one warning per fit."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        yield
+    stopped = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if stopped:
+        log.info("DFR %s: %d liblinear fit(s) stopped at max_iter=%d before converging", what, stopped, max_iter)
+
+
 def _numpy(z: torch.Tensor) -> np.ndarray:
     return z.double().cpu().numpy()
 
@@ -189,7 +210,8 @@ def choose_c(z_fit: torch.Tensor, y_fit: torch.Tensor, b_fit: torch.Tensor, z_se
     for c in c_grid:
         rows = []
         for x, y, x_held in prepared:
-            w, bias = fit_logreg(x, y, num_classes, float(c), liblinear_seed(rng), max_iter)
+            with _counting_unconverged(f"tuning C={c}", max_iter):
+                w, bias = fit_logreg(x, y, num_classes, float(c), liblinear_seed(rng), max_iter)
             pred = torch.from_numpy((x_held @ w.T + bias).argmax(1))
             metrics = accuracy_metrics(y_sel.cpu(), b_sel.cpu(), pred, num_classes, num_bias)
             rows.append([metrics[m] for m in ACCURACY_METRICS])
@@ -211,11 +233,12 @@ def fit_averaged(z: torch.Tensor, y: torch.Tensor, b: torch.Tensor, z_scale: tor
     scaler = StandardScaler().fit(_numpy(z_scale))
     x, y_np, groups = scaler.transform(_numpy(z)), y.long().cpu().numpy(), group_ids(y, b, num_bias)
     weights, biases = [], []
-    for _ in range(n_subsamples):
-        index = balanced_indices(groups, rng)
-        w, bias = fit_logreg(x[index], y_np[index], num_classes, c, liblinear_seed(rng), FINAL_MAX_ITER)
-        weights.append(w)
-        biases.append(bias)
+    with _counting_unconverged(f"final layer (C={c}, {n_subsamples} subsamples)", FINAL_MAX_ITER):
+        for _ in range(n_subsamples):
+            index = balanced_indices(groups, rng)
+            w, bias = fit_logreg(x[index], y_np[index], num_classes, c, liblinear_seed(rng), FINAL_MAX_ITER)
+            weights.append(w)
+            biases.append(bias)
     return np.mean(weights, axis=0), np.mean(biases, axis=0), scaler
 
 

@@ -370,3 +370,17 @@ def test_records_carry_the_chosen_c_and_the_subsamples(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "baselines.dfr.select_max_iter must be an integer >= 1, got 0" in bad.stderr
     assert not (tmp_path / "bad" / "runs").exists() or not any((tmp_path / "bad" / "runs").rglob("metrics.jsonl"))
+
+
+def test_unconverged_tuning_fits_are_one_log_line_not_a_warning_each(caplog):
+    import logging
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    z, y, b = _features(30, 2, seed=2, dim=12)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="bise_cli.dfr"):
+        warnings.simplefilter("always")
+        dfr_train(z, y, b, num_classes=2, num_bias=2, c_grid=[1.0, 0.3], n_subsamples=2, select_max_iter=1, seed=0)
+    assert not [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert any("stopped at max_iter=1 before converging" in r.getMessage() for r in caplog.records)

@@ -42,6 +42,9 @@ import math
 import numpy as np
 import torch
 
+# Bumped when a metric's definition changes or one is added: cached stage results hold their metrics, so the
+# evaluation part of every cache key carries this version (bise_cli.stages.Context.eval_key).
+METRICS_VERSION = 2  # 2: acc_unbiased_cells; dp_diff / eo_diff by fairlearn (a missing rate counts as 0)
 ACCURACY_METRICS = ("acc", "acc_unbiased", "acc_aligned", "acc_conflicting", "acc_worst_group")
 MULTI_ATTRIBUTE_METRICS = ("acc_unbiased_cells",)  # only with several bias attributes
 DISPARITY_METRICS = ("dp_diff", "eo_diff")

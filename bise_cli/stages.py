@@ -28,6 +28,7 @@ from bise_cli.errors import BiseError, check_choice
 from bise_cli.evaluate import evaluate_model, train_group_weights
 from bise_cli.fingerprint import fingerprint_file
 from bise_cli.masking import GateSet, kept_units
+from bise_cli.metrics import METRICS_VERSION
 from bise_cli.models import build_backbone
 from bise_cli.probe import head_leakage, mean_over_attributes
 from bise_cli.prune import prune_model, save_pruned
@@ -94,7 +95,7 @@ class Context:
     def eval_key(self, parent: dict) -> dict:
         """`parent` plus how results are measured: cached metrics depend on it (latency on the device)."""
         evaluation = {k: self.cfg[k] for k in ("leakage_probe", "latency", "eval_batch_size", "bootstrap")}
-        return {**parent, "evaluation": evaluation, "device": self.device.type}
+        return {**parent, "evaluation": {**evaluation, "metrics_version": METRICS_VERSION}, "device": self.device.type}
 
     def reweighting(self) -> str:
         return resolve(self.cfg["reweighting"], self.bundle.name, self.cfg["bias_labels"] == "identification")

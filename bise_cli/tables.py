@@ -344,8 +344,11 @@ def compare_stages(df: pd.DataFrame, stage_a: str, stage_b: str, by: list[str] |
         counts = frame["seed"].value_counts()
         if (counts > 1).any():
             where = ", ".join(f"{k}={v}" for k, v in label.items()) or "all records"
-            raise BiseError(f"{int(counts.max())} records of stage {stage!r} with seed {counts.idxmax()} ({where}); "
-                            "separate them with --by KEY ...")
+            same = frame[frame["seed"] == counts.idxmax()]
+            data = "data_sha256" in same and same["data_sha256"].astype(str).nunique() > 1
+            raise BiseError(f"{int(counts.max())} records of stage {stage!r} with seed {counts.idxmax()} ({where})"
+                            + ("; they were computed on different data: separate them with --by ... data_sha256"
+                               if data else "; separate them with --by KEY ..."))
         return {seed: row for seed, (_, row) in zip(frame["seed"], frame.iterrows(), strict=True)}
 
     rows, notes = [], []

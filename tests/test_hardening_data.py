@@ -280,6 +280,13 @@ def test_table_never_averages_one_seed_on_two_datasets(tmp_path):
         ("a" * 12, 2, 0.6), ("b" * 12, 1, 0.9)]
     assert "split by data_sha256" in (tmp_path / "runs" / "table.md").read_text()
 
+    from bise_cli.errors import BiseError
+    from bise_cli.tables import compare_stages, load_records
+    records = load_records(tmp_path / "runs")
+    bise_rows = records.assign(stage="bise")
+    with pytest.raises(BiseError, match="computed on different data: separate them with --by ... data_sha256"):
+        compare_stages(pd.concat([records, bise_rows], ignore_index=True), "vanilla", "bise")
+
 
 def test_table_into_an_unwritable_folder_is_one_line(tmp_path):
     """Also-case: `bise table` on a folder it cannot write was a traceback (a file where the folder should be

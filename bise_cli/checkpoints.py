@@ -25,6 +25,8 @@ def read_state_dict(path: str | Path, what: str = "vanilla_checkpoint") -> dict[
     path = Path(path)
     if not path.is_file():
         raise BiseError(f"{what}={str(path)!r}: no such file")
+    if path.stat().st_size == 0:
+        raise BiseError(f"cannot read {what} {str(path)!r}: the file is empty (0 bytes)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -32,7 +34,9 @@ def read_state_dict(path: str | Path, what: str = "vanilla_checkpoint") -> dict[
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling refused, not a torch/safetensors file, truncated: the user's file
-        raise BiseError(f"cannot read {what} {str(path)!r}: {str(error).splitlines()[0][:200]}") from None
+        lines = str(error).strip().splitlines()   # some errors (EOFError) have no message at all
+        reason = lines[0][:200] if lines else type(error).__name__
+        raise BiseError(f"cannot read {what} {str(path)!r}: {reason}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -48,18 +52,43 @@ def _listed(names: list[str]) -> str:
     return f"{len(names)} ({shown}{', ...' if len(names) > SHOW else ''})"
 
 
+def optional_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that `load_state_dict(strict=True)` fills in itself when a checkpoint lacks them: BatchNorm's
+    `num_batches_tracked` (added in PyTorch 0.4.1; a state dict without version metadata, as every dict read
+    here, may leave it out and gets the module's current count)."""
+    return {f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+            for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats}
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """What a tensor holds, for the dtype check: load_state_dict converts between float precisions (a float16
+    checkpoint into a float32 model is fine) but a cast between these kinds changes what the values mean."""
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "integer"
+
+
 def mismatch(model: nn.Module, state: dict[str, torch.Tensor], ignore: tuple[str, ...] = ()) -> str:
-    """'' when `state` loads strictly into `model`; else which keys are missing, unexpected or of another shape.
-    Keys starting with a prefix in `ignore` are left out on both sides."""
+    """'' when `state` loads strictly into `model`; else which keys are missing, unexpected, of another shape or
+    of another kind of dtype (integers or booleans where the model has floats, or the other way round). Keys
+    starting with a prefix in `ignore` are left out on both sides; keys PyTorch fills in itself
+    (`optional_keys`) may be missing."""
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(ignore)}
     given = {k: v for k, v in state.items() if not k.startswith(ignore)}
-    missing = sorted(set(expected) - set(given))
+    missing = sorted(set(expected) - set(given) - optional_keys(model))
     unexpected = sorted(set(given) - set(expected))
+    both = sorted(set(expected) & set(given))
     shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(given)) if given[k].shape != expected[k].shape]
+              for k in both if given[k].shape != expected[k].shape]
+    dtypes = [f"{k} {str(given[k].dtype).removeprefix('torch.')} vs {str(expected[k].dtype).removeprefix('torch.')}"
+              for k in both if _kind(given[k].dtype) != _kind(expected[k].dtype)]
     parts = [f"missing keys {_listed(missing)}" if missing else "",
              f"unexpected keys {_listed(unexpected)}" if unexpected else "",
-             f"shape mismatches {_listed(shapes)}" if shapes else ""]
+             f"shape mismatches {_listed(shapes)}" if shapes else "",
+             f"dtype mismatches {_listed(dtypes)}" if dtypes else ""]
     return "; ".join(p for p in parts if p)
 
 

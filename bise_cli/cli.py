@@ -137,6 +137,36 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+class OutputFolderCheck:
+    """Hydra callback (`hydra.callbacks` in conf/config.yaml): the run folder (`hydra.run.dir`), or a sweep's
+    folder, must be writable before Hydra creates it, so an unwritable one is one line and exit 2 (Hydra itself
+    would fail with a traceback before any bise code runs)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, "hydra.sweep.dir")
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):   # Hydra's other hooks (job start and end, ...): nothing to check
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    @staticmethod
+    def _check(config: DictConfig, key: str) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from bise_cli.validate import check_writable
+
+        HydraConfig.instance().set_config(config)   # as Hydra does before it resolves the folder
+        try:
+            check_writable(str(OmegaConf.select(config, key)))
+        except BiseError as error:
+            print(f"error: {error} ({key})", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+
 def _guarded(task):
     """Run a task; user errors, file-system errors and interrupts become one-line messages on stderr (rc 2, 1,
     143/130). In a sweep a failed job never stops the others (an interrupt stops the sweep)."""

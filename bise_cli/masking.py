@@ -15,11 +15,18 @@ gates, so the same mechanism serves convnets, ResNets and BERT.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+# `pruning.round_to` warns when rounding gives back more than this share of the units the search switched off
+# (e.g. 2.5 % of the units off -> 0 % with round_to=1000); documented in conf/pruning/bise.yaml.
+ROUND_TO_WARN_SHARE = 0.5
 
 GATE_MODES = ("vanilla", "masked", "fixed")
 
@@ -196,6 +203,18 @@ def capture_input(module: nn.Module):
         yield store
     finally:
         handle.remove()
+
+
+def rounding_effect(unrounded: dict[str, torch.Tensor], rounded: dict[str, torch.Tensor], multiple: int) -> dict:
+    """{"sparsity_units_unrounded", "sparsity_units_rounded"} of masks before and after `round_masks`, with a
+    warning when rounding to `multiple` units gives back more than ROUND_TO_WARN_SHARE of the units the search
+    switched off."""
+    before, after = unit_sparsity(unrounded), unit_sparsity(rounded)
+    if before > 0 and before - after > ROUND_TO_WARN_SHARE * before:
+        log.warning("pruning.round_to=%d takes the units switched off from %.1f %% to %.1f %%: rounding keeps most "
+                    "of what the search removed; use a smaller round_to (e.g. 8 or 16) or none (1)", multiple,
+                    100 * before, 100 * after)
+    return {"sparsity_units_unrounded": before, "sparsity_units_rounded": after}
 
 
 def round_masks(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],

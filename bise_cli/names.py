@@ -107,7 +107,7 @@ _METRICS = {m.name: m for m in METRICS}
 
 # Record keys derived from a declared metric display like it: `val_acc`, `wilds_acc_worst_group`, `macs_dense`.
 DERIVED_PREFIXES = ("val_", "test_conflicting_", "test_", "wilds_", "coarse_")
-DERIVED_SUFFIXES = ("_dense",)
+DERIVED_SUFFIXES = ("_dense", "_unrounded")
 MISSING = "–"
 
 

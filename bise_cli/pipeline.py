@@ -4,8 +4,8 @@
 `run(cfg, out_dir)` takes the resolved config as a plain dict. Every stage result is cached by
 `StageCache.get_or_compute` under a key that includes a fingerprint of the data actually loaded, so a repeated
 or resumed run recomputes nothing that is already known and never reuses a result computed from other inputs.
-A run counts as done only when its status says so for the same settings and its records are complete and
-intact; otherwise it is redone from the stage caches.
+A run counts as done only when its status says so for the same settings and the same data (its fingerprint is
+taken before the check) and its records are complete and intact; otherwise it is redone from the stage caches.
 """
 
 from __future__ import annotations
@@ -68,9 +68,12 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     run_dir = RunDir(out_dir)
-    # The run's identity: every setting that can change a result, plus the device that measures latency.
+    # The run's identity: every setting that can change a result, plus the device that measures latency, and the
+    # data actually loaded (fingerprinted once, before the done check: a changed image or label is a new run).
     identity = config_hash({**{k: v for k, v in cfg.items() if k not in NOT_RESULT_SETTINGS}, "device": device.type})
-    records = run_dir.finished_records(identity)
+    bundle = load_data(cfg)
+    fingerprint = fingerprint_bundle(bundle)
+    records = run_dir.finished_records(identity, fingerprint["sha256"])
     if records is not None:
         log.info("already done, skipping: %s", run_dir.path)
         if not run_dir.file("MODEL_CARD.md").is_file():  # finished before runs had cards: derived from records
@@ -81,10 +84,10 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
     if cfg["cache"]:
         check_writable(stages.cache_root(cfg))
     write_text(run_dir.file("config.yaml"), OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    run_dir.set_status("running", config_hash=identity)
+    run_dir.set_status("running", config_hash=identity, data_sha256=fingerprint["sha256"])
     started = time.perf_counter()
     try:
-        recipe(cfg, device, run_dir)
+        recipe(cfg, device, run_dir, bundle, fingerprint)
     except BaseException as error:
         run_dir.fail(error)
         try:  # the stages that finished still reach the tracker; its own trouble never hides the run's error
@@ -94,20 +97,19 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
         raise
     write_report(run_dir.path, cfg, run_dir.records, cfg.get("note", ""))
     write_run_card(run_dir.path, cfg, run_dir.records)
-    run_dir.finish(identity, seconds=round(time.perf_counter() - started, 1))
+    run_dir.finish(identity, data_sha256=fingerprint["sha256"], seconds=round(time.perf_counter() - started, 1))
     track_run(cfg.get("logger"), run_dir.path, cfg, run_dir.records)
     return run_dir.records
 
 
-def recipe(cfg: dict, device: torch.device, run_dir: RunDir) -> None:
-    """The experiment: data, the vanilla model, the BISE search, then the stages that build on them."""
+def recipe(cfg: dict, device: torch.device, run_dir: RunDir, bundle: DatasetBundle, fingerprint: dict) -> None:
+    """The experiment on the loaded data (`bundle`, its `fingerprint_bundle`): the vanilla model, the BISE search,
+    then the stages that build on them."""
     chosen = list(cfg["stages"])
     torch.use_deterministic_algorithms(bool(cfg["deterministic"]), warn_only=True)
     configure_backends(device, bool(cfg["deterministic"]))
 
-    # 1. Data, fingerprinted once: every cache key below includes what was actually loaded.
-    bundle = load_data(cfg)
-    fingerprint = fingerprint_bundle(bundle)
+    # 1. Data, fingerprinted once (by `run`): every cache key below includes what was actually loaded.
     write_json(run_dir.file("data_summary.json"), {"info": bundle.info, "fingerprint": fingerprint,
                                                    "bias_names": list(bundle.bias_names),
                                                    "nominal_rho": bundle.nominal_rho,

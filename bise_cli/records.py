@@ -168,11 +168,19 @@ class RunDir:
             return {}
         return status if isinstance(status, dict) else {}
 
-    def finished_records(self, identity: str) -> list[dict] | None:
-        """The records of a finished run with the same settings, or None when it must be (re)done: not done,
-        other settings, or records that lost lines, do not parse or were edited since the run finished."""
+    def finished_records(self, identity: str, data_sha256: str | None = None) -> list[dict] | None:
+        """The records of a finished run with the same settings and data, or None when it must be (re)done: not
+        done, other settings, other data (`data_sha256`, the fingerprint of the data loaded now), or records that
+        lost lines, do not parse or were edited since the run finished."""
         status = self.status()
         if status.get("state") != "done" or status.get("config_hash") != identity:
+            return None
+        if status.get("data_sha256") != data_sha256:
+            before = status.get("data_sha256")
+            why = (f"the data changed since the run finished (data_sha256 {before[:12]}..., now "
+                   f"{str(data_sha256)[:12]}...)" if isinstance(before, str) else "its status names no data")
+            logging.getLogger(__name__).warning("%s: %s; redoing the run from the stage caches that still apply",
+                                                self.path, why)
             return None
         path = self.file("metrics.jsonl")
         if file_sha256(path) != status.get("records_sha256"):
@@ -184,9 +192,10 @@ class RunDir:
         except ValueError:
             return None
 
-    def finish(self, identity: str, **extra) -> None:
-        """Mark the run done, with a checksum of its records (what `finished_records` verifies)."""
-        self.set_status("done", config_hash=identity, records=len(self.records),
+    def finish(self, identity: str, data_sha256: str | None = None, **extra) -> None:
+        """Mark the run done for settings `identity` and data `data_sha256`, with a checksum of its records (what
+        `finished_records` verifies)."""
+        self.set_status("done", config_hash=identity, data_sha256=data_sha256, records=len(self.records),
                         records_sha256=file_sha256(self.file("metrics.jsonl")), **extra)
 
     def set_status(self, state: str, **extra) -> None:

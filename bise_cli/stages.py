@@ -27,7 +27,7 @@ from bise_cli.efficiency import efficiency_report
 from bise_cli.errors import BiseError, check_choice
 from bise_cli.evaluate import evaluate_model, train_group_weights
 from bise_cli.fingerprint import fingerprint_file
-from bise_cli.masking import GateSet, kept_units
+from bise_cli.masking import GateSet, kept_units, rounding_effect
 from bise_cli.metrics import METRICS_VERSION
 from bise_cli.models import build_backbone
 from bise_cli.probe import head_leakage, mean_over_attributes
@@ -241,9 +241,16 @@ def bise_search(ctx: Context, model, parent_key: dict) -> dict:
         alternatives = {metric: {**ctx.evaluate(prune_model(model, alt["masks"]), dense=model, masks=alt["masks"]),
                                  "best_epoch": alt["epoch"]} for metric, alt in result.alternatives.items()}
         return {"masks": result.masks, "last_masks": result.last_masks, "history": result.history,
-                "head_states": result.head_states, "metrics": metrics, "alternatives": alternatives}
+                "head_states": result.head_states, "metrics": metrics, "alternatives": alternatives,
+                "unrounded_masks": result.unrounded_masks}
 
     result = ctx.cache.get_or_compute("bise", key, search)
+    # Units off before and after pruning.round_to, in the record (and a warning when rounding undoes most of the
+    # search), also for a cached search; an entry from before this was kept knows them only without rounding.
+    unrounded = result.get("unrounded_masks") or (result["masks"] if p.get("round_to", 1) == 1 else None)
+    if unrounded is not None:
+        effect = rounding_effect(unrounded, result["masks"], int(p.get("round_to", 1)))
+        result["metrics"] = {**result["metrics"], "sparsity_units_unrounded": effect["sparsity_units_unrounded"]}
     save_torch(ctx.run_dir.file("masks.pt"), {"masks": result["masks"], "last_masks": result["last_masks"]})
     save_pruned(prune_model(model, result["masks"]), ctx.run_dir.file("pruned_bise.pt"))
     write_json(ctx.run_dir.file("search_history.json"), result["history"])

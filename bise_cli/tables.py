@@ -123,11 +123,35 @@ def _prepared(df: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFra
     return data
 
 
+def data_split(df: pd.DataFrame, by: list[str]) -> str | None:
+    """Why `by` must also split by `data_sha256`, or None: some group holds two records of the same stage and seed
+    computed on different data (a run re-done after its data changed, or two copies of a dataset), which are not
+    two seeds and must not be averaged as such."""
+    if not {"seed", "data_sha256"} <= set(df) or "data_sha256" in by:
+        return None
+    keys = [*dict.fromkeys([*by, "stage", "seed"])]
+    data = _prepared(df, keys, [])
+    counts = data.groupby(keys, sort=False, dropna=False)["data_sha256"].nunique()
+    if not (counts > 1).any():
+        return None
+    where = dict(zip(keys, counts.index[counts > 1][0], strict=True))
+    return (f"{int((counts > 1).sum())} group(s) hold records of the same seed on different data (e.g. stage "
+            f"{where['stage']}, seed {where['seed']}): split by data_sha256 rather than averaged as seeds")
+
+
 def summarize(df: pd.DataFrame, by: list[str] | None = None, metrics: list[str] | None = None) -> pd.DataFrame:
-    """One row per group with `<metric>_mean`, `<metric>_std` and `n`, in stage order then key order."""
+    """One row per group with `<metric>_mean`, `<metric>_std` and `n`, in stage order then key order. Records of
+    the same seed on different data are never averaged: the groups are then split by `data_sha256` (its first
+    12 hex digits), and `attrs["notes"]` says why."""
     by = list(by) if by else group_keys(df)
     metrics = _check_metrics(df, metrics)
+    split = data_split(df, by)
+    if split:
+        log.warning(split)
+        by.append("data_sha256")
     data = _prepared(df, by, metrics)
+    if split:
+        data["data_sha256"] = data["data_sha256"].map(lambda v: v if v == MISSING else str(v)[:12])
     grouped = data.groupby(by, sort=False, dropna=False)
     out = grouped[metrics].agg(["mean", "std"])
     out.columns = [f"{m}_{stat}" for m, stat in out.columns]
@@ -136,7 +160,7 @@ def summarize(df: pd.DataFrame, by: list[str] | None = None, metrics: list[str] 
     order = sorted(range(len(out)), key=lambda i: (stage_rank(str(out.loc[i, "stage"])) if "stage" in by else (0, ""),
                                                   *[str(out.loc[i, k]) for k in by if k != "stage"]))
     out = out.loc[order].reset_index(drop=True)
-    out.attrs["by"], out.attrs["metrics"] = by, metrics
+    out.attrs["by"], out.attrs["metrics"], out.attrs["notes"] = by, metrics, [split] if split else []
     return out
 
 
@@ -227,7 +251,8 @@ def _rendered(summary: pd.DataFrame, plus_minus: str, reference: bool, context: 
                 cells.append("" if ref is None else format_value(metric, _stored(ref)))
         cells.append(str(int(row["n"])))
         rows.append(cells)
-    footer = [SPREAD_NOTE, *(_reference_footer(summary, found, context) if reference else [])]
+    footer = [SPREAD_NOTE, *summary.attrs.get("notes", []),
+              *(_reference_footer(summary, found, context) if reference else [])]
     return headers, rows, footer
 
 
@@ -319,8 +344,11 @@ def compare_stages(df: pd.DataFrame, stage_a: str, stage_b: str, by: list[str] |
         counts = frame["seed"].value_counts()
         if (counts > 1).any():
             where = ", ".join(f"{k}={v}" for k, v in label.items()) or "all records"
-            raise BiseError(f"{int(counts.max())} records of stage {stage!r} with seed {counts.idxmax()} ({where}); "
-                            "separate them with --by KEY ...")
+            same = frame[frame["seed"] == counts.idxmax()]
+            data = "data_sha256" in same and same["data_sha256"].astype(str).nunique() > 1
+            raise BiseError(f"{int(counts.max())} records of stage {stage!r} with seed {counts.idxmax()} ({where})"
+                            + ("; they were computed on different data: separate them with --by ... data_sha256"
+                               if data else "; separate them with --by KEY ..."))
         return {seed: row for seed, (_, row) in zip(frame["seed"], frame.iterrows(), strict=True)}
 
     rows, notes = [], []
@@ -397,6 +425,16 @@ def format_compare(result: pd.DataFrame, fmt: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ command
+def _write(path: Path, text: str) -> None:
+    """Write a table file atomically; a file-system error is one line (a full disk, a folder made read-only)."""
+    from bise_cli.records import write_text  # lazy: records imports torch, which `bise table` does not need
+
+    try:
+        write_text(path, text)
+    except OSError as error:
+        raise BiseError(f"cannot write {path}: {error.strerror or error}") from None
+
+
 def table_command(argv: list[str]) -> int:
     """`bise table DIR [--by K ...] [--metrics M ...] [--format md|tex|csv] [--reference] [--compare A B]
     [--out DIR]`."""
@@ -416,18 +454,19 @@ def table_command(argv: list[str]) -> int:
     if args.format not in FORMATS:
         raise BiseError(f"unknown --format {args.format!r}; allowed: {', '.join(FORMATS)}")
     df = load_records(args.dir)
+    out = Path(args.out or args.dir)
+    from bise_cli.validate import check_writable
+    check_writable(out)   # a read-only folder: one line before any work
     summary = summarize(df, args.by, args.metrics)
     comparison = compare_stages(df, *args.compare, by=args.by, metrics=args.metrics) if args.compare else None
     context = constant_context(df)
     skipped = df.attrs.get("skipped", 0)
     print_rich(summary, f"{args.dir}: {len(df)} records" + (f", {skipped} unreadable line(s) skipped"
                                                              if skipped else ""), args.reference, context)
-    out = Path(args.out or args.dir)
-    out.mkdir(parents=True, exist_ok=True)
     # Every format is written to a file; --format chooses what is echoed as text after the rich table.
     for fmt in FORMATS:
         text = format_table(summary, fmt, args.reference, context)
-        (out / f"table.{fmt}").write_text(text)
+        _write(out / f"table.{fmt}", text)
         if fmt == args.format:
             print(text)
     print(f"tables written to {out}/table.{{md,tex,csv}}")
@@ -435,7 +474,7 @@ def table_command(argv: list[str]) -> int:
         stem = f"compare_{args.compare[0]}_vs_{args.compare[1]}"
         for fmt in ("md", "csv"):
             text = format_compare(comparison, fmt)
-            (out / f"{stem}.{fmt}").write_text(text)
+            _write(out / f"{stem}.{fmt}", text)
             if fmt == "md":
                 print(text)
         print(f"comparison written to {out}/{stem}.{{md,csv}}")

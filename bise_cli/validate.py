@@ -18,7 +18,6 @@ from pathlib import Path
 import yaml
 
 from bise_cli.errors import BiseError
-from bise_cli.precision import check_precision
 
 DEVICES = ("auto", "cpu", "cuda")
 BIAS_LABELS = ("ground_truth", "identification")
@@ -243,6 +242,8 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
             raise BiseError(f"{key} must be a non-empty string, got {value!r}")
     _int(cfg, "eval_batch_size", 1)
     _int(cfg, "threads", 1, optional=True)
+    from bise_cli.precision import check_precision  # lazy: it imports torch (`bise table` uses check_writable)
+
     check_precision(cfg.get("precision", "fp32"))
     _int(cfg, "identification.epochs", 0)
     _int(cfg, "leakage_probe.epochs", 0)
@@ -255,6 +256,10 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
         _int(cfg, f"{recipe}.batch_size", 1)
         _positive(cfg, f"{recipe}.lr")
     _int(cfg, "dataset.max_samples", 1, optional=True)
+    noise = _get(cfg, "dataset.label_noise")
+    if noise is not _MISSING and noise is not None and (not _is_number(noise) or not 0 <= noise < 1):
+        raise BiseError(f"dataset.label_noise must be a number in [0, 1) (the fraction of training labels flipped), "
+                        f"got {noise!r}")
     record_keys = _get(cfg, "record_keys")
     if record_keys is not _MISSING and record_keys is not None and not isinstance(record_keys, dict):
         raise BiseError(f"record_keys must be a mapping, e.g. record_keys={{ablation:ce}}, got {record_keys!r}")

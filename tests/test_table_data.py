@@ -137,7 +137,9 @@ def test_numeric_splits_codes_and_parquet(tmp_path, monkeypatch):
     codes = {0: "train", 1: "val", 2: "test"}
     bundle = load(folder, tmp_path, split_codes=codes)
     assert len(bundle["val"]) == 2 and len(bundle["train"]) == 50 and "val" not in bundle.info["derived"]
-    assert bundle.info["class_names"] == [0, 1] and bundle.info["bias_alignment"] == {"place": {"land": 0, "water": 1}}
+    # label columns are text: the classes of a 0/1 column are "0" and "1"
+    assert bundle.info["class_names"] == ["0", "1"]
+    assert bundle.info["bias_alignment"] == {"place": {"land": "0", "water": "1"}}
     with pytest.raises(BiseError, match=r"value\(s\) 2 missing from dataset.split_codes"):
         load(folder, tmp_path, split_codes={0: "train", 1: "val"})
     with pytest.raises(BiseError, match="column 'split' has value.*allowed: train, search, val, test"):
@@ -332,7 +334,7 @@ def test_waterbirds_preset(tmp_path):
     assert bundle.name == "waterbirds" and bundle.num_bias == 2 and bundle.bias_names == ("place",)
     assert {n: len(s) for n, s in bundle.splits.items()} == {"train": 20, "val": 6, "test": 8, "search": 20}
     assert bundle.info["derived"] == {"search": "train (the same rows)"}
-    assert bundle.info["bias_alignment"] == {"place": {"0": 0, "1": 1}}
+    assert bundle.info["bias_alignment"] == {"place": {"0": "0", "1": "1"}}
     assert bundle["train"].x.shape[1:] == (3, 16, 16) and bundle["train"].augment is not None
     test = bundle["test"]
     rows = (test.x[:, 0, 8, 8].double() / 7).round().long().tolist()

@@ -3,7 +3,8 @@
 `file_listing_key` hashes a file list by name, size and mtime; `cached_arrays` stores a dict of arrays as one
 .npz under the cache folder with a SHA-256 of the array bytes beside it (checked on every load; a mismatch
 rebuilds); `cached_memmap` fills a memory-mapped .npy chunk by chunk (resumable: the filled prefix is recorded)
-for sets too large for memory (CelebA at 224 px). Writes are atomic (temporary name, then os.replace).
+for sets too large for memory (CelebA at 224 px), with the SHA-256 of its bytes beside it (checked on every load,
+i.e. when a run starts; a mismatch rebuilds). Writes are atomic (temporary name, then os.replace).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import hashlib
 import json
 import logging
 import os
+import re
+import socket
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,7 @@ from bise_cli.progress import progress_bar
 
 log = logging.getLogger("bise")
 DEFAULT_CACHE_DIR = "outputs/cache/data"
+CHECKSUM_BLOCK = 64 << 20  # bytes per SHA-256 of a memory-mapped cache (the blocks are hashed in parallel)
 
 
 def digest(payload) -> str:
@@ -73,36 +78,126 @@ def cached_arrays(cache_dir: str | Path | None, kind: str, key: str,
     return arrays, False
 
 
+def _host() -> str:
+    """This machine's name, safe in a file name (the owner of a partial cache file is host + process id)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` of this machine still runs (a process of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def block_digests(path: Path, workers: int | None = None) -> list[str]:
+    """SHA-256 of every CHECKSUM_BLOCK bytes of the file at `path`, hashed in parallel threads (hashlib releases
+    the GIL), so verifying a cache of tens of GB is bound by the disk rather than one core."""
+    size = path.stat().st_size
+
+    def one(start: int) -> str:
+        digest_ = hashlib.sha256()
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            left = min(CHECKSUM_BLOCK, size - start)
+            while left > 0:
+                chunk = handle.read(min(1 << 20, left))
+                if not chunk:
+                    break
+                digest_.update(chunk)
+                left -= len(chunk)
+        return digest_.hexdigest()
+
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, range(0, max(size, 1), CHECKSUM_BLOCK)))
+
+
+def _verified(path: Path, sidecar: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The memmap at `path` when its shape and dtype are right and its bytes match the checksums in `sidecar`;
+    else None, with a warning saying why (the caller rebuilds it)."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        log.warning("data cache %s unreadable (%s); rebuilding", path, error)
+        return None
+    if array.shape != tuple(shape) or array.dtype != np.uint8:
+        log.warning("data cache %s has shape %s, expected %s; rebuilding", path, array.shape, shape)
+        return None
+    try:
+        recorded = json.loads(sidecar.read_text())
+    except FileNotFoundError:
+        log.warning("data cache %s has no checksum file %s (an older bise wrote it); rebuilding", path, sidecar.name)
+        return None
+    except (OSError, ValueError) as error:
+        log.warning("data cache checksum file %s unreadable (%s); rebuilding", sidecar, error)
+        return None
+    if not isinstance(recorded, dict) or recorded.get("size") != path.stat().st_size \
+            or recorded.get("block") != CHECKSUM_BLOCK or recorded.get("sha256") != block_digests(path):
+        log.warning("data cache %s fails its checksum (changed since it was written); rebuilding", path)
+        return None
+    return array
+
+
+def _adopt(path: Path, shape: tuple[int, ...], partial: Path, state: Path) -> int:
+    """Rows already filled: a fill of this cache interrupted on this machine (its process no longer runs) is
+    taken over by renaming its files to ours. A rename is atomic, so of two processes only one takes it over."""
+    host = _host()
+    for old_state in sorted(path.parent.glob(f"{path.name}.progress-*")):
+        owner, _, pid = old_state.name.rpartition(".progress-")[2].rpartition("-")
+        if owner != host or not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
+            continue   # another machine's (unknowable) or a running fill: not ours to touch
+        try:
+            info = json.loads(old_state.read_text())
+        except (OSError, ValueError):
+            info = {}
+        try:
+            os.rename(old_state.with_name(old_state.name.replace(".progress-", ".partial-", 1)), partial)
+        except OSError:   # taken over by another process just now, or never created: the state file is stale
+            old_state.unlink(missing_ok=True)
+            continue
+        old_state.unlink(missing_ok=True)
+        done = info.get("done") if isinstance(info, dict) and info.get("shape") == list(shape) else None
+        if isinstance(done, int) and 0 <= done <= shape[0]:
+            state.write_text(json.dumps({"shape": list(shape), "done": done}))
+            return done
+        partial.unlink(missing_ok=True)
+    return 0
+
+
 def cached_memmap(cache_dir: str | Path | None, kind: str, key: str, shape: tuple[int, ...],
                   fill: Callable[[int, int], np.ndarray], chunk: int = 1024,
                   description: str = "decoding images") -> tuple[np.ndarray, bool]:
     """(read-only memmap, hit): a uint8 array of `shape` whose rows [a, b) are `fill(a, b)`, stored as
-    `kind`-`key`.npy. Filling resumes after an interruption from the last completed chunk."""
+    `kind`-`key`.npy with the SHA-256 of its bytes (per CHECKSUM_BLOCK) in `kind`-`key`.json, verified on every
+    load; a changed, truncated or unverifiable file is rebuilt.
+
+    Each process fills its own `.partial-<host>-<pid>` file and records its progress beside it; a fill killed
+    midway is resumed by the next process on the same machine (`_adopt`). Two processes building the same cache
+    at once each fill their own file and atomically rename it into place (the contents are the same), so neither
+    fails and nothing is left behind."""
     folder = Path(cache_dir or DEFAULT_CACHE_DIR)
     path = folder / f"{kind}-{key[:20]}.npy"
+    sidecar = path.with_suffix(".json")
     if path.is_file():
-        array = np.load(path, mmap_mode="r")
-        if array.shape == tuple(shape) and array.dtype == np.uint8:
+        array = _verified(path, sidecar, shape)
+        if array is not None:
             return array, True
-        log.warning("data cache %s has shape %s, expected %s; rebuilding", path, array.shape, shape)
     folder.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    state = path.with_name(path.name + ".progress")
-    done = 0
-    if partial.is_file() and state.is_file():
-        try:
-            info = json.loads(state.read_text())
-            if info.get("shape") == list(shape):
-                done = int(info["done"])
-        except (ValueError, KeyError, json.JSONDecodeError):
-            done = 0
+    token = f"{_host()}-{os.getpid()}"
+    partial = path.with_name(f"{path.name}.partial-{token}")
+    state = path.with_name(f"{path.name}.progress-{token}")
+    done = _adopt(path, shape, partial, state)
     if done:
         out = np.load(partial, mmap_mode="r+")
-        log.info("resuming %s at row %d of %d", partial, done, shape[0])
+        log.info("resuming %s at row %d of %d", path, done, shape[0])
     else:
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=tuple(shape))
     n = shape[0]
-    with progress_bar(description, 1, (n - done + chunk - 1) // chunk) as bar:
+    with progress_bar(description, 1, max(1, (n - done + chunk - 1) // chunk)) as bar:
         for start in range(done, n, chunk):
             stop = min(start + chunk, n)
             out[start:stop] = fill(start, stop)
@@ -111,6 +206,12 @@ def cached_memmap(cache_dir: str | Path | None, kind: str, key: str, shape: tupl
             bar.advance_batch()
         bar.advance_epoch(f"{n} images")
     del out
+    # The checksums before the array: a reader never sees a new array with no (or an old) checksum file; a kill in
+    # between leaves the partial file, which the next process resumes (all rows done) and finishes.
+    tmp = sidecar.with_name(f"{sidecar.name}.tmp-{token}")
+    tmp.write_text(json.dumps({"key": key, "shape": list(shape), "size": partial.stat().st_size,
+                               "block": CHECKSUM_BLOCK, "sha256": block_digests(partial)}))
+    os.replace(tmp, sidecar)
     os.replace(partial, path)
     state.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r"), False

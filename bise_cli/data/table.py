@@ -10,9 +10,13 @@ group-balanced sample of train, floor(val_fraction x the smallest (target, bias.
 group, drawn with pandas `.sample(random_state=seed)` and removed from train (the CelebA protocol; val_fraction
 0.2 by default). `max_samples` then caps train (a seeded subset, file order kept).
 
-Codes and alignment. Classes are the target's distinct values, sorted (y = the index in `class_names`). Every bias
-value gets an integer code, and a sample is bias-aligned on attribute k when its code equals y (the pipeline's
-convention), so a code says which class a bias value is aligned with:
+Values. The input, target and bias columns are read as text and mapped exactly: "01" and "1" are two classes or
+bias values, and "NA" or "None" are values like any other. Only empty cells are missing (an error in these
+columns), plus the cell texts listed in `missing_values`.
+
+Codes and alignment. Classes are the target's distinct values, sorted (numbers by value, then text; y = the index
+in `class_names`). Every bias value gets an integer code, and a sample is bias-aligned on attribute k when its code
+equals y (the pipeline's convention), so a code says which class a bias value is aligned with:
 1. `bias_alignment` {bias value: class value} pins a value to that class's index (one value per class at most);
 2. without it, a bias value equal to a class value is pinned to that class (bias and target share a vocabulary);
 3. the remaining values take the smallest free codes in sorted order (the i-th free value is aligned with the
@@ -22,13 +26,15 @@ or more when a value is pinned to a later class. Attributes may differ in how ma
 simply leave the top codes unused). `info` records `class_names`, `bias_values`, `bias_codes` and the resulting
 `bias_alignment` {value: class} of every attribute.
 
-Images are converted to RGB and decoded once into a uint8 memory-mapped cache (`image_cache.cached_memmap`) keyed
-by the SHA-256 of every file's bytes, so a changed file rebuilds it and a moved folder reuses it (each build reads
-the files once to hash them, far cheaper than decoding); `image_size` squashes every image to a square (bilinear),
-otherwise all images must share one size. Files that cannot be opened (missing, not an image,
-broken) stop the build, or are dropped with a warning under `skip_unreadable`; files whose pixels fail to decode
-are remembered by content hash (`undecodable-images.json` in the cache folder) so every later build treats them
-the same. Texts are tokenised once with the token cache (`tokenize.tokenize_texts`).
+Images are converted to RGB (16-bit grey images scaled from 0..65535 to 0..255; 32-bit and float pixels, which
+have no fixed range, refused as not decoding) and decoded once into a uint8 memory-mapped cache
+(`image_cache.cached_memmap`, verified by checksum on every load) keyed by the SHA-256 of every file's bytes, so a
+changed file rebuilds it and a moved folder reuses it (each build reads the files once to hash them, far cheaper
+than decoding); `image_size` squashes every image to a square (bilinear), otherwise all images must share one size.
+Files that cannot be opened (missing, not an image, broken) stop the build, or are dropped with a warning under
+`skip_unreadable` (a split all of whose images are dropped is an error saying so); files whose pixels fail to
+decode are remembered by content hash (`undecodable-images.json` in the cache folder) so every later build treats
+them the same. Texts are tokenised once with the token cache (`tokenize.tokenize_texts`).
 """
 
 from __future__ import annotations
@@ -64,8 +70,9 @@ FORMATS = {".csv": ",", ".tsv": "\t", ".parquet": None, ".pq": None}   # suffix 
 NORMALIZATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "none": ((0.0,) * 3, (1.0,) * 3)}
 AUGMENTATIONS = {"none": None, "hflip": hflip, "crop_flip": crop_flip}
 MAX_LISTED = 5          # unreadable files named in one error line
-CACHE_VERSION = 1
+CACHE_VERSION = 2      # 2: 16-bit images scaled, not clipped
 UNDECODABLE = "undecodable-images.json"
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")   # PIL's modes of 16-bit unsigned grey pixels
 
 
 class Normalize:
@@ -82,14 +89,19 @@ class Normalize:
 
 # ------------------------------------------------------------------------------------------- the manifest
 
-def _plain(value):
-    """A numpy scalar as the Python value (for JSON and for messages)."""
-    return value.item() if isinstance(value, np.generic) else value
+def _order(value: str) -> tuple:
+    """Sort key of a label: values that read as finite numbers first, by number (so "2" < "10"; "01" and "1" stay
+    two values, "01" first), then the others as text."""
+    try:
+        number = float(value)
+    except ValueError:
+        return (1, 0.0, value)
+    return (0, number, value) if math.isfinite(number) else (1, 0.0, value)
 
 
-def _sorted_values(series: pd.Series) -> list:
-    """The distinct values of a column, sorted (numbers before strings, so mixed columns still sort)."""
-    return sorted((_plain(v) for v in pd.unique(series)), key=lambda v: (isinstance(v, str), v))
+def _sorted_values(series: pd.Series) -> list[str]:
+    """The distinct values of a label column (text, see `read_manifest`), sorted by `_order`."""
+    return sorted((str(v) for v in pd.unique(series)), key=_order)
 
 
 def _listing(values, limit: int = 8) -> str:
@@ -98,8 +110,20 @@ def _listing(values, limit: int = 8) -> str:
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
 
 
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    """The manifest as a DataFrame (format by suffix: .csv, .tsv, .parquet/.pq), or a one-line BiseError."""
+def _as_text(column: pd.Series) -> pd.Series:
+    """A Parquet column's values as text, missing cells kept missing; whole-number floats are written as integers
+    (a number column with gaps is stored as floats)."""
+    values = column.dropna()
+    if column.dtype.kind == "f" and values.map(float.is_integer).all():
+        column = column.astype("Int64")
+    return column.map(lambda v: v if pd.isna(v) else str(v), na_action="ignore").astype(object)
+
+
+def read_manifest(path: str | Path, text_columns=(), missing=()) -> pd.DataFrame:
+    """The manifest as a DataFrame (format by suffix: .csv, .tsv, .parquet/.pq), or a one-line BiseError.
+
+    `text_columns` (those present) are read as text, never as numbers, so "01" and "1" stay two values. Only
+    empty cells are missing, plus cells equal to one of the `missing` markers; "NA" or "None" are values."""
     path = Path(path)
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "not found"
@@ -107,10 +131,15 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise BiseError(f"manifest {path.name!r} has an unknown format; allowed suffixes: {', '.join(FORMATS)}")
+    markers = [str(m) for m in missing]
     try:
         if FORMATS[suffix] is None:
-            return pd.read_parquet(path)
-        return pd.read_csv(path, sep=FORMATS[suffix], low_memory=False)
+            frame = pd.read_parquet(path)
+            for column in [c for c in text_columns if c in frame.columns]:
+                frame[column] = _as_text(frame[column])
+            return frame.mask(frame.isin(markers)) if markers else frame
+        return pd.read_csv(path, sep=FORMATS[suffix], low_memory=False, dtype={c: str for c in text_columns},
+                           keep_default_na=False, na_values=["", *markers])
     except ImportError:
         raise BiseError(f"reading the Parquet manifest {path.name} needs pyarrow (pip install pyarrow)") from None
     except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
@@ -154,7 +183,7 @@ def encode_target(series: pd.Series) -> tuple[np.ndarray, list]:
     if len(classes) < 2:
         raise BiseError(f"target column {series.name!r} has one class ({classes[0]!r}); a classifier needs two or more")
     index = {c: i for i, c in enumerate(classes)}
-    return series.map(lambda v: index[_plain(v)]).to_numpy(np.int64), classes
+    return series.map(lambda v: index[str(v)]).to_numpy(np.int64), classes
 
 
 def _alignment_for(alignment, attribute: str, attributes: list[str]) -> Mapping | None:
@@ -202,7 +231,7 @@ def encode_bias(frame: pd.DataFrame, columns: list[str], classes: list, alignmen
             raise BiseError(f"bias column {column!r} has one value ({values[0]!r}); a bias attribute needs two or "
                             "more (drop it from dataset.bias_columns)")
         table = bias_codes(values, classes, _alignment_for(alignment, column, columns), column)
-        codes.append(frame[column].map(lambda v, t=table: t[_plain(v)]).to_numpy(np.int64))
+        codes.append(frame[column].map(lambda v, t=table: t[str(v)]).to_numpy(np.int64))
         tables[column] = table
     return np.stack(codes, 1), tables
 
@@ -350,9 +379,22 @@ def _remember_undecodable(cache_dir, found: dict[str, str]) -> None:
     os.replace(tmp, path)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. 16-bit grey images (`I;16*`, e.g. 16-bit PNGs) are scaled from 0..65535 to 0..255
+    (PIL's own conversion would clip every value above 255 to white); 32-bit integer and float pixels (`I`, `F`)
+    have no fixed range and are refused (ValueError: the file is reported as not decoding)."""
+    if image.mode in SIXTEEN_BIT:
+        grey = np.asarray(image).astype(np.uint32)
+        return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("I", "F"):
+        raise ValueError(f"{'32-bit integer' if image.mode == 'I' else 'floating-point'} pixels (mode "
+                         f"{image.mode}) have no fixed range; convert the image to 8- or 16-bit")
+    return image.convert("RGB")
+
+
 def _decode(path: Path, size: int | None) -> np.ndarray:
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         if size is not None:
             image = image.resize((size, size), Image.BILINEAR)
         return np.asarray(image).transpose(2, 0, 1)
@@ -455,13 +497,18 @@ def _group_counts(frame: pd.DataFrame, attributes: int, names: dict[tuple, str])
     return {name: int(counts.get(group, 0)) for group, name in names.items()}
 
 
-def _read_rows(path: Path, input_column, target_column, attributes, split_column, split_codes, bias_alignment):
+def _read_rows(path: Path, input_column, target_column, attributes, split_column, split_codes, bias_alignment,
+               missing_values):
     """(manifest, input column, input kind, per-row codes `_split`/`_y`/`_b<k>`, class values, bias code tables)."""
-    frame = read_manifest(path)
+    inputs = ["path", "text"] if input_column == "auto" else [input_column]
+    frame = read_manifest(path, [*inputs, target_column, *attributes], missing_values)
     if frame.empty:
         raise BiseError(f"manifest {path} has no rows")
     column, kind = _input_column(frame, input_column, path)
     target = _column(frame, target_column, "dataset.target_column", path)
+    if target == column:
+        raise BiseError(f"dataset.target_column={target!r} is also the input column (dataset.input_column="
+                        f"{input_column}); the model would be given the answer: name the column to predict")
     for attribute in attributes:
         _column(frame, attribute, "dataset.bias_columns", path)
         if attribute in (column, target):
@@ -485,14 +532,21 @@ def build(source: str, root: str | Path | None, seed: int, max_samples: int | No
           split_codes=None, bias_alignment=None, val_fraction: float = 0.2, image_size: int | None = None,
           normalize: str = "imagenet", augment: str = "none", tokenizer: str = OFFLINE_MODEL, max_length: int = 128,
           skip_unreadable: bool = False, workers: int | None = None, cache_dir: str | None = None,
-          name: str = "table") -> DatasetBundle:
+          missing_values=(), name: str = "table") -> DatasetBundle:
     """The manifest `manifest` as a DatasetBundle (module docstring); `root` is unused (it only defaults the
     manifest path in the config), `name` names the bundle (presets such as waterbirds pass their own)."""
     attributes = _check_options(source, manifest, bias_columns, val_fraction, image_size, normalize, augment,
                                 max_length, skip_unreadable, workers, max_samples)
+    if missing_values is None:
+        missing_values = ()
+    if not isinstance(missing_values, (list, tuple)) or not all(
+            isinstance(m, (str, int, float)) and not isinstance(m, bool) and str(m) for m in missing_values):
+        raise BiseError("dataset.missing_values must be a list of cell texts read as missing, e.g. [NA, None] "
+                        f"(empty cells always are), got {missing_values!r}")
     path = Path(manifest).expanduser()
     frame, column, kind, rows, classes, tables = _read_rows(path, input_column, target_column, attributes,
-                                                            split_column, split_codes, bias_alignment)
+                                                            split_column, split_codes, bias_alignment,
+                                                            missing_values)
     if kind == "text" and augment != "none":
         raise BiseError(f"dataset.augment={augment} applies to images; column {column!r} holds texts (use none)")
     workers = workers or min(16, os.cpu_count() or 1)
@@ -509,6 +563,7 @@ def build(source: str, root: str | Path | None, seed: int, max_samples: int | No
         # the second pass drops it before the splits are drawn, exactly as every later build will.
         for _ in range(2):
             bad = images.unreadable(skip_unreadable)
+            _check_not_all_skipped(rows, bad, files)
             frames, derived, usable = _splits(rows.drop(index=bad), target_column, classes, attributes, tables,
                                               val_fraction, seed, max_samples)
             if images.load(frames, max_samples, skip_unreadable):
@@ -566,6 +621,17 @@ def build(source: str, root: str | Path | None, seed: int, max_samples: int | No
     })
     return DatasetBundle(name, splits, num_classes=len(classes), num_bias=num_bias, info=info,
                          bias_names=tuple(attributes), nominal_rho=None)
+
+
+def _check_not_all_skipped(rows: pd.DataFrame, bad: list[int], files: list[Path]) -> None:
+    """A split of the manifest whose every image was skipped as unreadable: say so (rather than "no test rows")."""
+    dropped = rows.loc[bad, "_split"]
+    for name in SPLITS:
+        count = int((rows["_split"] == name).sum())
+        if count and int((dropped == name).sum()) == count:
+            example = files[int(dropped.index[dropped == name][0])]
+            raise BiseError(f"every {name} image of the manifest ({count}) is unreadable and was skipped "
+                            f"(dataset.skip_unreadable=true), e.g. {example}; fix those files")
 
 
 def _splits(rows: pd.DataFrame, target: str, classes: list, attributes: list[str], tables: dict,

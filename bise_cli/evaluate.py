@@ -36,8 +36,9 @@ def _watch_logits(model: nn.Module):
     watch: dict[str, list[torch.Tensor]] = {"bad": []}
 
     def hook(_module, _inputs, output):
-        if isinstance(output, torch.Tensor) and output.is_floating_point():
-            watch["bad"].append((~torch.isfinite(output.detach())).flatten(1).any(1).sum())
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and output.dim() and output.numel():
+            rows = output.detach().reshape(output.shape[0], -1)
+            watch["bad"].append((~torch.isfinite(rows)).any(1).sum())
 
     handle = model.register_forward_hook(hook)
     try:

@@ -316,13 +316,13 @@ def check_targets(path: Path, run_dir: Path, preprocessing: dict, force: bool) -
     export/ folder), a sidecar's name, or an existing file unless `force` (preprocessing.json that already says
     exactly what this export would write is shared, not replaced)."""
     folder = path.parent
-    if path.name == PREPROCESSING:
-        raise BiseError(f"--out {path} is the name of the export's own input description ({PREPROCESSING}); "
-                        "name the model file, e.g. model.onnx")
     markers = [name for name in RUN_MARKERS if (folder / name).exists()]
     if markers:
         raise BiseError(f"--out {path} is in the run folder {folder} (it holds {', '.join(markers)}): an export "
                         "never writes among a run's files; choose another folder (the default is RUN_DIR/export/)")
+    if path.name == PREPROCESSING:
+        raise BiseError(f"--out {path} is the name of the export's own input description ({PREPROCESSING}); "
+                        "name the model file, e.g. model.onnx")
     sidecars = {PREPROCESSING: preprocessing, f"{path.name}.json": None}
     for target in (path, *(folder / name for name in sidecars)):
         if _inside(target, run_dir) and not _inside(target, run_dir / "export") and target.exists():

@@ -15,10 +15,12 @@ import re
 # Line breaks and other control characters (Unicode line and paragraph separators included) become one space:
 # a value always stays on its line (a heading, a list item, a table row, a LaTeX comment).
 _BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
-# ASCII punctuation with a meaning inline in CommonMark/GFM (emphasis, code, links, tables, strikethrough,
-# GitHub's $math$); a backslash escapes each, and the rendered text shows the character. An underscore between two
-# letters or digits never starts emphasis (CommonMark's intraword rule), so `acc_unbiased` stays as it is.
-_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*\[\]|~$])|_(?![^\W_])|(?<![^\W_])_")
+# ASCII punctuation with a meaning inline in CommonMark/GFM (emphasis, code, tables, strikethrough, GitHub's
+# $math$); a backslash escapes each, and the rendered text shows the character. An underscore between two letters
+# or digits never starts emphasis (CommonMark's intraword rule), so `acc_unbiased` stays as it is. A bracket makes
+# a link only as `[text](url)` or `[text][ref]` (bise writes no link definitions), so only a `]` followed by `(`
+# or `[` is escaped and `[45.0, 55.0]` stays as it is.
+_MARKDOWN_PUNCTUATION = re.compile(r"[\\`*|~$]|\](?=[(\[])|_(?![^\W_])|(?<![^\W_])_")
 _HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",

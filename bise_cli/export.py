@@ -370,12 +370,14 @@ def check_finished_run(run_dir: Path, checkpoint: Path) -> dict:
         return {**status, "artefacts_verified": False}
     if not isinstance(artefacts, dict):
         raise BiseError(f"{status_path} is damaged (artefacts is not a table of checksums); {rerun}")
+    # The run's records are intact, so re-running its command would find it done: status.json must go first.
+    rebuild = f"delete {status_path} and re-run its command to rebuild them (finished stages come from the caches)"
     if checkpoint.name not in artefacts:
-        raise BiseError(f"{checkpoint} was not part of the run when it finished; {rerun}")
+        raise BiseError(f"{checkpoint} was not part of the run when it finished; {rebuild}")
     changed = [name for name, sha in artefacts.items() if file_sha256(run_dir / name) != sha]
     if changed:
         raise BiseError(f"{', '.join(changed)} in {run_dir} changed or disappeared since the run finished (sha256 "
-                        f"differs from status.json): not the finished run's; {rerun}")
+                        f"differs from status.json): not the finished run's; {rebuild}")
     return {**status, "artefacts_verified": True}
 
 

@@ -9,9 +9,6 @@ and parameters in millions, latency in ms).
 
 `--compare A B` pairs the records of stages A and B by seed within each group and reports, per metric, the mean
 difference A − B, its 95 % confidence interval (t distribution) and the paired t-test p-value.
-
-Group keys and their values come from the records (record_keys, config values, the user's names): every header
-and key cell is escaped for the format it is written in (`bise_cli.escape`: Markdown, LaTeX, rich markup).
 """
 
 from __future__ import annotations
@@ -212,8 +209,9 @@ def _reference_footer(summary: pd.DataFrame, found: dict, context: dict | None) 
 
 
 def _rendered(summary: pd.DataFrame, plus_minus: str, reference: bool, context: dict | None, escaped=escape.one_line):
-    """Headers, rows of cells and footer lines shared by the Markdown, LaTeX and terminal tables; headers and key
-    cells (text from the records) pass through `escaped`, the format's escaping helper."""
+    """Headers, rows of cells and footer lines shared by the Markdown, LaTeX and terminal tables. Group keys and
+    their values come from the records (record_keys, config values, the user's names): headers and key cells pass
+    through `escaped`, the format's helper from `bise_cli.escape`."""
     by, metrics = summary.attrs["by"], summary.attrs["metrics"]
     found = _references(summary, context) if reference else {}
     headers = [escaped(k) for k in by]

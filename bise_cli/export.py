@@ -16,6 +16,12 @@ exporter made it, the check's result).
 
 The example input is built from the preprocessing description (shape and dtype; random pixels or tokens), so a
 run folder needs nothing beyond what the pipeline already writes.
+
+What is exported, and where, is checked before anything is written: only a run whose status.json says done, with
+the checksums of its artefacts (pruned models, masks, config, data summary) recorded when it finished still
+matching (a failed or interrupted re-run leaves an older run's pruned model behind); never into a run folder or
+over a file of the run; never over an existing file unless --force. Scratch folders that a killed export left
+behind are removed by the next export into the same folder.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -38,7 +46,7 @@ import torch
 from torch import nn
 
 from bise_cli.errors import BiseError, check_choice
-from bise_cli.records import write_json
+from bise_cli.records import file_sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,11 @@ TOLERANCE = 1e-4       # max |logit difference| between the artefact and the pru
 CHECK_BATCH = 3        # the check's batch size: differs from the export's, so the batch axis is really dynamic
 EXPORT_BATCH = 2       # torch.export specialises a dimension of size 1, so the traced example has two rows
 ONNX_OPSET = 17        # the TorchScript-based exporter's opset (the dynamo exporter picks its own)
+PREPROCESSING = "preprocessing.json"
+RUN_MARKERS = ("status.json", "metrics.jsonl")  # a folder holding one of them is a run folder: never written into
+SCRATCH_PREFIX = ".export-"                      # scratch folders: .export-<host>-<pid>-<random>
+SCRATCH_NAME = re.compile(rf"^{re.escape(SCRATCH_PREFIX)}(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
+STALE_SCRATCH_SECONDS = 3600  # a scratch folder whose owner cannot be checked (another host) counts as abandoned
 
 
 # --------------------------------------------------------------------------------------------- run folder
@@ -281,24 +294,169 @@ def _load_instructions(fmt: str, name: str, preprocessing: dict) -> list[str]:
             f"logits = session.run(None, {{'input': x}})[0]  # x: numpy {dtype}, see preprocessing.json"]
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, stage: str = "bise",
-               exporter: str = "auto") -> dict:
-    """Export `run_dir`'s pruned `stage` model as `fmt` to `out` (default RUN_DIR/export/<stage><suffix>; a
-    folder gets the default file name), check it, and write preprocessing.json and <artefact>.json beside it.
-    Returns the manifest written to <artefact>.json (its `check` holds the logit comparison)."""
-    check_choice("format", fmt, FORMATS)
-    check_choice("exporter", exporter, ONNX_EXPORTERS)
-    model, checkpoint = load_run_model(run_dir, stage)
-    preprocessing = run_preprocessing(run_dir)
-    example = example_input(preprocessing, model, EXPORT_BATCH, seed=0)
-    check = example_input(preprocessing, model, CHECK_BATCH, seed=1)
-    path = Path(out) if out else Path(run_dir) / "export" / f"{stage}{FILE_SUFFIX[fmt]}"
+def _output_path(run_dir: Path, fmt: str, out: str | Path | None, stage: str) -> Path:
+    """The artefact's path: `out`, a folder's default file name inside it, or RUN_DIR/export/<stage><suffix>."""
+    path = Path(out) if out else run_dir / "export" / f"{stage}{FILE_SUFFIX[fmt]}"
     if path.is_dir() or str(out or "").endswith(("/", os.sep)):
         path = path / f"{stage}{FILE_SUFFIX[fmt]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written and checked in a scratch folder beside the target, then moved into place: a failed export or a
-    # failed check never leaves a wrong artefact under the final name.
-    scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=".export-"))
+    return path
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_targets(path: Path, run_dir: Path, preprocessing: dict, force: bool) -> None:
+    """Refuse, before anything is written, an export that would overwrite what it must not: a file in any run
+    folder (one holding RUN_MARKERS: its records, status, pruned models), a file of the exported run (outside its
+    export/ folder), a sidecar's name, or an existing file unless `force` (preprocessing.json that already says
+    exactly what this export would write is shared, not replaced)."""
+    folder = path.parent
+    markers = [name for name in RUN_MARKERS if (folder / name).exists()]
+    if markers:
+        raise BiseError(f"--out {path} is in the run folder {folder} (it holds {', '.join(markers)}): an export "
+                        "never writes among a run's files; choose another folder (the default is RUN_DIR/export/)")
+    if path.name == PREPROCESSING:
+        raise BiseError(f"--out {path} is the name of the export's own input description ({PREPROCESSING}); "
+                        "name the model file, e.g. model.onnx")
+    sidecars = {PREPROCESSING: preprocessing, f"{path.name}.json": None}
+    for target in (path, *(folder / name for name in sidecars)):
+        if _inside(target, run_dir) and not _inside(target, run_dir / "export") and target.exists():
+            raise BiseError(f"{target} is a file of the run {run_dir}: an export never replaces it; choose another "
+                            "--out (the default is RUN_DIR/export/)")
+        if not (target.exists() or target.is_symlink()) or force:
+            continue
+        if target.name == PREPROCESSING and _same_json(target, preprocessing):
+            continue
+        raise BiseError(f"{target} exists: bise export never replaces a file unless asked (--force), or choose "
+                        "another --out")
+
+
+def _same_json(path: Path, expected: dict) -> bool:
+    try:
+        return json.loads(path.read_text()) == json.loads(json.dumps(expected))
+    except (OSError, ValueError):
+        return False
+
+
+def check_finished_run(run_dir: Path, checkpoint: Path) -> dict:
+    """status.json of `run_dir` when the run finished for its current config and data and its artefacts are the
+    ones it finished with: state "done" and every checksum of status.json's `artefacts` (recorded by
+    `RunDir.finish`) equal to the file's. A run that is running, was killed, failed (its pruned model may be an
+    earlier run's) or whose files changed since is refused in one line. A run that finished before bise recorded
+    artefact checksums is accepted with `artefacts_verified` false."""
+    status_path = run_dir / "status.json"
+    if not status_path.is_file():
+        raise BiseError(f"{run_dir} has no status.json: not a run folder bise finished, so {checkpoint.name} "
+                        "cannot be told to belong to it")
+    status = _read_json(status_path)
+    state = status.get("state") if isinstance(status, dict) else None
+    rerun = "re-run its command until it finishes, then export"
+    if state == "running":
+        raise BiseError(f"the run in {run_dir} has not finished (status.json: running since {status.get('time')}; "
+                        f"a killed run stays so): {checkpoint.name} may be an earlier run's; {rerun}")
+    if state == "failed":
+        error = str(status.get("error") or "no reason recorded").splitlines()[0][:200]
+        raise BiseError(f"the last run in {run_dir} failed ({error}): {checkpoint.name} may be an earlier run's, "
+                        f"with other settings or data; {rerun}")
+    if state != "done":
+        raise BiseError(f"{status_path} says the run is {state!r}, not done; {rerun}")
+    artefacts = status.get("artefacts")
+    if artefacts is None:
+        return {**status, "artefacts_verified": False}
+    if not isinstance(artefacts, dict):
+        raise BiseError(f"{status_path} is damaged (artefacts is not a table of checksums); {rerun}")
+    # The run's records are intact, so re-running its command would find it done: status.json must go first.
+    rebuild = f"delete {status_path} and re-run its command to rebuild them (finished stages come from the caches)"
+    if checkpoint.name not in artefacts:
+        raise BiseError(f"{checkpoint} was not part of the run when it finished; {rebuild}")
+    changed = [name for name, sha in artefacts.items() if file_sha256(run_dir / name) != sha]
+    if changed:
+        raise BiseError(f"{', '.join(changed)} in {run_dir} changed or disappeared since the run finished (sha256 "
+                        f"differs from status.json): not the finished run's; {rebuild}")
+    return {**status, "artefacts_verified": True}
+
+
+def _scratch_prefix() -> str:
+    return f"{SCRATCH_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def remove_stale_scratch(folder: Path, started: float) -> list[Path]:
+    """Remove the scratch folders that killed exports left in `folder`: those older than this export (`started`,
+    a time.time()) whose process (named in the folder: host and pid) is gone. One of another host, or of a bise
+    that did not name it, is removed only when older than STALE_SCRATCH_SECONDS. Returns what was removed."""
+    removed = []
+    host = socket.gethostname()
+    for entry in folder.glob(f"{SCRATCH_PREFIX}*"):
+        try:
+            if entry.is_symlink() or not entry.is_dir():
+                continue
+            modified = entry.stat().st_mtime
+        except OSError:
+            continue
+        if modified >= started:  # an export that started after this one
+            continue
+        owner = SCRATCH_NAME.match(entry.name)
+        if owner and owner["host"] == host:
+            if _alive(int(owner["pid"])):
+                continue
+        elif time.time() - modified < STALE_SCRATCH_SECONDS:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+    if removed:
+        log.info("removed %d scratch folder(s) of killed exports in %s", len(removed), folder)
+    return removed
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, stage: str = "bise",
+               exporter: str = "auto", force: bool = False) -> dict:
+    """Export `run_dir`'s pruned `stage` model as `fmt` to `out` (default RUN_DIR/export/<stage><suffix>; a
+    folder gets the default file name), check it, and write preprocessing.json and <artefact>.json beside it.
+    Only a finished run is exported (`check_finished_run`), never over a run's files or, unless `force`, over
+    an existing file (`check_targets`). Returns the manifest written to <artefact>.json (its `check` holds the
+    logit comparison)."""
+    started = time.time()
+    check_choice("format", fmt, FORMATS)
+    check_choice("exporter", exporter, ONNX_EXPORTERS)
+    run_dir = Path(run_dir)
+    model, checkpoint = load_run_model(run_dir, stage)
+    status = check_finished_run(run_dir, checkpoint)
+    preprocessing = run_preprocessing(run_dir)
+    classes = preprocessing.get("class_names")
+    num_classes = model.classifier.out_features
+    description = {**{k: v for k, v in preprocessing.items() if k != "class_names"},
+                   "input": input_spec(preprocessing),
+                   "output": {"name": "logits", "dtype": "float32", "shape": ["batch", num_classes],
+                              "class_names": classes if classes and len(classes) == num_classes else None}}
+    path = _output_path(run_dir, fmt, out, stage)
+    check_targets(path, run_dir, description, force)
+    example = example_input(preprocessing, model, EXPORT_BATCH, seed=0)
+    check = example_input(preprocessing, model, CHECK_BATCH, seed=1)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_scratch(folder, started)
+        # Written and checked in a scratch folder beside the target, then moved into place: a failed export or a
+        # failed check never leaves a wrong artefact under the final name.
+        scratch = Path(tempfile.mkdtemp(dir=folder, prefix=_scratch_prefix()))
+    except OSError as error:
+        raise BiseError(f"cannot write the export into {folder}: {error.strerror or error}") from None
     try:
         staged = scratch / path.name
         if fmt == "state_dict":
@@ -311,28 +469,30 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, sta
         if diff is not None and not diff <= TOLERANCE:
             raise BiseError(f"the {fmt} export differs from the pruned model: max |logit difference| {diff:.3g} > "
                             f"{TOLERANCE:g}; nothing written")
-        for produced in scratch.iterdir():
-            os.replace(produced, path.parent / produced.name)
+        manifest = {"format": fmt, "file": path.name, "stage": stage, "run_dir": str(run_dir.resolve()),
+                    "source_checkpoint": checkpoint.name, "arch": type(model).__name__, "torch": torch.__version__,
+                    "run": {"state": status.get("state"), "finished": status.get("time"),
+                            "config_hash": status.get("config_hash"),
+                            "artefacts_verified": status["artefacts_verified"]},
+                    **result, "tolerance": TOLERANCE, "check_batch": CHECK_BATCH,
+                    "preprocessing": PREPROCESSING, "load": _load_instructions(fmt, path.name, preprocessing)}
+        write_json(scratch / PREPROCESSING, description)
+        write_json(scratch / f"{path.name}.json", manifest)
+        check_targets(path, run_dir, description, force)  # again: another process may have written there since
+        for name in (PREPROCESSING, path.name, f"{path.name}.json"):
+            os.replace(scratch / name, folder / name)
+        for produced in scratch.iterdir():  # e.g. the external weights of a very large ONNX model
+            os.replace(produced, folder / produced.name)
+    except OSError as error:
+        raise BiseError(f"cannot write the export into {folder}: {error.strerror or error}") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-    classes = preprocessing.get("class_names")
-    num_classes = model.classifier.out_features
-    description = {**{k: v for k, v in preprocessing.items() if k != "class_names"},
-                   "input": input_spec(preprocessing),
-                   "output": {"name": "logits", "dtype": "float32", "shape": ["batch", num_classes],
-                              "class_names": classes if classes and len(classes) == num_classes else None}}
-    write_json(path.parent / "preprocessing.json", description)
-    manifest = {"format": fmt, "file": path.name, "stage": stage, "run_dir": str(Path(run_dir).resolve()),
-                "source_checkpoint": checkpoint.name, "arch": type(model).__name__, "torch": torch.__version__,
-                **result, "tolerance": TOLERANCE, "check_batch": CHECK_BATCH,
-                "preprocessing": "preprocessing.json", "load": _load_instructions(fmt, path.name, preprocessing)}
-    write_json(path.parent / f"{path.name}.json", manifest)
     return {**manifest, "path": str(path)}
 
 
 def export_command(argv: list[str]) -> int:
-    """`bise export RUN_DIR --format state_dict|torchscript|onnx [--out PATH] [--stage bise] [--exporter E]`."""
+    """`bise export RUN_DIR --format state_dict|torchscript|onnx [--out PATH] [--stage bise] [--exporter E]
+    [--force]`."""
     parser = argparse.ArgumentParser(prog="bise export", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="a run folder with pruned_<stage>.pt (a run with the bise stage)")
     parser.add_argument("--format", help=f"{' | '.join(FORMATS)}")
@@ -340,16 +500,20 @@ def export_command(argv: list[str]) -> int:
     parser.add_argument("--stage", default="bise", help="whose pruned model: reads RUN_DIR/pruned_<stage>.pt")
     parser.add_argument("--exporter", default="auto", help="ONNX only: auto (dynamo, else the TorchScript-based "
                         "exporter) | dynamo | torchscript")
+    parser.add_argument("--force", action="store_true", help="replace existing export files (never a run's own)")
     args = parser.parse_args(argv)
     if not args.format:
         raise BiseError(f"bise export needs --format ({' | '.join(FORMATS)})")
-    manifest = export_run(args.run_dir, args.format, args.out, args.stage, args.exporter)
+    manifest = export_run(args.run_dir, args.format, args.out, args.stage, args.exporter, args.force)
     check = manifest["check"]
     verified = check if isinstance(check, str) else \
         f"verified with {check['runtime']}: max |logit difference| {check['max_abs_diff']:.2g}"
     print(f"wrote {manifest['path']} ({args.format}, {manifest['exporter']}; {verified})")
     if manifest.get("dynamo_failed"):
         print(f"note: the dynamo exporter could not capture the model ({manifest['dynamo_failed']})")
+    if not manifest["run"]["artefacts_verified"]:
+        print(f"note: {args.run_dir} finished before bise recorded checksums of its artefacts, so "
+              f"{manifest['source_checkpoint']} could not be checked against the finished run")
     print(f"how to load: {Path(manifest['path']).parent / (manifest['file'] + '.json')}; input and classes: "
           f"{Path(manifest['path']).parent / 'preprocessing.json'}")
     return 0

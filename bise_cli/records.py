@@ -23,12 +23,21 @@ from typing import Any
 
 import torch
 
+# The process umask, read once at import (os.umask can only be read by setting it, which must not race with
+# threads creating files).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def _atomic_write(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; the file takes the mode an ordinary open() would give it (0666 less the
+        # umask), like the plots and logs beside it.
+        if hasattr(os, "fchmod"):  # POSIX
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
         os.replace(tmp, path)
@@ -90,6 +99,11 @@ RESERVED_FIELDS = ("stage", "keys", "run_dir", "data_sha256", "data_train_size",
 NOT_RESULT_SETTINGS = ("hydra", "device", "output_root", "name", "note", "cache", "threads", "logger")
 # Records also leave out the stage list and record_keys (a record is one stage; record_keys are merged in).
 NOT_RECORD_SETTINGS = (*NOT_RESULT_SETTINGS, "stages", "record_keys")
+
+
+# The files of a run folder that `bise export` hands on, checksummed when the run finishes (status.json's
+# `artefacts`): a pruned model, masks, config or data summary that differs from them is not the finished run's.
+RUN_ARTEFACTS = ("pruned_*.pt", "masks.pt", "config.yaml", "data_summary.json")
 
 
 def flatten_config(cfg: dict, prefix: str = "") -> dict:
@@ -194,7 +208,8 @@ class RunDir:
 
     def finish(self, identity: str, data_sha256: str | None = None, **extra) -> None:
         """Mark the run done for settings `identity` and data `data_sha256`, with a checksum of its records (what
-        `finished_records` verifies)."""
+        `finished_records` verifies) and of its artefacts (what `bise export` verifies)."""
+        extra.setdefault("artefacts", self.artefact_checksums())
         self.set_status("done", config_hash=identity, data_sha256=data_sha256, records=len(self.records),
                         records_sha256=file_sha256(self.file("metrics.jsonl")), **extra)
 
@@ -206,6 +221,12 @@ class RunDir:
         """Mark the run failed with the error and its traceback (records already written stay)."""
         self.set_status("failed", error=f"{type(error).__name__}: {error}",
                         traceback="".join(traceback.format_exception(error)))
+
+    def artefact_checksums(self) -> dict[str, str]:
+        """{file name: sha256} of the files a finished run hands on (RUN_ARTEFACTS): the pruned models, the masks,
+        the config and data summary that describe them."""
+        return {path.name: file_sha256(path) for pattern in RUN_ARTEFACTS
+                for path in sorted(self.path.glob(pattern)) if path.is_file()}
 
     def add_record(self, record: dict) -> None:
         self.records.append(record)

@@ -1,5 +1,6 @@
 """Per-run Markdown report: data, model, bias before and after, efficiency, and settings that deviate from the
-paper's protocol, with the run's plots.
+paper's protocol, with the run's plots. Values from the user's config and data (note, dataset source, settings)
+are escaped with `bise_cli.escape.markdown`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import logging
 from pathlib import Path
 
 from bise_cli.defaults import packaged_defaults
+from bise_cli.escape import markdown
 from bise_cli.names import METRIC_NAMES, format_value, heading
 from bise_cli.records import flatten_config, write_text
 
@@ -40,29 +42,32 @@ def report_metrics(records: list[dict]) -> list[str]:
 def write_report(run_dir: str | Path, cfg: dict, records: list[dict], note: str = "") -> Path:
     """Write `report.md` (and its plots) into `run_dir`; returns the report path."""
     run_dir = Path(run_dir)
-    lines = [f"# bise run: {cfg['dataset']['name']} / {cfg['backbone']['name']}, rho = {cfg['rho']}, "
-             f"seed = {cfg['seed']}", ""]
+    lines = [f"# bise run: {markdown(cfg['dataset']['name'])} / {markdown(cfg['backbone']['name'])}, "
+             f"rho = {markdown(cfg['rho'])}, seed = {markdown(cfg['seed'])}", ""]
     if note:
-        lines += [f"**{note}**", ""]
+        lines += [f"**{markdown(note)}**", ""]
     summary_path = run_dir / "data_summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        lines += ["## Data", "", f"Source: {summary['info'].get('source')}"
+        lines += ["## Data", "", f"Source: {markdown(summary['info'].get('source'))}"
                   + (" (SYNTHETIC)" if summary["info"].get("synthetic") else ""), "",
                   "| split | size | aligned fraction |", "|---|---|---|"]
-        lines += [f"| {name} | {row['size']} | {row['aligned_fraction']} |" for name, row in summary["splits"].items()]
+        lines += [f"| {markdown(name)} | {markdown(row['size'])} | {markdown(row['aligned_fraction'])} |"
+                  for name, row in summary["splits"].items()]
         lines.append("")
     present = report_metrics(records)
     lines += ["## Results (test split)", "", "| stage | " + " | ".join(heading(k) for k in present) + " |",
               "|---|" + "---|" * len(present)]
     for record in records:
-        lines.append(f"| {record['stage']} | " + " | ".join(format_value(k, record.get(k)) for k in present) + " |")
+        lines.append(f"| {markdown(record['stage'])} | "
+                     + " | ".join(markdown(format_value(k, record.get(k))) for k in present) + " |")
     lines += ["", "Bias before and after: compare `aligned` vs `conflicting` and the bias-probe accuracy of the "
               "vanilla row with the pruned rows.", ""]
     lines += confidence_lines(records)
     changed = deviations(cfg)
     lines += ["## Settings that deviate from the paper", ""]
-    lines += [f"- `{key}` = {value!r} (paper: {paper!r})" for key, value, paper in changed] or ["- none"]
+    lines += [f"- {markdown(key, code=True)} = {markdown(repr(value))} (paper: {markdown(repr(paper))})"
+              for key, value, paper in changed] or ["- none"]
     lines.append("")
     lines += _plots(run_dir)
     return write_text(run_dir / "report.md", "\n".join(lines) + "\n")
@@ -81,7 +86,7 @@ def confidence_lines(records: list[dict]) -> list[str]:
             interval = record.get(f"{name}_ci")
             cells.append(f"[{format_value(name, interval[0])}, {format_value(name, interval[1])}]"
                          if isinstance(interval, list) else format_value(name, None))
-        lines.append(f"| {record['stage']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {markdown(record['stage'])} | " + " | ".join(map(markdown, cells)) + " |")
     return [*lines, ""]
 
 

@@ -1,4 +1,7 @@
-"""Console summaries: the side-by-side stage table at the end of a run, and `bise data`'s dataset summary."""
+"""Console summaries: the side-by-side stage table at the end of a run, and `bise data`'s dataset summary.
+
+rich reads `[...]` in text as markup: notes, paths, dataset sources and group names (the user's) go through
+`bise_cli.escape.console`."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from rich.table import Table
 
 from bise_cli.data import summarize_bundle
 from bise_cli.data.base import DatasetBundle
+from bise_cli.escape import console as escape
 from bise_cli.names import format_value, heading
 from bise_cli.records import write_json
 
@@ -26,20 +30,20 @@ RUN_METRICS = ("acc", "acc_unbiased", "acc_aligned", "acc_conflicting", "acc_wor
 def print_run_summary(records: list[dict], note: str = "", out_dir: str | Path | None = None) -> None:
     """One row per stage, units as declared in bise_cli.names (accuracies and sparsities in %, MACs in millions)."""
     columns = [k for k in RUN_METRICS if any(r.get(k) is not None for r in records)]
-    title = "bise run: test metrics" + (f"\n{note}" if note else "")
+    title = "bise run: test metrics" + (f"\n{escape(note)}" if note else "")
     if records and records[0].get("data_source"):
         first = records[0]
-        title += (f"\ndata: {first.get('dataset')} built from {first['data_source']} "
-                  f"({first.get('data_train_size')} training samples)")
+        title += (f"\ndata: {escape(first.get('dataset'))} built from {escape(first['data_source'])} "
+                  f"({escape(first.get('data_train_size'))} training samples)")
     table = Table(title=title)
     table.add_column("stage")
     for key in columns:
         table.add_column(heading(key), justify="right")
     for record in records:
-        table.add_row(record["stage"], *[format_value(k, record.get(k)) for k in columns])
+        table.add_row(escape(record["stage"]), *[escape(format_value(k, record.get(k))) for k in columns])
     console.print(table)
     if out_dir is not None:
-        console.print(f"records: {Path(out_dir) / 'metrics.jsonl'}")
+        console.print(f"records: {escape(Path(out_dir) / 'metrics.jsonl')}")
 
 
 def save_sample_grid(bundle: DatasetBundle, path: str | Path, per_class: int = 8) -> Path | None:
@@ -77,7 +81,7 @@ def write_data_summary(bundle: DatasetBundle, out_dir: str | Path) -> dict:
     summary = summarize_bundle(bundle)
     write_json(out_dir / "summary.json", {**summary, "info": bundle.info})
     grid = save_sample_grid(bundle, out_dir / "samples.png")
-    table = Table(title=f"{bundle.name} ({bundle.info.get('source', '?')})")
+    table = Table(title=f"{escape(bundle.name)} ({escape(bundle.info.get('source', '?'))})")
     for column in ("split", "size", "aligned", "bias counts"):
         table.add_column(column)
     for name, row in summary.items():
@@ -85,7 +89,7 @@ def write_data_summary(bundle: DatasetBundle, out_dir: str | Path) -> dict:
         # Several bias attributes: the alignment-pattern group sizes instead of one attribute's value counts.
         counts = row["bias_counts"] if "bias_counts" in row else [f"{k}={v}" for k, v in row["groups"].items()]
         aligned = "-" if fraction is None else f"{fraction:.4f}"
-        table.add_row(name, str(row["size"]), aligned, " ".join(map(str, counts)))
+        table.add_row(escape(name), str(row["size"]), aligned, escape(" ".join(map(str, counts))))
     console.print(table)
-    console.print(f"summary: {out_dir / 'summary.json'}" + (f"   samples: {grid}" if grid else ""))
+    console.print(escape(f"summary: {out_dir / 'summary.json'}" + (f"   samples: {grid}" if grid else "")))
     return summary

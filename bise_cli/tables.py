@@ -24,6 +24,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from bise_cli import escape
 from bise_cli.errors import BiseError
 from bise_cli.names import MISSING, format_value, heading, is_missing, stage_rank
 from bise_cli.names import metric as declared_metric
@@ -231,19 +232,21 @@ def _reference_footer(summary: pd.DataFrame, found: dict, context: dict | None) 
     return lines
 
 
-def _rendered(summary: pd.DataFrame, plus_minus: str, reference: bool, context: dict | None):
-    """Headers, rows of cells and footer lines shared by the Markdown, LaTeX and terminal tables."""
+def _rendered(summary: pd.DataFrame, plus_minus: str, reference: bool, context: dict | None, escaped=escape.one_line):
+    """Headers, rows of cells and footer lines shared by the Markdown, LaTeX and terminal tables. Group keys and
+    their values come from the records (record_keys, config values, the user's names): headers and key cells pass
+    through `escaped`, the format's helper from `bise_cli.escape`."""
     by, metrics = summary.attrs["by"], summary.attrs["metrics"]
     found = _references(summary, context) if reference else {}
-    headers = list(by)
+    headers = [escaped(k) for k in by]
     for metric in metrics:
-        headers.append(heading(metric, metric))
+        headers.append(escaped(heading(metric, metric)))
         if metric in found:
-            headers.append(f"paper {metric}")
+            headers.append(escaped(f"paper {metric}"))
     headers.append("n")
     rows = []
     for i, (_, row) in enumerate(summary.iterrows()):
-        cells = [str(row[k]) for k in by]
+        cells = [escaped(row[k]) for k in by]
         for metric in metrics:
             cells.append(_cell(row, metric, plus_minus))
             if metric in found:
@@ -268,17 +271,17 @@ def format_table(summary: pd.DataFrame, fmt: str, reference: bool = False, conte
                 table.insert(table.columns.get_loc(f"{metric}_std") + 1, f"{metric}_paper",
                              [None if ref is None else _stored(ref) for ref in refs])
         return table.to_csv(index=False, float_format="%.6g")
-    headers, rows, footer = _rendered(summary, " ± " if fmt == "md" else " $\\pm$ ", reference, context)
+    headers, rows, footer = _rendered(summary, " ± " if fmt == "md" else " $\\pm$ ", reference, context,
+                                      escape.markdown if fmt == "md" else escape.latex)
     if fmt == "md":
         lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         lines += ["| " + " | ".join(cells) + " |" for cells in rows]
         return "\n".join(lines) + "\n\n" + "\n".join(footer) + "\n"
     by = summary.attrs["by"]
-    escape = lambda text: text.replace("_", "\\_").replace("%", "\\%")  # noqa: E731
     lines = ["\\begin{tabular}{" + "l" * len(by) + "r" * (len(headers) - len(by)) + "}", "\\toprule",
-             " & ".join(escape(h) for h in headers) + " \\\\", "\\midrule"]
-    lines += [" & ".join(escape(c) if "$" not in c else c for c in cells) + " \\\\" for cells in rows]
-    lines += ["\\bottomrule", "\\end{tabular}", *[f"% {line}" for line in footer]]
+             " & ".join(headers) + " \\\\", "\\midrule"]
+    lines += [" & ".join(cells) + " \\\\" for cells in rows]
+    lines += ["\\bottomrule", "\\end{tabular}", *[f"% {escape.one_line(line)}" for line in footer]]
     return "\n".join(lines) + "\n"
 
 
@@ -292,9 +295,9 @@ def constant_context(df: pd.DataFrame) -> dict:
 
 
 def print_rich(summary: pd.DataFrame, title: str, reference: bool = False, context: dict | None = None) -> None:
-    headers, rows, footer = _rendered(summary, " ± ", reference, context)
+    headers, rows, footer = _rendered(summary, " ± ", reference, context, escape.console)
     n_by = len(summary.attrs["by"])
-    table = Table(title=title, caption="\n".join(footer))
+    table = Table(title=escape.console(title), caption=escape.console("\n".join(footer)))
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i < n_by else "right")
     for cells in rows:
@@ -403,8 +406,9 @@ def format_compare(result: pd.DataFrame, fmt: str) -> str:
         return table.to_csv(index=False, float_format="%.6g")
     if fmt != "md":
         raise BiseError(f"unknown comparison format {fmt!r}; allowed: md, csv")
-    headers = [*keys, "metric", a, b, f"{a} - {b}", "95 % CI", "p", "n"]
-    lines = [f"# {a} vs {b}, paired by seed", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    headers = [escape.markdown(h) for h in (*keys, "metric", a, b, f"{a} - {b}", "95 % CI", "p", "n")]
+    lines = [f"# {escape.markdown(a)} vs {escape.markdown(b)}, paired by seed", "", "| " + " | ".join(headers) + " |",
+             "|" + "---|" * len(headers)]
     notes = [COMPARE_NOTE]
     for _, row in result.iterrows():
         metric, n = row["metric"], int(row["n"])
@@ -412,7 +416,8 @@ def format_compare(result: pd.DataFrame, fmt: str) -> str:
             ci = f"[{format_value(metric, row['ci_low'])}, {format_value(metric, row['ci_high'])}]"
         else:
             ci = "n/a"
-        cells = [*[str(row[k]) for k in keys], heading(metric, metric), format_value(metric, row["mean_a"]),
+        cells = [*[escape.markdown(row[k]) for k in keys], escape.markdown(heading(metric, metric)),
+                 format_value(metric, row["mean_a"]),
                  format_value(metric, row["mean_b"]), format_value(metric, row["diff"], sign=True), ci,
                  _p(row["p_value"]), str(n)]
         lines.append("| " + " | ".join(cells) + " |")

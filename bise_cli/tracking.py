@@ -10,14 +10,20 @@ resumed or cached run reports exactly the same curves as the run that computed t
 Both backends are optional extras and work offline: TensorBoard writes event files (`tensorboard --logdir
 outputs/sweeps/NAME`), MLflow writes to a local file store (`mlflow ui --backend-store-uri outputs/mlruns`) or
 to any `logger.tracking_uri` the user names.
+
+A tracker never costs a run: `check_tracker` finds a missing package or an unwritable event folder or file store
+before training, and a tracker that fails anyway once the run is done (a server down, a disk full) is one warning
+line; the run folder's records stand and the command exits 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import threading
 from pathlib import Path
 
 from bise_cli.errors import BiseError, check_choice
@@ -149,8 +155,27 @@ def open_tracker(options: dict | None, run_dir: Path, experiment: str) -> Tracke
     return Tracker()
 
 
+def local_store(tracking_uri: str) -> Path | None:
+    """The folder an MLflow tracking URI writes to on this machine: a plain folder or file:// (the file store),
+    sqlite:///FILE (its folder); None for a server (http://, databricks, ...), which only the run can reach."""
+    uri = str(tracking_uri)
+    if "://" not in uri:
+        return Path(uri)
+    scheme, _, rest = uri.partition("://")
+    if scheme == "file":
+        from urllib.parse import unquote, urlparse
+        return Path(unquote(urlparse(uri).path))
+    if scheme == "sqlite" and rest.startswith("/") and len(rest) > 1:  # sqlite:///relative.db, sqlite:////abs.db
+        return Path(rest[1:]).parent
+    return None
+
+
 def check_tracker(options: dict | None) -> None:
-    """Fail before any work when the chosen tracker's package is missing (not after hours of training)."""
+    """Fail before any work, in one line, when the chosen tracker's package is missing or the folder it writes
+    to (`logger.dir`, a local MLflow store) cannot be written (not after hours of training). TensorBoard's
+    default folder is inside the run folder, which the pipeline checks itself."""
+    from bise_cli.validate import check_writable
+
     name = (options or {}).get("name", "none")
     check_choice("logger", name, TRACKERS)
     needs = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny")}
@@ -161,14 +186,49 @@ def check_tracker(options: dict | None) -> None:
         except ImportError:
             raise BiseError(f"logger={name} needs {package} (pip install {package}, or pip install -e "
                             "'.[tracking]')") from None
+    folder = options.get("dir") if name == "tensorboard" else \
+        local_store(options.get("tracking_uri") or "") if name == "mlflow" else None
+    if folder:
+        try:
+            check_writable(folder)
+        except BiseError as error:
+            setting = "logger.dir" if name == "tensorboard" else "logger.tracking_uri"
+            raise BiseError(f"logger={name}: {error} (the {setting} setting)") from None
 
 
-def track_run(options: dict | None, run_dir: Path, cfg: dict, records: list[dict], failed: bool = False) -> None:
-    """Send a run folder's config, curves and records to the configured tracker (a no-op for logger=none)."""
-    if not options or options.get("name", "none") == "none":
-        return
-    tracker = open_tracker(options, Path(run_dir), str(cfg.get("name") or "bise"))
+@contextlib.contextmanager
+def _thread_errors():
+    """Collect the exceptions of threads that end during the block (TensorBoard writes its event file from a
+    thread: a write error there would print "Exception in thread ..." and a traceback) instead of printing them."""
+    errors: list[BaseException] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)
     try:
-        tracker.log_run(Path(run_dir), cfg, records)
+        yield errors
     finally:
-        tracker.close(failed)
+        threading.excepthook = previous
+
+
+def track_run(options: dict | None, run_dir: Path, cfg: dict, records: list[dict], failed: bool = False) -> bool:
+    """Send a run folder's config, curves and records to the configured tracker (a no-op for logger=none).
+    Returns False, after one warning line, when the tracker fails: the run folder already holds everything, so a
+    tracker problem never fails the run."""
+    if not options or options.get("name", "none") == "none":
+        return True
+    name = options.get("name")
+    with _thread_errors() as thread_errors:
+        try:
+            tracker = open_tracker(options, Path(run_dir), str(cfg.get("name") or "bise"))
+            try:
+                tracker.log_run(Path(run_dir), cfg, records)
+            finally:
+                tracker.close(failed)
+        except Exception as error:  # noqa: BLE001  (a tracker's own errors are many and not ours to list)
+            thread_errors.insert(0, error)
+    if not thread_errors:
+        return True
+    error = thread_errors[0]
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    log.warning("logger=%s failed, nothing more was sent (the records in %s are complete): %s: %s", name, run_dir,
+                type(error).__name__, reason)
+    return False

@@ -18,19 +18,21 @@ from bise_cli.errors import BiseError
 from bise_cli.export import FILE_SUFFIX, FORMATS, export_run
 from bise_cli.models import build_backbone
 from bise_cli.prune import load_pruned, prune_model, save_pruned
-from bise_cli.records import write_json, write_text
+from bise_cli.records import RunDir, write_json, write_text
 
 
 def _fake_run(folder, model, dataset: str, info: dict):
-    """A run folder with just what export reads (pruned_bise.pt of `model` with random masks, config.yaml,
-    data_summary.json): export needs nothing else, and training one would cost seconds (the pipeline writing
-    info["preprocessing"] is checked in test_card.py)."""
+    """A finished run folder with just what export reads (pruned_bise.pt of `model` with random masks,
+    config.yaml, data_summary.json, and status.json marked done by RunDir.finish as the pipeline does): export
+    needs nothing else, and training one would cost seconds (the pipeline writing info["preprocessing"] is checked
+    in test_card.py, a real run's export in test_hardening_outputs.py)."""
     folder.mkdir(parents=True)
     torch.manual_seed(0)
     masks = {p.name: torch.rand(p.units) > 0.4 for p in model.gate_points()}
     save_pruned(prune_model(model.eval(), masks), folder / "pruned_bise.pt")
     write_text(folder / "config.yaml", f"dataset:\n  name: {dataset}\n")
     write_json(folder / "data_summary.json", {"info": info})
+    RunDir(folder).finish("fake-run")
     return folder
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from bise_cli.errors import BiseError
-from bise_cli.precision import check_precision
+from bise_cli.precision import DATA_PLACEMENTS, check_precision
 
 DEVICES = ("auto", "cpu", "cuda")
 BIAS_LABELS = ("ground_truth", "identification")
@@ -235,6 +235,7 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
         raise BiseError(f"rho must be in (0, 1], got {rho!r}")
     chosen = _check_stages(cfg.get("stages", ["vanilla"]), tuple(stages))
     _choice(cfg, "bias_labels", BIAS_LABELS)
+    _choice(cfg, "data_on_device", DATA_PLACEMENTS)
     _bool(cfg, "cache")
     _bool(cfg, "deterministic")
     for key in ("output_root", "name"):

@@ -134,11 +134,17 @@ def recipe(cfg: dict, device: torch.device, run_dir: RunDir) -> None:
     provenance = {"data_sha256": fingerprint["sha256"], "data_train_size": len(bundle["train"]),
                   "data_source": f"{bundle.info.get('source', '?')}: {bundle.info.get('location', '')}".rstrip(": ")}
 
+    last = [time.perf_counter()]
+
     def record(stage: str, metrics: dict, extra: dict | None = None) -> None:
         # Peak GPU memory since the previous record (None on the CPU); cached stages report what they needed now.
         memory = {"peak_gpu_memory_mb": peak_memory_mb(device)}
         reset_peak_memory(device)
         run_dir.add_record(make_record(stage, metrics, cfg, {**(extra or {}), **provenance, **memory}))
+        # The stage's wall time in run.log (benchmarks/gpu_check.sh reads it to time each stage).
+        now = time.perf_counter()
+        log.info("stage %s recorded: %.1f s since the previous record", stage, now - last[0])
+        last[0] = now
 
     # 2. The vanilla model: what BISE prunes, so it always runs first.
     model, metrics, vanilla_key = stages.vanilla(ctx)

@@ -69,11 +69,12 @@ class MetaDevice(TorchDispatchMode):
         self.syncs.append((kind, _caller()))
 
     def _value(self, t: torch.Tensor) -> torch.Tensor:
-        """The CPU stand-in of meta tensor `t`: its shadow, else zeros of its shape."""
+        """The CPU stand-in of meta tensor `t`: its shadow, else zeros of its shape (True for booleans, so a
+        finiteness or emptiness test takes its usual branch)."""
         shadow = self.shadows.get(t)
         if shadow is not None and shadow.shape == t.shape:
             return shadow.to(t.dtype)
-        return torch.zeros(t.shape, dtype=t.dtype)
+        return torch.ones(t.shape, dtype=t.dtype) if t.dtype == torch.bool else torch.zeros(t.shape, dtype=t.dtype)
 
     def count(self, kind: str | None = None) -> int:
         return sum(1 for k, _ in self.syncs if kind is None or k == kind)

@@ -139,7 +139,7 @@ def throughput(args) -> None:
     import torch
 
     from bise_cli import pipeline, stages
-    from bise_cli.bise import SearchSettings, _Heads, _mask_epoch
+    from bise_cli.bise import _Heads, _mask_epoch
     from bise_cli.data.base import place_splits
     from bise_cli.lff import train_lff
     from bise_cli.masking import GateSet, capture_input

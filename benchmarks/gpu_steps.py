@@ -152,6 +152,8 @@ def throughput(args) -> None:
     from conftest import compose_config
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     configure_determinism(True)
     configure_backends(device, True)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -284,6 +286,7 @@ def main() -> None:
     c.add_argument("--out", required=True)
     c.add_argument("--device", default="cuda")
     c.add_argument("--max-samples", type=int, default=None)
+    c.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     c = sub.add_parser("stages")
     c.add_argument("run_dir")
     c.add_argument("--out", default=None)

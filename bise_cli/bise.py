@@ -31,10 +31,10 @@ from torch import nn
 
 from bise_cli.data.base import Split, bias_columns
 from bise_cli.errors import BiseError, check_choice
-from bise_cli.masking import GateSet, capture_input, round_masks, unit_sparsity
+from bise_cli.masking import GateSet, capture_input, round_masks
 from bise_cli.metrics import accuracy_metrics
-from bise_cli.precision import autocast, check_precision
-from bise_cli.probe import HeadOptimiser, feature_epoch, head_accuracy, make_head, mean_over_attributes, model_epoch
+from bise_cli.precision import autocast, check_precision, device_generator
+from bise_cli.probe import HeadOptimiser, feature_epoch, head_accuracies, make_head, mean_over_attributes, model_epoch
 from bise_cli.progress import progress_bar
 from bise_cli.reweighting import SampleWeights
 from bise_cli.train import predict, weighted_cross_entropy
@@ -145,33 +145,48 @@ class SearchResult:
 
 # --------------------------------------------------------------------------------------------- MI estimator
 
-def normalized_mutual_information(b: torch.Tensor, q: torch.Tensor, num_bias: int) -> torch.Tensor:
-    """Plug-in MI between one-hot true bias `b` and soft predictions `q` (rows sum to 1), divided by ln K."""
-    n = len(b)
-    joint = (F.one_hot(b, num_bias).to(q.dtype).t() @ q).clamp(min=1e-15) / n
+def normalized_mutual_information(b: torch.Tensor, q: torch.Tensor, num_bias: int,
+                                  subset: torch.Tensor | None = None) -> torch.Tensor:
+    """Plug-in MI between one-hot true bias `b` and soft predictions `q` (rows sum to 1), divided by ln K.
+
+    With `subset` (booleans, one per sample): the MI of the samples in the subset, computed by weighting every
+    row with 0 or 1 instead of selecting rows, so the sample count never has to reach the host. A zero weight
+    removes its row from every sum, so the value is that of the selected rows (up to the rounding of sums taken
+    in another order); 0 when the subset is empty."""
+    if subset is None:
+        joint = (F.one_hot(b, num_bias).to(q.dtype).t() @ q).clamp(min=1e-15) / len(b)
+    else:
+        weight = subset.to(q.dtype)
+        n = weight.sum()
+        joint = (F.one_hot(b, num_bias).to(q.dtype).t() @ (q * weight[:, None])).clamp(min=1e-15) / n.clamp(min=1)
     marg_b = joint.sum(1, keepdim=True)
     marg_q = joint.sum(0, keepdim=True)
     mi = (joint * torch.log(joint / (marg_b * marg_q).clamp(min=1e-15))).sum()
+    if subset is not None:
+        mi = mi * (n > 0)  # an empty subset carries no MI (and no gradient)
     return mi / math.log(num_bias)
-
-
 
 
 def mi_subset_mask(column: torch.Tensor, y: torch.Tensor, settings: SearchSettings,
                    generator: torch.Generator) -> torch.Tensor:
-    """The samples of a batch the MI of one bias attribute is computed on (`settings.mi_subset`).
+    """The samples of a batch the MI of one bias attribute is computed on (`settings.mi_subset`), as booleans on
+    the batch's device, computed there without reading any value back to the host.
 
     conflicting_plus_aligned adds round(mi_aligned_share * number of aligned samples) aligned samples, drawn
-    uniformly without replacement from `generator`, to the conflicting ones."""
+    uniformly without replacement, to the conflicting ones: the aligned samples with the smallest of i.i.d.
+    uniform keys drawn on the device from a generator seeded by `generator` (`device_generator`)."""
     if settings.mi_subset == "all":
         return torch.ones_like(y, dtype=torch.bool)
     subset = column != y
     if settings.mi_subset == "conflicting_plus_aligned":
-        aligned = torch.nonzero(~subset).flatten()
-        keep = round(settings.mi_aligned_share * len(aligned))
-        chosen = torch.randperm(len(aligned), generator=generator)[:keep].to(aligned.device)
-        subset = subset.clone()
-        subset[aligned[chosen]] = True
+        device = column.device
+        keys = torch.rand(len(column), generator=device_generator(generator, device), device=device)
+        keys = keys.masked_fill(subset, 2.0)  # conflicting samples sort after every aligned one
+        rank = torch.empty_like(column)
+        rank[keys.argsort()] = torch.arange(len(column), device=device, dtype=rank.dtype)
+        # In float64, like Python's round() (half to even) on the count.
+        keep = torch.round(settings.mi_aligned_share * (~subset).sum().double())
+        subset = subset | (rank < keep)
     return subset
 
 
@@ -196,34 +211,39 @@ class _Heads:
         self.pairs = [make_head(dim, num_bias, settings.head_lr, settings.head_momentum,
                                 settings.head_weight_decay, seed + k) for k in range(len(search.bias_columns))]
         for head, _ in self.pairs:
-            head.to(device)
+            head.to(device, non_blocking=True)  # a new CPU head: copied without waiting
 
     def train(self, epochs: int, gates: GateSet, mode: str) -> list[float]:
-        """`epochs` head-only epochs with the gates in `mode`; returns each head's accuracy on the search set."""
+        """`epochs` head-only epochs with the gates in `mode`; returns each head's accuracy on the search set.
+        Cached features and labels stay on the device for all epochs; the accuracies are read once."""
         s = self.settings
         with gates.mode(mode):
             if epochs and not self.use_cache:
                 for _ in range(epochs):
                     model_epoch(self.pairs, self.model, self.search, s.batch_size, self.generator, self.device)
-            z = predict(self.model, self.search, s.eval_batch_size, self.device, features=True)["z"]
+            z = predict(self.model, self.search, s.eval_batch_size, self.device, features=True, host=False)["z"]
+            b = self.search.b.to(self.device, non_blocking=self.search.b.device.type == "cpu")
             if epochs and self.use_cache:
                 for _ in range(epochs):
-                    feature_epoch(self.pairs, z, self.search.b, s.batch_size, self.generator)
-        return [head_accuracy(head, z, b) for (head, _), b in zip(self.pairs, self.search.bias_columns, strict=True)]
+                    feature_epoch(self.pairs, z, b, s.batch_size, self.generator)
+        return head_accuracies([head for head, _ in self.pairs], z, b)
 
     def states(self) -> list[dict]:
         return [{k: v.detach().cpu().clone() for k, v in head.state_dict().items()} for head, _ in self.pairs]
 
 
 def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, weights: SampleWeights,
-                settings: SearchSettings, num_bias: int, generator, device, epoch: int, bar, tap) -> dict:
-    """One pass of the gates over the search split; returns the epoch's mean losses and head accuracy.
+                settings: SearchSettings, num_bias: int, generator, device, epoch: int, bar,
+                tap) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One pass of the gates over the search split; returns the epoch's mean losses, head accuracy and unit
+    sparsity, and the binary masks after it (on the device).
 
-    Sums stay on the device (float64) and are read once per epoch, so a GPU never waits on the host per batch
-    except for the emptiness test of each MI subset."""
+    The MI subsets weight the samples instead of selecting them, and every sum stays on the device (float64):
+    the host reads the device once per epoch, after the last batch."""
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    sums = {"loss_ce": zero.clone(), "mi": zero.clone(), "head_hits": zero.clone(), "finite": zero.clone()}
-    mi_batches, n = 0, 0
+    sums = {"loss_ce": zero.clone(), "mi": zero.clone(), "mi_batches": zero.clone(), "head_hits": zero.clone(),
+            "finite": zero.clone()}
+    n = 0
     for x, y, b in search.batches(settings.batch_size, shuffle=True, generator=generator, device=device,
                                   augment=settings.augment):
         with autocast(settings.precision, device):
@@ -231,18 +251,19 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
         logits, z = logits.float(), tap["z"].float()
         loss_ce = weighted_cross_entropy(logits, y, weights(y, b))
         objective = settings.alpha * loss_ce
-        mi_total = None
-        for (head, _), column in zip(heads.pairs, bias_columns(b), strict=True):
-            subset = mi_subset_mask(column, y, settings, generator)
-            if subset.any() and settings.gamma > 0:
+        if settings.gamma > 0:
+            mi_total, present = None, None
+            for (head, _), column in zip(heads.pairs, bias_columns(b), strict=True):
+                subset = mi_subset_mask(column, y, settings, generator)
                 # The head's weights are detached here: the MI gradient reaches the gates only.
-                q = F.softmax(F.linear(z[subset], head.weight.detach(), head.bias.detach()), dim=1)
-                mi = normalized_mutual_information(column[subset], q, num_bias)
+                q = F.softmax(F.linear(z, head.weight.detach(), head.bias.detach()), dim=1)
+                mi = normalized_mutual_information(column, q, num_bias, subset)
                 mi_total = mi if mi_total is None else mi_total + mi
-        if mi_total is not None:
+                present = subset.any() if present is None else present | subset.any()
+            # A batch without any subset sample adds 0 (as skipping the MI would) and is not averaged over.
             objective = objective + settings.gamma * mi_total
             sums["mi"] += mi_total.detach()
-            mi_batches += 1
+            sums["mi_batches"] += present
         mask_opt.zero_grad(set_to_none=True)
         objective.backward()
         # Each head steps on its own CE over the detached features (after the gates' backward pass).
@@ -259,11 +280,16 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
         sums["finite"] += torch.isfinite(objective.detach()).logical_not()
         n += len(y)
         bar.advance_batch()
-    if sums["finite"].item():
+    masks = {p.name: gates.gate(p.name).hard().bool() for p in gates.points}
+    kept = torch.stack([m.sum() for m in masks.values()]).sum().double()
+    loss_ce, mi, mi_batches, head_hits, nonfinite, kept = torch.stack(
+        [sums["loss_ce"], sums["mi"], sums["mi_batches"], sums["head_hits"], sums["finite"], kept]).tolist()
+    if nonfinite:
         raise BiseError(f"the BISE objective became non-finite at epoch {epoch}; lower pruning.mask_lr or "
                         "pruning.gamma")
-    return {"loss_ce": float(sums["loss_ce"]) / n, "mi": float(sums["mi"]) / mi_batches if mi_batches else None,
-            "head_acc": float(sums["head_hits"]) / n}
+    units = sum(m.numel() for m in masks.values())
+    return ({"loss_ce": loss_ce / n, "mi": mi / mi_batches if mi_batches else None, "head_acc": head_hits / n,
+             "sparsity_units": 1.0 - kept / units}, masks)
 
 
 def _evaluate(model, split: Split | None, num_classes, num_bias, bias_names, batch_size, device,
@@ -313,17 +339,16 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
     with progress_bar("BISE search", epochs, search.num_batches(settings.batch_size)) as bar, \
             capture_input(model.classifier) as tap:
         for epoch in range(1, epochs + 1):
-            row = {"epoch": epoch, "tau": tau, **_mask_epoch(model, gates, heads, mask_opt, search, weights,
-                                                             settings, num_bias, generator, device, epoch, bar, tap)}
-            masks = gates.binary_masks()
+            stats, masks = _mask_epoch(model, gates, heads, mask_opt, search, weights, settings, num_bias, generator,
+                                       device, epoch, bar, tap)
+            row = {"epoch": epoch, "tau": tau, **stats}
             with gates.mode("fixed"):
                 # group_weights (the training split's group shares) make acc_weighted_avg_group selectable.
                 val_metrics = _evaluate(model, val, num_classes, num_bias, bias_names, settings.eval_batch_size,
                                         device, group_weights)
                 test_metrics = (_evaluate(model, test, num_classes, num_bias, bias_names,
                                           settings.eval_batch_size, device) if settings.track_test else None)
-            row.update(sparsity_units=unit_sparsity(masks),
-                       val_acc=val_metrics[settings.selection_metric] if val_metrics else None,
+            row.update(val_acc=val_metrics[settings.selection_metric] if val_metrics else None,
                        test_acc=test_metrics["acc"] if test_metrics else None,
                        test_acc_unbiased=test_metrics["acc_unbiased"] if test_metrics else None)
             for metric, best in bests.items():
@@ -347,10 +372,18 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
                    approximate)
 
 
+def _on_host(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Boolean masks copied to the CPU in one transfer (the search keeps each epoch's masks on the device)."""
+    flat = torch.cat([m.reshape(-1) for m in masks.values()]).cpu()
+    parts = flat.split([m.numel() for m in masks.values()])
+    return {name: part.view(m.shape) for (name, m), part in zip(masks.items(), parts, strict=True)}
+
+
 def _select(gates: GateSet, bests: dict, history: list[dict], heads: _Heads, pretrain_states: list[dict],
             settings: SearchSettings, has_val: bool, use_cache: bool, approximate: bool) -> SearchResult:
     """The selected masks: best validation epoch, or the last masks without a validation split."""
     last = gates.binary_masks()
+    bests = {m: {**b, "masks": _on_host(b["masks"])} for m, b in bests.items()}
     use_best = settings.selection == "best_val" and has_val
     if settings.selection == "best_val" and not has_val:
         log.warning("pruning.selection=best_val but the dataset has no validation split: using the last masks")

@@ -17,6 +17,10 @@ Search (on a small *unbiased* training split, FFW's protocol):
   lowest bias accuracy on the validation split (ties: the later epoch).
 
 Unstructured pruning keeps the dense shapes: the result is a model with zeroed weights, not a smaller model.
+
+On a GPU no loop waits for the device per batch: the sums of a gate epoch, of a head epoch and of the validation
+pass stay on the device and are read once per epoch (a non-finite objective is detected there, after the epoch);
+cached features stay on the device.
 """
 
 from __future__ import annotations
@@ -158,8 +162,11 @@ class WeightGates(nn.Module):
         return {n: gate_value(w, self.temperature) for n, w in zip(self.names, self.logits, strict=True)}
 
     def binary_masks(self) -> dict[str, torch.Tensor]:
-        """Keep where the gate parameter is >= 0 (where the gate is 1 at any temperature), as CPU bool tensors."""
-        return {n: (w.detach() >= 0).cpu() for n, w in zip(self.names, self.logits, strict=True)}
+        """Keep where the gate parameter is >= 0 (where the gate is 1 at any temperature), as CPU bool tensors
+        (copied in one transfer)."""
+        flat = torch.cat([(w.detach() >= 0).reshape(-1) for w in self.logits]).cpu()
+        parts = flat.split([w.numel() for w in self.logits])
+        return {n: part.view(w.shape) for n, w, part in zip(self.names, self.logits, parts, strict=True)}
 
     @contextmanager
     def hard_mode(self):
@@ -243,16 +250,18 @@ class Plateau:
 def train_head_to_plateau(head: nn.Linear, opt: torch.optim.Optimizer, z: torch.Tensor, b: torch.Tensor, *,
                           batch_size: int, patience: int, tolerance: float, max_epochs: int,
                           generator: torch.Generator) -> int:
-    """Head epochs on cached features until the mean training loss plateaus; returns the epochs run."""
+    """Head epochs on cached features until the mean training loss plateaus; returns the epochs run. Features
+    and labels are copied to the head's device once; each epoch reads its loss sum once (the plateau test)."""
     device = head.weight.device
+    z, b = (t.to(device, non_blocking=t.device.type == "cpu") for t in (z, b))
     plateau = Plateau(patience, tolerance)
     for epoch in range(1, max_epochs + 1):
-        order = torch.randperm(len(b), generator=generator)
-        total = 0.0
+        order = torch.randperm(len(b), generator=generator).to(device, non_blocking=True)
+        total = torch.zeros((), dtype=torch.float64, device=device)  # float64 like the Python sum it replaces
         for start in range(0, len(b), batch_size):
             idx = order[start:start + batch_size]
-            total += head_step(head, opt, z[idx].to(device), b[idx].to(device)).item() * len(idx)
-        if plateau.step(total / max(len(b), 1)):
+            total += head_step(head, opt, z[idx], b[idx]).double() * len(idx)
+        if plateau.step(float(total) / max(len(b), 1)):
             return epoch
     return max_epochs
 
@@ -265,7 +274,7 @@ def _head_optimizer(head: nn.Linear, settings: FFWSettings) -> torch.optim.Optim
 
 def _refine_head(head, opt, gated: GatedModel, train: Split, settings: FFWSettings, generator, device) -> None:
     """Retrain the head to a plateau on the current gated model's (cached) training features."""
-    z = predict(gated, train, settings.eval_batch_size, device, features=True)["z"]
+    z = predict(gated, train, settings.eval_batch_size, device, features=True, host=False)["z"]
     train_head_to_plateau(head, opt, z, train.b, batch_size=settings.batch_size, patience=settings.head_patience,
                           tolerance=settings.head_tolerance, max_epochs=settings.head_max_epochs,
                           generator=generator)
@@ -275,12 +284,12 @@ def fresh_probe_accuracy(gated: GatedModel, train: Split, val: Split, num_bias: 
                          seed: int, device) -> float:
     """Bias accuracy on `val` of a new linear probe trained to a plateau on `train` features of the binarised model."""
     with gated.gates.hard_mode():
-        z_train = predict(gated, train, settings.eval_batch_size, device, features=True)["z"]
-        z_val = predict(gated, val, settings.eval_batch_size, device, features=True)["z"]
+        z_train = predict(gated, train, settings.eval_batch_size, device, features=True, host=False)["z"]
+        z_val = predict(gated, val, settings.eval_batch_size, device, features=True, host=False)["z"]
     # Same seed every epoch: the probe's init and batch order are fixed, only the features differ.
     probe, _ = make_head(z_train.shape[1], num_bias, settings.head_lr, settings.head_momentum,
                          settings.head_weight_decay, seed)
-    probe.to(device)
+    probe.to(device, non_blocking=True)  # a new CPU head: copied without waiting
     train_head_to_plateau(probe, _head_optimizer(probe, settings), z_train, train.b,
                           batch_size=settings.batch_size, patience=settings.head_patience,
                           tolerance=settings.head_tolerance, max_epochs=settings.head_max_epochs,
@@ -293,23 +302,30 @@ def validation_mi(gated: GatedModel, head: nn.Linear, val: Split, num_bias: int,
                   device) -> tuple[float, float]:
     """(mean per-batch normalised MI between b and the head's softmax, task accuracy) of the gated model on `val`.
 
-    Per-batch MI averaged over batches, like FFW's validation meter (the plug-in estimate depends on batch size)."""
-    mis, hits = [], 0
+    Per-batch MI averaged over batches, like FFW's validation meter (the plug-in estimate depends on batch size).
+    Summed on the device (float64) and read once."""
+    sums, batches = torch.zeros(2, dtype=torch.float64, device=device), 0  # MI sum, hits
     with capture_input(gated.classifier) as tap:
         for x, y, b in val.batches(batch_size, device=device):
             logits = gated(x)
             q = F.softmax(head(tap["z"]), dim=1)
-            mis.append(normalized_mutual_information(b, q, num_bias).item())
-            hits += int((logits.argmax(1) == y).sum())
-    return sum(mis) / len(mis), hits / len(val)
+            sums += torch.stack([normalized_mutual_information(b, q, num_bias).double(),
+                                 (logits.argmax(1) == y).sum().double()])
+            batches += 1
+    mi_sum, hits = sums.tolist()
+    return mi_sum / batches, int(hits) / len(val)
 
 
 # --------------------------------------------------------------------------------------------------- search
 
 def _gate_epoch(gated: GatedModel, head: nn.Linear, head_opt, gate_opt, train: Split, num_bias: int,
                 settings: FFWSettings, generator, device, bar, epoch: int) -> dict:
-    """One pass over `train`: a gate step on alpha*CE + gamma*MI and a head step on CE(head(stopgrad z), b)."""
-    sums = {"loss": 0.0, "ce": 0.0, "mi": 0.0, "hits": 0, "n": 0}
+    """One pass over `train`: a gate step on alpha*CE + gamma*MI and a head step on CE(head(stopgrad z), b).
+    The sums (float64) stay on the device and are read once, after the last batch; a non-finite objective fails
+    the search then (the official code stops at once; here the rest of the epoch runs first)."""
+    # loss, ce, mi (each x batch size), hits, non-finite batches, the last non-finite objective
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    n = 0
     with capture_input(gated.classifier) as tap:
         for x, y, b in train.batches(settings.batch_size, shuffle=True, generator=generator, device=device):
             logits = gated(x)
@@ -319,9 +335,7 @@ def _gate_epoch(gated: GatedModel, head: nn.Linear, head_opt, gate_opt, train: S
             q = F.softmax(F.linear(z, head.weight.detach(), head.bias.detach()), dim=1)
             mi = normalized_mutual_information(b, q, num_bias)
             objective = settings.alpha * ce + settings.gamma * mi
-            if not torch.isfinite(objective):
-                raise BiseError(f"the FFW objective became {objective.item()} at epoch {epoch}; "
-                                "lower ffw.gate_lr or ffw.gamma")
+            finite = torch.isfinite(objective.detach())
             gate_opt.zero_grad(set_to_none=True)
             objective.backward()
             head_loss = F.cross_entropy(head(z.detach()), b)
@@ -329,15 +343,18 @@ def _gate_epoch(gated: GatedModel, head: nn.Linear, head_opt, gate_opt, train: S
             head_loss.backward()
             gate_opt.step()
             head_opt.step()
-            n = len(y)
-            sums["loss"] += objective.item() * n
-            sums["ce"] += ce.item() * n
-            sums["mi"] += mi.item() * n
-            sums["hits"] += int((logits.argmax(1) == y).sum())
-            sums["n"] += n
+            batch = torch.stack([objective.detach(), ce.detach(), mi.detach()]).double() * len(y)
+            batch = torch.cat([batch, (logits.argmax(1) == y).sum().double().view(1)])
+            sums[:4] += torch.where(finite, batch, torch.zeros_like(batch))
+            sums[4] += ~finite
+            sums[5] = torch.where(finite, sums[5], objective.detach().double())
+            n += len(y)
             bar.advance_batch()
-    n = max(sums["n"], 1)
-    return {"loss": sums["loss"] / n, "ce": sums["ce"] / n, "mi": sums["mi"] / n, "train_acc": sums["hits"] / n}
+    loss, ce, mi, hits, nonfinite, bad = sums.tolist()
+    if nonfinite:
+        raise BiseError(f"the FFW objective became {bad} at epoch {epoch}; lower ffw.gate_lr or ffw.gamma")
+    n = max(n, 1)
+    return {"loss": loss / n, "ce": ce / n, "mi": mi / n, "train_acc": hits / n}
 
 
 def run_ffw(model: nn.Module, train: Split, val: Split, *, num_bias: int, settings: FFWSettings, device="cpu",
@@ -361,7 +378,7 @@ def run_ffw(model: nn.Module, train: Split, val: Split, *, num_bias: int, settin
 
     head, head_opt = make_head(model.classifier.in_features, num_bias, settings.head_lr, settings.head_momentum,
                                settings.head_weight_decay, seed)
-    head.to(device)
+    head.to(device, non_blocking=True)  # a new CPU head: copied without waiting
     # The head is first trained to a plateau on the vanilla model (gates at init); FFW then continues with a
     # copy of it and a new optimiser, so the momentum restarts.
     _refine_head(head, head_opt, gated, train, settings, generator, device)

@@ -94,7 +94,7 @@ def train_lff(make_model, split: Split, *, epochs: int, batch_size: int, optimiz
                            lr, momentum, weight_decay) for model in (biased, debiased)]
     scheds = [make_scheduler(scheduler, opt, epochs, steps, milestones, gamma) for opt in opts]
     generator = torch.Generator().manual_seed(seed)
-    history, start = [], None
+    history, start, first_loss = [], None, None
     log.info("%s: %d epochs of %d batches (%s, lr %g, q %g, ema %g) on %s", description, epochs, steps, optimizer,
              lr, q, ema_alpha, device)
     with progress_bar(description, epochs, steps) as bar:
@@ -103,13 +103,13 @@ def train_lff(make_model, split: Split, *, epochs: int, batch_size: int, optimiz
             debiased.train()
             # Summed on the device; one host synchronisation per epoch.
             sums = torch.zeros(4, device=device)
-            # The order is drawn on the CPU (the same batches on every device), then indexes where the split lives.
-            order = torch.randperm(len(split), generator=generator).to(split.x.device)
-            for index in order.split(batch_size):
-                x = split.x[index]
-                if split.augment is not None:
-                    x = split.augment(x, generator)
-                x, index = split.encode(x).to(device), index.to(device)
+            # The order is drawn on the CPU (the same batches on every device) and copied, without blocking, once
+            # per epoch to where the split lives and to where the per-sample averages live.
+            order = torch.randperm(len(split), generator=generator)
+            on_split = order.to(split.x.device, non_blocking=True)
+            on_device = on_split if on_split.device == labels.device else order.to(device, non_blocking=True)
+            for rows, index in zip(on_split.split(batch_size), on_device.split(batch_size), strict=True):
+                x = split.batch(rows, device, augment=True, generator=generator)[0]
                 y = labels[index]
                 logits_b, logits_d = biased(x), debiased(x)
                 ce_d = F.cross_entropy(logits_d, y, reduction="none")
@@ -119,8 +119,8 @@ def train_lff(make_model, split: Split, *, epochs: int, batch_size: int, optimiz
                 loss_b = generalized_cross_entropy(logits_b, y, q).mean()
                 loss_d = (ce_d * weight).mean()
                 loss = loss_b + loss_d
-                if start is None:
-                    start = float(loss.detach())
+                if first_loss is None:
+                    first_loss = loss.detach()  # the divergence reference, read with the first epoch's sums
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()  # the two models share no parameter: each gets its own loss's gradient
@@ -134,7 +134,10 @@ def train_lff(make_model, split: Split, *, epochs: int, batch_size: int, optimiz
             for sched, unit in scheds:
                 if sched is not None and unit == "epoch":
                     sched.step()
-            total = sums.tolist()
+            if start is None and first_loss is not None:
+                *total, start = torch.cat([sums, first_loss.float().view(1)]).tolist()
+            else:
+                total = sums.tolist()
             n = len(split)
             mean_w = total[2] / n
             row = {"epoch": epoch, "loss_biased": total[0] / n, "loss_debiased": total[1] / n, "weight_mean": mean_w,

@@ -21,11 +21,20 @@ from bise_cli import stages
 from bise_cli.cache import StageCache
 from bise_cli.card import write_run_card
 from bise_cli.data import build_dataset, summarize_bundle
-from bise_cli.data.base import DatasetBundle, Split
+from bise_cli.data.base import DatasetBundle, Split, place_splits
 from bise_cli.data.noise import flip_labels
 from bise_cli.errors import BiseError
 from bise_cli.fingerprint import fingerprint_bundle
-from bise_cli.precision import configure_backends, peak_memory_mb, reset_peak_memory
+from bise_cli.precision import (
+    configure_backends,
+    configure_determinism,
+    data_placement,
+    device_memory,
+    peak_memory_mb,
+    reset_peak_memory,
+    tensor_bytes,
+    training_memory_bytes,
+)
 from bise_cli.records import (
     NOT_RESULT_SETTINGS,
     RunDir,
@@ -58,6 +67,8 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
     """Run every stage in `cfg["stages"]` into `out_dir`; skip the run when it is already done."""
     from bise_cli.validate import check_writable, validate_config
 
+    # Before the first CUDA call (validation asks whether CUDA is there): cuBLAS reads its workspace setting once.
+    configure_determinism(bool(cfg.get("deterministic", True)))
     # Every setting, the device first, before anything is read, trained or marked running.
     validate_config(cfg)
     check_record_keys(cfg.get("record_keys") or {})
@@ -110,24 +121,32 @@ def recipe(cfg: dict, device: torch.device, run_dir: RunDir, bundle: DatasetBund
     configure_backends(device, bool(cfg["deterministic"]))
 
     # 1. Data, fingerprinted once (by `run`): every cache key below includes what was actually loaded.
+    summary = summarize_bundle(bundle)  # read on the host, before the data move
+    ctx = stages.Context(cfg, bundle, device, StageCache(stages.cache_root(cfg), cfg["cache"]), run_dir,
+                         fingerprint["sha256"])
+    # The data move to the device once (each distinct split once), or stay in host memory when they would
+    # crowd out training; batches are then gathered where the data live.
+    placement = place_data(ctx)
     write_json(run_dir.file("data_summary.json"), {"info": bundle.info, "fingerprint": fingerprint,
                                                    "bias_names": list(bundle.bias_names),
                                                    "nominal_rho": bundle.nominal_rho,
-                                                   "splits": summarize_bundle(bundle)})
-    # The data moves to the device once; batches are then gathered there (no host copies per batch).
-    bundle.splits = {name: split.to(device) for name, split in bundle.splits.items()}
-    ctx = stages.Context(cfg, bundle, device, StageCache(stages.cache_root(cfg), cfg["cache"]), run_dir,
-                         fingerprint["sha256"])
+                                                   "splits": summary, "data_on_device": placement})
 
     # What the data actually was (a fallback may have replaced the requested source): in every record.
     provenance = {"data_sha256": fingerprint["sha256"], "data_train_size": len(bundle["train"]),
                   "data_source": f"{bundle.info.get('source', '?')}: {bundle.info.get('location', '')}".rstrip(": ")}
+
+    last = [time.perf_counter()]
 
     def record(stage: str, metrics: dict, extra: dict | None = None) -> None:
         # Peak GPU memory since the previous record (None on the CPU); cached stages report what they needed now.
         memory = {"peak_gpu_memory_mb": peak_memory_mb(device)}
         reset_peak_memory(device)
         run_dir.add_record(make_record(stage, metrics, cfg, {**(extra or {}), **provenance, **memory}))
+        # The stage's wall time in run.log (benchmarks/gpu_check.sh reads it to time each stage).
+        now = time.perf_counter()
+        log.info("stage %s recorded: %.1f s since the previous record", stage, now - last[0])
+        last[0] = now
 
     # 2. The vanilla model: what BISE prunes, so it always runs first.
     model, metrics, vanilla_key = stages.vanilla(ctx)
@@ -155,6 +174,30 @@ def recipe(cfg: dict, device: torch.device, run_dir: RunDir, bundle: DatasetBund
             record(stage, stages.dfr(ctx, model, vanilla_key, stage))
         elif stage == "lff":
             record(stage, stages.lff(ctx))
+
+
+def place_data(ctx: stages.Context) -> dict:
+    """Move the bundle's splits to the device (each distinct split once) when `data_on_device` says so, and
+    return the decision for data_summary.json: {mode, on_device, data_gb, free_gb, reason}."""
+    cfg, bundle, device = ctx.cfg, ctx.bundle, ctx.device
+    mode = cfg.get("data_on_device", "auto")
+    distinct = {id(split): split for split in bundle.splits.values()}.values()
+    data_bytes = tensor_bytes(*[t for split in distinct for t in (split.x, split.y, split.b, *split.meta.values())])
+    memory = device_memory(device)
+    training = None
+    if mode == "auto" and memory is not None:
+        # One training batch of the largest batch size any loop uses, shaped like the real inputs.
+        batch = max(int(cfg["train"]["batch_size"]), int(cfg["finetune"]["batch_size"]),
+                    int(cfg["pruning"].get("batch_size", 1)))
+        example = bundle["train"].encode(bundle["train"].x[:1])
+        training = training_memory_bytes(ctx.new_backbone(), example.expand(batch, *example.shape[1:]))
+    on_device, reason = data_placement(mode, device, data_bytes, memory, training, lff="lff" in cfg["stages"])
+    log.info("data: %s", reason)
+    if on_device:
+        bundle.splits = place_splits(bundle.splits, device)
+    return {"mode": mode, "on_device": on_device, "data_gb": round(data_bytes / 1e9, 3),
+            "free_gb": round(memory[0] / 1e9, 3) if memory else None,
+            "training_gb": round(training / 1e9, 3) if training else None, "reason": reason}
 
 
 def check_stage_combination(chosen: list[str], method: str) -> None:

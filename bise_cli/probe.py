@@ -5,7 +5,8 @@ A head is an nn.Linear from the bottleneck (the input of the model's `classifier
 attribute, trained with its own SGD optimiser on cross-entropy. BISE trains one head per bias attribute
 (Multi-Color MNIST has two) and penalises the mutual information between each attribute and its head's
 prediction. Head-only epochs run on cached bottleneck features when the frozen model sees the same inputs every
-epoch (no augmentation), which gives exactly the same updates as recomputing the features.
+epoch (no augmentation), which gives exactly the same updates as recomputing the features. The cached features
+and labels sit on the heads' device for all epochs; an epoch never makes the host wait for the device.
 """
 
 from __future__ import annotations
@@ -64,20 +65,29 @@ def head_step(head: nn.Linear, opt: torch.optim.Optimizer, z: torch.Tensor, b: t
     return loss.detach()
 
 
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`: a no-op when it is there already, a non-blocking copy from the host otherwise."""
+    return t.to(device, non_blocking=t.device.type == "cpu")
+
+
 def feature_epoch(heads: list[tuple[nn.Linear, torch.optim.Optimizer]], z: torch.Tensor, b: torch.Tensor,
-                  batch_size: int, generator: torch.Generator) -> list[float]:
-    """One epoch of every head over cached features `z` (same batch order for all heads); mean loss per head."""
+                  batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """One epoch of every head over cached features `z` (same batch order for all heads); returns the mean loss
+    per head as a tensor on the heads' device (read it when needed: reading makes the host wait). Features and
+    labels are copied to the device once (not at all when they live there, as the search's do), the batch order
+    once per epoch; batches are then gathered on the device."""
     device = heads[0][0].weight.device
-    columns = bias_columns(b)
-    order = torch.randperm(len(z), generator=generator)
-    totals = [torch.zeros((), device=device) for _ in heads]
+    z = _on(z, device)
+    columns = [_on(column, device) for column in bias_columns(b)]
+    order = _on(torch.randperm(len(z), generator=generator), device)
+    totals = torch.zeros(len(heads), device=device)
     with single_thread():
         for start in range(0, len(z), batch_size):
             idx = order[start:start + batch_size]
-            zb = z[idx].to(device)
+            zb = z[idx]
             for k, (head, opt) in enumerate(heads):
-                totals[k] += head_step(head, opt, zb, columns[k][idx].to(device)) * len(idx)
-    return [float(t) / max(len(z), 1) for t in totals]
+                totals[k] += head_step(head, opt, zb, columns[k][idx]) * len(idx)
+    return totals / max(len(z), 1)
 
 
 def model_epoch(heads: list[tuple[nn.Linear, torch.optim.Optimizer]], model: nn.Module, split: Split,
@@ -92,11 +102,21 @@ def model_epoch(heads: list[tuple[nn.Linear, torch.optim.Optimizer]], model: nn.
 
 
 @torch.no_grad()
+def head_accuracies(heads: list[nn.Linear], z: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Accuracy of each head predicting its bias attribute (column k of `b` for head k) from features `z`,
+    computed on the heads' device and read in one transfer."""
+    if not len(b):
+        return [math.nan] * len(heads)
+    device = heads[0].weight.device
+    z = _on(z, device)
+    hits = [(head(z).argmax(1) == _on(column, device)).float().mean()
+            for head, column in zip(heads, bias_columns(b), strict=True)]
+    return torch.stack(hits).tolist()
+
+
 def head_accuracy(head: nn.Linear, z: torch.Tensor, b: torch.Tensor) -> float:
     """Accuracy of `head` predicting the labels `b` (one attribute) from features `z`."""
-    if not len(b):
-        return math.nan
-    return float((head(z.to(head.weight.device)).argmax(1).cpu() == b.cpu()).float().mean())
+    return head_accuracies([head], z, b.reshape(-1))[0]
 
 
 def head_from_state(state: dict) -> nn.Linear:
@@ -114,7 +134,8 @@ def mean_over_attributes(values: list[float]) -> float:
 @torch.no_grad()
 def head_loss(head: nn.Linear, z: torch.Tensor, b: torch.Tensor) -> float:
     """Mean cross-entropy of `head` on features `z` with labels `b`."""
-    return float(F.cross_entropy(head(z.to(head.weight.device)), b.to(head.weight.device)))
+    device = head.weight.device
+    return float(F.cross_entropy(head(_on(z, device)), _on(b, device)))
 
 
 def fresh_probe_leakage(model: nn.Module, train: Split, test: Split, num_bias: int, *, epochs: int = 20,
@@ -123,12 +144,12 @@ def fresh_probe_leakage(model: nn.Module, train: Split, test: Split, num_bias: i
 
     Fails (BiseError) when a probe ends worse on its own training set than it started (a diverged probe reads
     as 'no leakage', which would look like a removed bias)."""
-    z_train = predict(model, train, 500, device, features=True)["z"]
-    z_test = predict(model, test, 500, device, features=True)["z"]
+    z_train = predict(model, train, 500, device, features=True, host=False)["z"]
+    z_test = predict(model, test, 500, device, features=True, host=False)["z"]
     columns = bias_columns(train.b)
     heads = [make_head(z_train.shape[1], num_bias, lr, 0.9, 1e-4, seed + k) for k in range(len(columns))]
     for head, _ in heads:
-        head.to(device)
+        head.to(device, non_blocking=True)  # a new CPU head: copied without waiting
     with single_thread():
         before = [head_loss(head, z_train, b) for (head, _), b in zip(heads, columns, strict=True)]
     generator = torch.Generator().manual_seed(seed)
@@ -147,6 +168,5 @@ def fresh_probe_leakage(model: nn.Module, train: Split, test: Split, num_bias: i
 
 def head_leakage(head_states: list[dict], model: nn.Module, test: Split, device="cpu") -> list[float]:
     """Per bias attribute: accuracy of the search's own bias head on `test` bottleneck features of `model`."""
-    z = predict(model, test, 500, device, features=True)["z"]
-    return [head_accuracy(head_from_state(state).to(device), z, b)
-            for state, b in zip(head_states, bias_columns(test.b), strict=True)]
+    z = predict(model, test, 500, device, features=True, host=False)["z"]
+    return head_accuracies([head_from_state(state).to(device) for state in head_states], z, test.b)

@@ -81,12 +81,15 @@ class Context:
         return int(self.cfg["seed"])
 
     def train_key(self) -> dict:
-        """What the vanilla weights depend on: the data (by content), the backbone, the recipe and the seed."""
+        """What the vanilla weights depend on: the data (by content), the backbone, the recipe, the seed and the
+        kind of device that trained them (CPU and GPU kernels round differently, so a GPU run never reuses
+        weights a CPU run trained, and the same command gives the same numbers whatever the cache held)."""
         cfg = self.cfg
         dataset = {k: v for k, v in cfg["dataset"].items() if k not in ("root", "cache_dir")}
         key = {"stage": "vanilla", "version": STAGE_VERSIONS["vanilla"], "data": self.data_fingerprint,
                "dataset": dataset, "rho": cfg["rho"], "seed": self.seed, "backbone": cfg["backbone"],
-               "train": cfg["train"], "deterministic": cfg["deterministic"], "precision": cfg["precision"]}
+               "train": cfg["train"], "deterministic": cfg["deterministic"], "precision": cfg["precision"],
+               "train_device": self.device.type}
         if cfg.get("vanilla_checkpoint"):
             # The file's content, not its path or size: another checkpoint at the same path is another model.
             key = {**key, "train": None, "vanilla_checkpoint": fingerprint_file(cfg["vanilla_checkpoint"])}
@@ -178,10 +181,11 @@ def bias_labels(ctx: Context):
         raise BiseError("bias_labels=identification supports datasets with one bias attribute; "
                         f"{ctx.bundle.name} has {ctx.bundle.num_attributes}")
     ident = identification_model(ctx)
-    pseudo = predict(ident, search, ctx.cfg["eval_batch_size"], ctx.device)["pred"]
-    rho = float((pseudo == search.y).float().mean())
+    # predict() returns the pseudo labels on the CPU; with_bias puts them where the split lives.
+    split = search.with_bias(predict(ident, search, ctx.cfg["eval_batch_size"], ctx.device)["pred"])
+    rho = float((split.b == split.y).float().mean())
     log.info("identification model: pseudo bias labels agree with y on %.3f of the search set", rho)
-    return search.with_bias(pseudo), (rho,)
+    return split, (rho,)
 
 
 def identification_model(ctx: Context):

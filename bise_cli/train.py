@@ -6,7 +6,9 @@ weights come from a function of (y, b), which is how BISE+FT and the reweighted-
 
 Both take `precision` ("fp32", the default, or "bf16": forward passes under autocast, losses and their sums in
 fp32; see bise_cli.precision). Batches come from `Split.batches(device=...)`: a split moved to the device once
-(`Split.to(device)`) yields batches already there, and neither loop synchronises with the host per batch.
+(`Split.to(device)`) yields batches already there, and neither loop synchronises with the host per batch: `fit`
+reads the device once per epoch (the epoch loss, and with it the first batch's loss that divergence is judged
+against), `predict` once per call (features: twice).
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimiz
     opt = make_optimizer(optimizer, params, lr, momentum, weight_decay)
     sched, sched_unit = make_scheduler(scheduler, opt, epochs, split.num_batches(batch_size), milestones, gamma)
     generator = torch.Generator().manual_seed(seed)
-    history, start = [], None
+    history, start, first_loss = [], None, None
     log.info("%s: %d epochs of %d batches (%s, lr %g) on %s", description, epochs, split.num_batches(batch_size),
              optimizer, lr, device)
     with progress_bar(description, epochs, split.num_batches(batch_size)) as bar:
@@ -114,8 +116,8 @@ def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimiz
                 with autocast(precision, device):
                     logits = model(x)
                 loss = weighted_cross_entropy(logits.float(), y, weights)
-                if start is None:
-                    start = float(loss.detach())  # one synchronisation per run: the reference for check_divergence
+                if first_loss is None:
+                    first_loss = loss.detach()  # the reference for check_divergence, read with the first epoch's sum
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -126,6 +128,8 @@ def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimiz
                 bar.advance_batch()
             if sched is not None and sched_unit == "epoch":
                 sched.step()
+            if start is None and first_loss is not None:
+                total, start = torch.stack([total, first_loss.float()]).tolist()  # the epoch's one read
             row = {"epoch": epoch, "loss": float(total) / max(count, 1), "lr": opt.param_groups[0]["lr"]}
             history.append(row)
             check_divergence(description, epoch, row["loss"], start, lr)
@@ -136,11 +140,27 @@ def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimiz
     return history
 
 
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` on the CPU with one device-to-host copy per dtype family: the integer ones travel packed into
+    one int64 tensor, the floating ones into one float32 tensor (each copy makes the host wait once)."""
+    out = {k: t for k, t in tensors.items() if t.device.type == "cpu"}
+    for family, dtype in ((False, torch.int64), (True, torch.float32)):
+        moving = {k: t for k, t in tensors.items() if t.device.type != "cpu" and t.is_floating_point() == family}
+        if not moving:
+            continue
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in moving.values()]).cpu()
+        for (k, t), part in zip(moving.items(), flat.split([t.numel() for t in moving.values()]), strict=True):
+            out[k] = part.view(t.shape).to(t.dtype)
+    return {k: out[k] for k in tensors}
+
+
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, batch_size: int = 256, device: str | torch.device = "cpu",
-            features: bool = False, precision: str = "fp32") -> dict[str, torch.Tensor]:
+            features: bool = False, precision: str = "fp32", host: bool = True) -> dict[str, torch.Tensor]:
     """Eval-mode predictions for a whole split: {"pred", "y", "b"} and, with features=True, the bottleneck "z"
-    (always fp32). Results come back on the CPU, copied once at the end (no per-batch host synchronisation)."""
+    (always fp32). Results come back on the CPU, copied once at the end (no per-batch host synchronisation;
+    `to_host`); host=False leaves them where they were computed (no synchronisation at all), for callers that
+    keep working on the device (bias-head epochs on cached features)."""
     check_precision(precision)
     was_training = model.training
     model.eval()
@@ -153,11 +173,10 @@ def predict(model: nn.Module, split: Split, batch_size: int = 256, device: str |
             if features:
                 zs.append(tap["z"].detach().float())
     model.train(was_training)
-    out = {"pred": torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long),
-           "y": split.y.cpu(), "b": split.b.cpu()}
+    out = {"pred": torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long), "y": split.y, "b": split.b}
     if features:
-        out["z"] = torch.cat(zs).cpu() if zs else torch.zeros(0)
-    return out
+        out["z"] = torch.cat(zs) if zs else torch.zeros(0)
+    return to_host(out) if host else out
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -234,6 +234,10 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
         raise BiseError(f"rho must be in (0, 1], got {rho!r}")
     chosen = _check_stages(cfg.get("stages", ["vanilla"]), tuple(stages))
     _choice(cfg, "bias_labels", BIAS_LABELS)
+    from bise_cli.precision import DATA_PLACEMENTS, check_precision  # lazy: it imports torch (`bise table` uses
+    #                                                                   check_writable)
+
+    _choice(cfg, "data_on_device", DATA_PLACEMENTS)
     _bool(cfg, "cache")
     _bool(cfg, "deterministic")
     for key in ("output_root", "name"):
@@ -242,8 +246,6 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
             raise BiseError(f"{key} must be a non-empty string, got {value!r}")
     _int(cfg, "eval_batch_size", 1)
     _int(cfg, "threads", 1, optional=True)
-    from bise_cli.precision import check_precision  # lazy: it imports torch (`bise table` uses check_writable)
-
     check_precision(cfg.get("precision", "fp32"))
     _int(cfg, "identification.epochs", 0)
     _int(cfg, "leakage_probe.epochs", 0)

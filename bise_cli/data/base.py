@@ -5,6 +5,11 @@
 e.g. the left and right background colours of Multi-Color MNIST). A split also carries an `encode` function
 that turns a batch of raw `x` into model input (e.g. uint8 -> normalised float), so datasets stay compact in
 memory and batching stays trivial.
+
+Devices: a split lives where `Split.to` put it (the pipeline moves each distinct split once, or keeps it in host
+memory when it does not fit the GPU: `data_on_device`). `Split.batch` gathers rows where the split lives, copies
+host rows to the device through pinned memory without blocking, and augments and encodes on the device; nothing
+in it makes the host wait for the device.
 """
 
 from __future__ import annotations
@@ -63,23 +68,34 @@ class Split:
                      {k: v.to(device) for k, v in self.meta.items()}, self.augment)
 
     def with_bias(self, b: torch.Tensor) -> Split:
-        """The same split with its bias labels replaced (used by the unsupervised variant)."""
-        return Split(self.x, self.y, b, self.encode, self.meta, self.augment)
+        """The same split with its bias labels replaced (used by the unsupervised variant), moved to where the
+        split lives (pseudo labels come back from `predict` on the CPU)."""
+        return Split(self.x, self.y, b.to(self.x.device), self.encode, self.meta, self.augment)
+
+    def batch(self, idx: torch.Tensor, device: torch.device | str = "cpu", augment: bool = False,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(encoded x, y, b) of the rows `idx` on `device`, augmented with `generator` when asked and the split has
+        an augmentation. Rows are gathered where the split lives; host rows bound for a GPU go through pinned
+        memory with non-blocking copies; augmentation and encoding run on `device`."""
+        device = torch.device(device)
+        # A no-op when the order already lives with the split; host -> device without blocking.
+        idx = idx.to(self.x.device, non_blocking=idx.device.type == "cpu")
+        x, y, b = (_gather(t, idx, device) for t in (self.x, self.y, self.b))
+        if augment and self.augment is not None:
+            x = self.augment(x, generator)
+        return self.encode(x), y, b
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
                 device: torch.device | str = "cpu", augment: bool = False,
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield (encoded x, y, b) batches on `device`; shuffled with `generator` when asked; augmented (with the
         same generator) when asked and the split has an augmentation. The order is drawn on the CPU (the same
-        batches on every device) and moved once to where the split lives."""
+        batches on every device) and copied once per epoch, without blocking, to where the split lives."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        order = order.to(self.x.device)
-        transform = self.augment if augment else None
+        order = order.to(self.x.device, non_blocking=True)
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            x = self.x[idx] if transform is None else transform(self.x[idx], generator)
-            yield (self.encode(x).to(device), self.y[idx].to(device), self.b[idx].to(device))
+            yield self.batch(order[start:start + batch_size], device, augment, generator)
 
     def num_batches(self, batch_size: int) -> int:
         return (len(self) + batch_size - 1) // batch_size
@@ -88,6 +104,37 @@ class Split:
     def bias_columns(self) -> list[torch.Tensor]:
         """The bias labels as one (N,) tensor per attribute."""
         return bias_columns(self.b)
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows `idx` of `t` on `device`. Host rows bound for a CUDA device are gathered straight into pinned memory
+    and copied without blocking (the caching host allocator keeps the buffer until the copy is done); other
+    host-to-device copies are non-blocking too (pageable memory is staged at once, so this is safe)."""
+    if t.device.type == device.type and (t.device.index is None or device.index is None
+                                         or t.device.index == device.index):
+        return t[idx]
+    if t.device.type != "cpu":  # device -> host: a blocking copy (a non-blocking one could be read too early)
+        return t[idx].to(device)
+    if device.type == "cuda":
+        staged = torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+        return torch.index_select(t, 0, idx, out=staged).to(device, non_blocking=True)
+    return t[idx].to(device, non_blocking=True)
+
+
+def place_splits(splits: dict[str, Split], device: torch.device | str) -> dict[str, Split]:
+    """`splits` moved to `device`, each distinct Split object once: names that share a split (`search` is
+    `train` for most datasets) still share it on the device, so it is held there once."""
+    moved: dict[int, Split] = {}
+    for split in splits.values():
+        if id(split) not in moved:
+            moved[id(split)] = split.to(device)
+    return {name: moved[id(split)] for name, split in splits.items()}
+
+
+def normalize_uint8(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float / 255, then (x - mean) / std with per-channel statistics (CPU tensors shaped
+    (1, C, 1, 1)) that follow the batch to its device without making the host wait."""
+    return (x.float().div_(255.0) - mean.to(x.device, non_blocking=True)) / std.to(x.device, non_blocking=True)
 
 
 def bias_columns(b: torch.Tensor) -> list[torch.Tensor]:

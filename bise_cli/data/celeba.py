@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from bise_cli.data.augment import hflip
-from bise_cli.data.base import DatasetBundle, Split
+from bise_cli.data.base import DatasetBundle, Split, normalize_uint8
 from bise_cli.data.image_cache import cached_memmap, digest
 from bise_cli.errors import BiseError, check_choice
 
@@ -46,7 +46,7 @@ CACHE_VERSION = 1
 
 def encode(x: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> ToTensor + Normalize(ImageNet mean, std)."""
-    return (x.float().div_(255.0) - MEAN) / STD
+    return normalize_uint8(x, MEAN, STD)
 
 
 def preprocessing(image_size: int = 224) -> dict:

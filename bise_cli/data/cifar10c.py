@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from bise_cli.data.augment import crop_flip
-from bise_cli.data.base import DatasetBundle, Split
+from bise_cli.data.base import DatasetBundle, Split, normalize_uint8
 from bise_cli.data.corruptions import PROTOCOL_SEVERITY, check_supported, corrupt, corruption_names, find_frost_dir
 from bise_cli.data.image_cache import cached_arrays, digest, file_listing_key
 from bise_cli.data.multicolor_mnist import check_max_samples, check_rho, subset_index
@@ -55,7 +55,7 @@ STREAMS = {"train": 1, "test": 2}
 
 def encode(x: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> ToTensor + Normalize(CIFAR mean, std)."""
-    return (x.float().div_(255.0) - MEAN) / STD
+    return normalize_uint8(x, MEAN, STD)
 
 
 def preprocessing() -> dict:

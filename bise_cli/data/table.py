@@ -83,8 +83,9 @@ class Normalize:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # The statistics follow the batch: a split moved to the GPU encodes there.
-        return (x.float().div_(255.0) - self.mean.to(x.device)) / self.std.to(x.device)
+        # The statistics follow the batch (a split moved to the GPU encodes there) without blocking the host.
+        return (x.float().div_(255.0) - self.mean.to(x.device, non_blocking=True)) / self.std.to(x.device,
+                                                                                                 non_blocking=True)
 
 
 # ------------------------------------------------------------------------------------------- the manifest

@@ -61,18 +61,46 @@ class MaskAwareLayerNorm(nn.Module):
             return self.gate.hard()
         return self.fixed_mask
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.current_mask()
-        if mask is None or bool(mask.all()):
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        mask = mask.to(x)
-        kept = mask.sum()
-        if kept == 0:
-            return x
+    def _fixed_case(self, mask: torch.Tensor) -> tuple[str, int]:
+        """("all" | "none" | "some", kept count) of the fixed mask, decided once per mask: the first forward after
+        the mask was set, loaded or moved reads it, later ones reuse the answer (the pruned model's forward
+        never waits for the device). Keyed by the tensor and its version counter, which every in-place change
+        (load_state_dict's copy) bumps."""
+        try:
+            version = mask._version
+        except RuntimeError:  # an inference tensor keeps no version counter (and cannot change outside one)
+            version = None
+        cached = self.__dict__.get("_case")
+        if cached is None or cached[0] is not mask or cached[1] != version:
+            kept = int(mask.sum())
+            case = "all" if kept == mask.numel() else "none" if kept == 0 else "some"
+            cached = (mask, version, case, kept)
+            self.__dict__["_case"] = cached
+        return cached[2], cached[3]
+
+    def _masked_norm(self, x: torch.Tensor, mask: torch.Tensor, kept) -> torch.Tensor:
         mean = (x * mask).sum(-1, keepdim=True) / kept
         var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / kept
         normed = (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
         return torch.where(mask.bool(), normed, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None and self.gate.mode != "vanilla":
+            # The search's gates change every step: both results are computed and the mask picks one on the
+            # device (no branch on a device value). An empty mask keeps every dimension unchanged.
+            mask = self.gate.hard().to(x)
+            kept = mask.sum()
+            plain = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            return torch.where(kept == mask.numel(), plain, self._masked_norm(x, mask, kept.clamp(min=1)))
+        mask = self.fixed_mask
+        if mask is None:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        case, kept = self._fixed_case(mask)
+        if case == "all":
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if case == "none":
+            return x
+        return self._masked_norm(x, mask.to(x), kept)
 
 
 def _load_hf_model(pretrained: str | None, num_classes: int, config_overrides: dict | None):

@@ -128,7 +128,8 @@ def test_the_stream_gate_is_the_papers_ffn_output_gate(model_type, tokens):
         handles.append(layer.output.register_forward_pre_hook(
             lambda _m, args, kwargs, i=i: seen.__setitem__(("stream", i), args[1] if len(args) > 1 else
                                                            kwargs["input_tensor"]), with_kwargs=True))
-        handles.append(layer.output.register_forward_hook(lambda _m, _args, out, i=i: seen.__setitem__(("out", i), out)))
+        handles.append(layer.output.register_forward_hook(
+            lambda _m, _args, out, i=i: seen.__setitem__(("out", i), out)))
     with torch.no_grad():
         model(tokens)
     for handle in handles:

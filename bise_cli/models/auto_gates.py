@@ -15,12 +15,26 @@ per-channel, so the rest of the network never sees the channel. One gate vector 
 Each channel group becomes one of:
 - removable: every op in the group is per-channel and the readers see the channels one to one. Physical
   pruning removes the channels from every layer of the group (Torch-Pruning's `group.prune`).
-- masked-not-removed (`removable=False`): the channels cannot be removed (a residual addition ties them across
-  blocks, a LayerNorm normalises over them, ...). As for the paper's ResNet-18 (one gate per block output), each
-  tensor of the group that a block reads gets its own gate at the layers reading it; the pruned model keeps the
-  full width upstream and those layers read only the kept channels (index_select + sliced weights), which is
-  exact whatever happens upstream. The gate's `producer` is the group's conv/linear that ran last before the
-  readers (its weight rows compute the stream's latest update; used by magnitude pruning).
+- a residual stream (`residual_gates=per_block`, the default): channels tied across blocks by residual
+  additions are gated where the paper gates ResNet-18's (BISE, CVPR 2026): on the OUTPUT of each block that ends
+  with a residual addition, after its final activation where one follows the addition (the tensor after the
+  addition, before anything reads it), one masked-not-removed gate per block. A switched-off channel is then zero
+  on every path, identity shortcuts included. The block is the deepest module called once that returns that
+  tensor and holds a conv/linear layer (a BasicBlock, Bottleneck, inverted residual, MBConv, CNBlock, ViT encoder
+  block; an addition no module returns, such as the one after a transformer's attention, is not gated). The
+  pruned model keeps the stream's width: the block's output is multiplied by the fixed mask (`MaskedOutput`),
+  and the layers that read it through zero-preserving ops only (the next block's first conv and shortcut
+  conv, the classifier after pooling: `GatePlan.covered`) read only the kept channels. The stream's value before
+  its first block output (ResNet-18's stem output, which the paper leaves unmasked; a non-residual block's
+  projection) and normalised or depthwise-filtered copies of it (ConvNeXt's and transformers' pre-norm inputs,
+  a head's LayerNorm) get no gate of their own (listed as ungated, with the reason). The gate's `producer` is the
+  block's last conv/linear layer that does not read the block input (conv2, not the downsample).
+- masked-not-removed (`removable=False`) at the readers: other channels that cannot be removed (a LayerNorm
+  normalises over them, a residual stream that no module returns, ...): each tensor of the group that a layer
+  reads gets its own gate at the layers reading it; the pruned model keeps the full width upstream and those
+  layers read only the kept channels (index_select + sliced weights), which is exact whatever happens upstream.
+  The gate's `producer` is the group's conv/linear that ran last before the readers (its weight rows compute the
+  stream's latest update; used by magnitude pruning).
 - ungated, with the reason (`describe_gates`): the logits, readers of a flatten or a concatenation (VGG's
   first linear layer, DenseNet, Inception), readers that are grouped convs (ResNeXt, RegNet), layers called more
   than once, groups whose index mapping Torch-Pruning cannot follow (Swin's window reshapes).
@@ -327,9 +341,10 @@ def _classify(graph, group, names: dict, residual: str):
 def _block_of(net: nn.Module, record: dict, grad_fn) -> str | None:
     """The block whose output is the tensor computed by `grad_fn`: the deepest module called once that returns
     it and contains a conv or linear layer (a BasicBlock rather than its ReLU or the stage holding it)."""
+    layers = (nn.modules.conv._ConvNd, nn.Linear)
     candidates = [name for name, fn in record["out_fn"].items()
                   if fn is grad_fn and record["module_calls"].get(name) == 1
-                  and any(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in net.get_submodule(name).modules())]
+                  and any(isinstance(m, layers) for m in net.get_submodule(name).modules())]
     return max(candidates, key=lambda name: name.count("."), default=None)
 
 

@@ -348,14 +348,21 @@ def _block_of(net: nn.Module, record: dict, grad_fn) -> str | None:
     return max(candidates, key=lambda name: name.count("."), default=None)
 
 
-def _stream_producer(record: dict, block: str, producers: list[str]) -> str | None:
+def _stream_producer(net: nn.Module, record: dict, block: str, producers: list[str], size: int) -> str | None:
     """The stream's conv/linear layer whose weight rows compute the block's update (used by magnitude pruning):
-    the last one inside the block that does not read the block's input (conv2, not the downsample shortcut)."""
+    the last one inside the block that does not read the block's input (conv2, not the downsample shortcut).
+    Where the dependency graph maps no layer of the block one to one (Swin's window reshapes), the block's last
+    conv/linear layer with `size` outputs; only magnitude pruning reads it, never pruning itself."""
     start = record["start"]
-    inside = [p for p in producers if p.startswith(f"{block}.")
-              and record["in_fn"].get(p) is not record["in_fn"].get(block)]
-    before = [p for p in (inside or producers) if start.get(p, 0) < record["end"][block]]
-    return max(before, key=lambda p: start.get(p, 0), default=None)
+
+    def last(names):
+        names = [n for n in names if n.startswith(f"{block}.") and start.get(n, 0) < record["end"][block]
+                 and record["in_fn"].get(n) is not record["in_fn"].get(block)]
+        return max(names, key=lambda n: start.get(n, 0), default=None)
+
+    layers = [n for n, m in net.named_modules()
+              if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and _out_units(m) == size]
+    return last(producers) or last(layers)
 
 
 def _stream_dim(shape: tuple | None, size: int) -> int | None:
@@ -403,7 +410,7 @@ def _stream_gates(net: nn.Module, record: dict, size: int, producers: list[str],
                 break
     points = []
     for block, grad_fn in blocks.items():
-        producer = _stream_producer(record, block, producers)
+        producer = _stream_producer(net, record, block, producers, size)
         dim = _stream_dim(record["out_shape"].get(block), size)
         if producer is None or dim is None:
             continue

@@ -39,7 +39,7 @@ from bise_cli.train import fit, freeze, predict
 log = logging.getLogger(__name__)
 
 # Bump a stage's version when its computation changes, so stale cache entries are not reused.
-STAGE_VERSIONS = {"vanilla": 2, "vanilla_metrics": 2, "identification": 2, "bise": 2, "bise_ft": 2,
+STAGE_VERSIONS = {"vanilla": 2, "vanilla_metrics": 2, "identification": 2, "bise": 3, "bise_ft": 2,
                   "reweighted_ft": 2, "random": 2, "magnitude": 2, "ffw": 2, "dfr_train": 3, "dfr_val": 3, "lff": 1}
 
 

@@ -1,6 +1,8 @@
 """Automatic gates (bise_cli.models.auto_gates, Torch-Pruning's DepGraph): for torchvision, timm and Hugging Face
 families, pruned logits == gated logits (BISE, CVPR 2026), the removable gates really shrink the model, pruned
-checkpoints load back, and `describe_gates` lists every gate.
+checkpoints load back, `describe_gates` lists every gate, residual streams are gated at each block's output as
+the paper's ResNet-18 (the automatic torchvision ResNet-18 is the hand-written one, gate for gate and logit for
+logit), and a switched-off stream unit is zero after every block.
 
 Random weights only (nothing is downloaded), 32x32 inputs, BatchNorm/LayerNorm parameters and statistics moved
 away from their init values so that a mis-sliced normalisation cannot hide.
@@ -144,17 +146,156 @@ def test_describe_gates_lists_every_gate(family):
 
 def test_gate_counts_at_32x32():
     """The paper's ResNet-18 gates, found automatically: block-internal channels removable (1920 units), each
-    tensor read from the residual streams (8 blocks + the classifier) masked-not-removed."""
-    points = _frozen("resnet18").gate_points()
+    block's output on the residual stream masked-not-removed (1920 units); the stem and the classifier are not
+    gated, and the classifier reads only the channels the last block keeps."""
+    model = _frozen("resnet18")
+    points = model.gate_points()
+    assert len(points) == 16 and sum(p.units for p in points) == 3840
     assert sum(p.units for p in points if p.removable) == 2 * (64 + 128 + 256 + 512)
     masked = [p for p in points if not p.removable]
-    assert len(masked) == 9 and sum(p.units for p in masked) == 64 * 3 + 128 * 2 + 256 * 2 + 512 * 2
-    assert next(p for p in masked if p.name == "layer2.0.conv1.in").also == ("net.layer2.0.downsample.0",)
+    assert [(p.module, p.where) for p in masked] == [(f"net.layer{s}.{i}", "output") for s in (1, 2, 3, 4)
+                                                      for i in (0, 1)]
+    assert model.plan.covered["layer4.1.out"] == [("fc", 1)]
+    assert model.plan.covered["layer2.0.out"] == [("layer2.1.conv1", 1)]
+    assert model.plan.covered["layer1.1.out"] == [("layer2.0.conv1", 1), ("layer2.0.downsample.0", 1)]
+    ungated = {row["module"]: row["reason"] for row in model.ungated_groups()}
+    assert "before its first block output" in ungated["net.layer1.0.conv1"]  # the stem's output, as the paper
     assert all(p.removable for p in _frozen("resnet18_shared").gate_points())
     # Squeeze-excitation: one gate on the expansion, read by the SE block's first conv and the projection.
     mobile = {p.name: p for p in _frozen("mobilenet_v3_small").gate_points()}
     expansion = mobile["features.4.block.0.0.out"]
     assert expansion.removable and expansion.module.endswith("block.2.fc1") and expansion.also[0].endswith("3.0")
+
+
+def _gate_masks(points: list[GatePoint], pattern: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Masks by position: all_on, half (every other unit), random, or `off:<gate index>` (that gate all off)."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = {}
+    for index, p in enumerate(points):
+        if pattern == "half":
+            masks[p.name] = torch.arange(p.units) % 2 == 0
+        elif pattern == "random":
+            masks[p.name] = torch.rand(p.units, generator=generator) > 0.5
+        else:
+            masks[p.name] = torch.ones(p.units, dtype=torch.bool)
+            if pattern == f"off:{index}":
+                masks[p.name][:] = False
+    return masks
+
+
+def _gated(model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    gates = GateSet(model.gate_points()).attach(model)
+    gates.load_binary_masks(masks)
+    gates.set_mode("fixed")
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        gates.detach()
+
+
+def test_automatic_resnet18_is_the_papers_resnet18():
+    """backbone=torchvision arch=resnet18 and the hand-written backbone=resnet18 (BISE's ResNet-18), with the same
+    weights: the same 16 gates at the same places (3,840 units) and the same gated and pruned logits."""
+    torch.manual_seed(0)
+    hand = freeze(build_backbone("resnet18", 10, weights=None))
+    _randomise_norms(hand, torch.Generator().manual_seed(1))
+    auto = copy.deepcopy(_frozen("resnet18"))
+    auto.net.load_state_dict(hand.net.state_dict())
+    hand_points, auto_points = hand.gate_points(), auto.gate_points()
+
+    def places(points):
+        return [(p.module, p.where, p.units, p.dim, p.removable, p.producer, p.also) for p in points]
+
+    assert places(auto_points) == places(hand_points)
+    assert len(auto_points) == 16 and sum(p.units for p in auto_points) == 3840
+    x = _image()
+    with torch.no_grad():
+        assert torch.equal(auto(x), hand(x))
+    block_outputs = [i for i, p in enumerate(hand_points) if p.where == "output"]
+    patterns = ["all_on", "half", f"off:{block_outputs[3]}", f"off:{block_outputs[4]}", "random"]
+    for pattern, seed in [(p, 0) for p in patterns] + [("random", 1)]:
+        hand_masks = _gate_masks(hand_points, pattern, seed)
+        auto_masks = {a.name: hand_masks[h.name] for a, h in zip(auto_points, hand_points, strict=True)}
+        gated = _gated(hand, hand_masks, x)
+        torch.testing.assert_close(_gated(auto, auto_masks, x), gated, rtol=0, atol=1e-6)
+        with torch.no_grad():
+            pruned_hand, pruned_auto = hand.pruned_copy(hand_masks)(x), auto.pruned_copy(auto_masks)(x)
+        torch.testing.assert_close(pruned_auto, gated, rtol=0, atol=1e-5)
+        torch.testing.assert_close(pruned_hand, gated, rtol=0, atol=1e-5)
+        if pattern.startswith("off"):  # a whole block output switched off changes the function
+            assert (gated - hand(x)).abs().max() > 1e-3
+
+
+def _residual_blocks(model: nn.Module) -> set[str]:
+    """The residual blocks of a torchvision or timm model, from the libraries' own classes and flags."""
+    from torchvision.models.convnext import CNBlock
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    kinds = [BasicBlock, Bottleneck, CNBlock]
+    if "timm" in sys.modules:
+        from timm.models import resnet as timm_resnet
+        kinds += [timm_resnet.BasicBlock, timm_resnet.Bottleneck]
+    return {name for name, m in model.named_modules()
+            if isinstance(m, tuple(kinds)) or getattr(m, "use_res_connect", False) is True}
+
+
+# family -> number of residual blocks (each gets one stream gate on its output)
+STREAM_FAMILIES = {"resnet18": 8, "resnet50": 16, "mobilenet_v3_small": 6, "efficientnet_b0": 9,
+                   "convnext_tiny": 18, "timm_resnet18": 8}
+
+
+@pytest.mark.parametrize("family", list(STREAM_FAMILIES))
+def test_switched_off_stream_units_are_zero_after_every_block(family):
+    """Each residual block's output is gated (after the addition and the final activation): a switched-off
+    stream unit is exactly zero there, on every path (identity shortcuts included), and in every layer that reads
+    the gated stream; pruned == gated with a whole block output switched off."""
+    model = copy.deepcopy(_frozen(family))
+    points = model.gate_points()
+    streams = [p for p in points if p.where == "output"]
+    assert {p.module for p in streams} == _residual_blocks(model) and len(streams) == STREAM_FAMILIES[family]
+    assert not any(p.removable for p in streams)
+    masks = _masks(points, "random")
+    masks[streams[len(streams) // 2].name][:] = False
+    gates = GateSet(points).attach(model)
+    gates.load_binary_masks(masks)
+    gates.set_mode("fixed")
+    seen: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(p.module).register_forward_hook(  # after the gate's hook: sees the gated output
+        lambda _m, _args, out, name=p.name: seen.__setitem__(name, out)) for p in streams]
+    read = []
+    for gate, readers in model.plan.covered.items():
+        for reader, dim in readers:
+            handles.append(model.net.get_submodule(reader).register_forward_pre_hook(
+                lambda _m, args, gate=gate, dim=dim: read.append((gate, dim, args[0]))))
+    x = _image()
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    gates.detach()
+    for p in streams:
+        off, out = ~masks[p.name], seen[p.name]
+        assert out.index_select(p.dim, off.nonzero().flatten()).abs().max() == 0
+        if not off.all():
+            assert out.index_select(p.dim, (~off).nonzero().flatten()).abs().max() > 0
+    assert len(read) == sum(len(readers) for readers in model.plan.covered.values())
+    assert all(t.index_select(dim, (~masks[gate]).nonzero().flatten()).abs().max() == 0
+                        for gate, dim, t in read if not masks[gate].all())
+    with torch.no_grad():
+        prune_and_compare(model, x, lambda _points: masks, all_kept=False)
+
+
+def test_a_checkpoint_pruned_with_other_gates_is_refused():
+    from bise_cli.models.torchvision_net import PrunedTorchvision
+
+    model = _frozen("resnet18")
+    spec = prune_model(model, _masks(model.gate_points(), "random")).constructor_kwargs()
+    assert type(PrunedTorchvision(**spec)).__name__ == "PrunedTorchvisionNet"
+    masks = dict(spec["masks"])
+    masks["layer1.0.conv1.in"] = masks.pop("layer1.0.out")  # a gate of the earlier per-reader layout
+    with pytest.raises(BiseError, match="prune the dense model again"):
+        PrunedTorchvision(**{**spec, "masks": masks})
 
 
 def test_builtin_backbones_are_described_from_gate_points():

@@ -99,3 +99,66 @@ def test_bundled_minilm_loads_offline(tokens):
     model = freeze(build_backbone("bert", 2, pretrained="minilm"))
     assert model(tokens).shape == (4, 2)
     assert sum(p.units for p in model.gate_points()) == 6 * (1536 + 384) + 384
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_the_stream_gate_is_the_papers_ffn_output_gate(model_type, tokens):
+    """BERT's residual stream is gated where the paper gates it (backbone=bert and backbone=hf alike): layer i's
+    FFN output before the residual add. A switched-off hidden unit receives exactly nothing from the FFN, and the
+    mask-aware LayerNorm passes the stream's value there (the attention block's output) through unchanged; the
+    stream is not zeroed. Pruned == gated."""
+    from conftest import prune_and_compare
+
+    torch.manual_seed(0)
+    overrides = None if model_type == "bert" else {"model_type": model_type}
+    model = freeze(build_backbone("hf", 2, pretrained="tiny", config_overrides=overrides))
+    points = model.gate_points()
+    assert [p.name for p in points if not p.removable] == ["layer0.output", "layer1.output"]
+    generator = torch.Generator().manual_seed(2)
+    masks = {p.name: torch.rand(p.units, generator=generator) > 0.5 for p in points}
+    masks["layer1.output"][:] = False
+    gates = GateSet(points).attach(model)
+    gates.load_binary_masks(masks)
+    gates.set_mode("fixed")
+    seen = {}
+    handles = []
+    for i, layer in enumerate(model.layers):
+        handles.append(layer.output.dense.register_forward_hook(  # after the gate's hook
+            lambda _m, _args, out, i=i: seen.__setitem__(("ffn", i), out)))
+        handles.append(layer.output.register_forward_pre_hook(
+            lambda _m, args, kwargs, i=i: seen.__setitem__(("stream", i), args[1] if len(args) > 1 else
+                                                           kwargs["input_tensor"]), with_kwargs=True))
+        handles.append(layer.output.register_forward_hook(
+            lambda _m, _args, out, i=i: seen.__setitem__(("out", i), out)))
+    with torch.no_grad():
+        model(tokens)
+    for handle in handles:
+        handle.remove()
+    gates.detach()
+    for i in range(len(model.layers)):
+        off = ~masks[f"layer{i}.output"]
+        assert seen[("ffn", i)][..., off].abs().max() == 0
+        assert torch.equal(seen[("out", i)][..., off], seen[("stream", i)][..., off])
+        assert seen[("out", i)][..., off].abs().max() > 0  # the stream itself is not zeroed
+    with torch.no_grad():
+        prune_and_compare(model, tokens, lambda _points: masks, all_kept=False)
+
+
+def test_hf_and_bert_gate_a_bert_alike(tokens):
+    """backbone=hf and backbone=bert are one implementation: the same gates and the same gated logits."""
+    torch.manual_seed(0)
+    bert = freeze(build_backbone("bert", 2, pretrained="tiny"))
+    hf = freeze(build_backbone("hf", 2, pretrained="tiny"))
+    hf.load_state_dict(bert.state_dict())
+    assert hf.gate_points() == bert.gate_points()
+    generator = torch.Generator().manual_seed(4)
+    masks = {p.name: torch.rand(p.units, generator=generator) > 0.5 for p in bert.gate_points()}
+    logits = []
+    for model in (bert, hf):
+        gates = GateSet(model.gate_points()).attach(model)
+        gates.load_binary_masks(masks)
+        gates.set_mode("fixed")
+        with torch.no_grad():
+            logits.append(model(tokens))
+        gates.detach()
+    assert torch.equal(*logits)

@@ -15,12 +15,26 @@ per-channel, so the rest of the network never sees the channel. One gate vector 
 Each channel group becomes one of:
 - removable: every op in the group is per-channel and the readers see the channels one to one. Physical
   pruning removes the channels from every layer of the group (Torch-Pruning's `group.prune`).
-- masked-not-removed (`removable=False`): the channels cannot be removed (a residual addition ties them across
-  blocks, a LayerNorm normalises over them, ...). As for the paper's ResNet-18 (one gate per block output), each
-  tensor of the group that a block reads gets its own gate at the layers reading it; the pruned model keeps the
-  full width upstream and those layers read only the kept channels (index_select + sliced weights), which is
-  exact whatever happens upstream. The gate's `producer` is the group's conv/linear that ran last before the
-  readers (its weight rows compute the stream's latest update; used by magnitude pruning).
+- a residual stream (`residual_gates=per_block`, the default): channels tied across blocks by residual
+  additions are gated where the paper gates ResNet-18's (BISE, CVPR 2026): on the OUTPUT of each block that ends
+  with a residual addition, after its final activation where one follows the addition (the tensor after the
+  addition, before anything reads it), one masked-not-removed gate per block. A switched-off channel is then zero
+  on every path, identity shortcuts included. The block is the deepest module called once that returns that
+  tensor and holds a conv/linear layer (a BasicBlock, Bottleneck, inverted residual, MBConv, CNBlock, ViT encoder
+  block; an addition no module returns, such as the one after a transformer's attention, is not gated). The
+  pruned model keeps the stream's width: the block's output is multiplied by the fixed mask (`MaskedOutput`),
+  and the layers that read it through zero-preserving ops only (the next block's first conv and shortcut
+  conv, the classifier after pooling: `GatePlan.covered`) read only the kept channels. The stream's value before
+  its first block output (ResNet-18's stem output, which the paper leaves unmasked; a non-residual block's
+  projection) and normalised or depthwise-filtered copies of it (ConvNeXt's and transformers' pre-norm inputs,
+  a head's LayerNorm) get no gate of their own (listed as ungated, with the reason). The gate's `producer` is the
+  block's last conv/linear layer that does not read the block input (conv2, not the downsample).
+- masked-not-removed (`removable=False`) at the readers: other channels that cannot be removed (a LayerNorm
+  normalises over them, a residual stream that no module returns, ...): each tensor of the group that a layer
+  reads gets its own gate at the layers reading it; the pruned model keeps the full width upstream and those
+  layers read only the kept channels (index_select + sliced weights), which is exact whatever happens upstream.
+  The gate's `producer` is the group's conv/linear that ran last before the readers (its weight rows compute the
+  stream's latest update; used by magnitude pruning).
 - ungated, with the reason (`describe_gates`): the logits, readers of a flatten or a concatenation (VGG's
   first linear layer, DenseNet, Inception), readers that are grouped convs (ResNeXt, RegNet), layers called more
   than once, groups whose index mapping Torch-Pruning cannot follow (Swin's window reshapes).
@@ -68,6 +82,22 @@ PER_CHANNEL_OPS = frozenset({
     "nativebatchnorm", "cudnnbatchnorm", "nativedropout", "select", "alias", "identity", "stochasticdepth"})
 # Matrix products are per-channel only as the inner op of an nn.Linear applied to a >2-d input.
 LINEAR_INNER_OPS = frozenset({"addmm", "mm", "bmm", "matmul"})
+# Activations: a residual addition followed only by one of these ends its block after it (ResNet's final ReLU).
+ACTIVATION_OPS = frozenset({
+    "relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leakyrelu",
+    "elu", "selu", "celu", "softplus", "mish"})
+# Ops that map a channel that is zero everywhere to a channel that is zero everywhere, and move no other
+# channel into it: a layer reading a gated stream through them (ResNet's classifier after pooling) sees the
+# switched-off channels as zeros and reads only the kept ones once pruned.
+ZERO_PRESERVING_OPS = frozenset({
+    "relu", "relu6", "hardtanh", "hardswish", "silu", "gelu", "tanh", "leakyrelu", "elu", "selu", "celu", "mish",
+    "adaptiveavgpool2d", "adaptiveavgpool1d", "avgpool2d", "avgpool1d", "maxpool2dwithindices", "adaptivemaxpool2d",
+    "maxpool2d", "maxpool1d", "mean", "permute", "transpose", "t", "clone", "view", "unsafeview", "reshapealias",
+    "squeeze", "unsqueeze", "tocopy", "select", "slice", "alias", "identity", "expand"})
+RESIDUAL_TIE = "tied across blocks by a residual addition"
+STREAM_NOTE = "residual stream at the block output: zero on every path (the stream keeps its width)"
+STREAM_READER = ("reads the residual stream before its first block output (a stem's) or a normalised/depthwise "
+                 "copy of it: the stream is gated at block outputs only (as the paper's ResNet-18)")
 
 
 # --------------------------------------------------------------------------------------------- the plan
@@ -79,12 +109,19 @@ class GatePlan:
     gates: list[GatePoint] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)     # gate name -> why it is masked-not-removed
     ungated: list[dict] = field(default_factory=list)       # {"name", "module", "units", "reason"}
+    # stream gate name -> [(reader, dim)]: layers that read the gated block output (through zero-preserving ops
+    # only) and, once pruned, read only its kept channels
+    covered: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+
+
+def _fn_op(grad_fn) -> str:
+    """An autograd node's op, lower case, without "Backward<n>" ("AddBackward0" -> "add")."""
+    name = grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else "unknown"
+    return re.sub(r"backward\d*$", "", name.lower())
 
 
 def _op_name(node) -> str:
-    grad_fn = getattr(node, "grad_fn", None)
-    name = grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else "unknown"
-    return re.sub(r"backward\d*$", "", name.lower())
+    return _fn_op(getattr(node, "grad_fn", None))
 
 
 def _is_mixing(module) -> bool:
@@ -174,8 +211,30 @@ def _build_graph(net: nn.Module, example: torch.Tensor, record: dict | None = No
 
     handles = []
     if record is not None:
-        record.update(order={}, inputs={}, calls={})
+        record.update(order={}, inputs={}, calls={}, module_calls={}, start={}, end={}, in_fn={}, out_fn={},
+                      out_shape={})
+        events = iter(range(1 << 62))  # one clock for the start and the end of every module call
+
+        def before(_m, args, name):
+            record["module_calls"][name] = record["module_calls"].get(name, 0) + 1
+            record["start"].setdefault(name, next(events))
+            first = args[0] if args else None
+            record["in_fn"].setdefault(name, getattr(first, "grad_fn", None))
+
+        def after(_m, _args, out, name):
+            record["end"].setdefault(name, next(events))
+            if name not in record["out_fn"]:
+                # The output's autograd node as it is now: a parent's later in-place op (`result += input`)
+                # gives the same tensor another node, which is how a block's output is told from its branch's.
+                tensor = out if isinstance(out, torch.Tensor) else None
+                record["out_fn"][name] = getattr(tensor, "grad_fn", None)
+                record["out_shape"][name] = tuple(tensor.shape) if tensor is not None else None
+
         for name, module in net.named_modules():
+            if not name:
+                continue
+            handles.append(module.register_forward_pre_hook(functools.partial(before, name=name)))
+            handles.append(module.register_forward_hook(functools.partial(after, name=name)))
             if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
                 def hook(_m, args, name=name):
                     record["calls"][name] = record["calls"].get(name, 0) + 1
@@ -218,11 +277,12 @@ def _all_groups(graph) -> tuple[list, list]:
 
 
 def _classify(graph, group, names: dict, residual: str):
-    """Split one Torch-Pruning group into readers, producers and the reasons it cannot be removed."""
+    """Split one Torch-Pruning group into readers, producers, the reasons it cannot be removed and (with
+    residual="per_block") the residual additions that tie it across blocks (Torch-Pruning nodes)."""
     from torch_pruning import ops
 
     size = len(group[0].idxs)
-    readers, producers, problems, bad_readers = [], [], [], []
+    readers, producers, problems, bad_readers, additions = [], [], [], [], []
     for item in group:
         dep = item.dep
         node, module = dep.target, dep.target.module
@@ -257,7 +317,8 @@ def _classify(graph, group, names: dict, residual: str):
         elif node.type == ops.OPTYPE.ELEMENTWISE:
             op = _op_name(node)
             if op in ("add", "sub") and len(node.inputs) >= 2 and residual == "per_block":
-                problems.append("tied across blocks by a residual addition")
+                problems.append(RESIDUAL_TIE)
+                additions.append(node)
             elif op in LINEAR_INNER_OPS:
                 if not node.outputs or not all(isinstance(o.module, nn.Linear) for o in node.outputs):
                     problems.append(f"matrix product ({op})")
@@ -274,7 +335,88 @@ def _classify(graph, group, names: dict, residual: str):
             problems.append("part of the model output")
         else:
             problems.append(f"{node.type.name.lower()} layer")
-    return size, readers, producers, list(dict.fromkeys(problems)), bad_readers
+    return size, readers, producers, list(dict.fromkeys(problems)), bad_readers, additions
+
+
+def _block_of(net: nn.Module, record: dict, grad_fn) -> str | None:
+    """The block whose output is the tensor computed by `grad_fn`: the deepest module called once that returns
+    it and contains a conv or linear layer (a BasicBlock rather than its ReLU or the stage holding it)."""
+    layers = (nn.modules.conv._ConvNd, nn.Linear)
+    candidates = [name for name, fn in record["out_fn"].items()
+                  if fn is grad_fn and record["module_calls"].get(name) == 1
+                  and any(isinstance(m, layers) for m in net.get_submodule(name).modules())]
+    return max(candidates, key=lambda name: name.count("."), default=None)
+
+
+def _stream_producer(net: nn.Module, record: dict, block: str, producers: list[str], size: int) -> str | None:
+    """The stream's conv/linear layer whose weight rows compute the block's update (used by magnitude pruning):
+    the last one inside the block that does not read the block's input (conv2, not the downsample shortcut).
+    Where the dependency graph maps no layer of the block one to one (Swin's window reshapes), the block's last
+    conv/linear layer with `size` outputs; only magnitude pruning reads it, never pruning itself."""
+    start = record["start"]
+
+    def last(names):
+        names = [n for n in names if n.startswith(f"{block}.") and start.get(n, 0) < record["end"][block]
+                 and record["in_fn"].get(n) is not record["in_fn"].get(block)]
+        return max(names, key=lambda n: start.get(n, 0), default=None)
+
+    layers = [n for n, m in net.named_modules()
+              if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and _out_units(m) == size]
+    return last(producers) or last(layers)
+
+
+def _stream_dim(shape: tuple | None, size: int) -> int | None:
+    """The dimension of a block output that holds the stream's `size` channels: 1 (NCHW, or (batch, features)) or
+    -1 (channels last: tokens). If both fit, 4-d tensors are taken as NCHW and 3-d ones as tokens."""
+    if not shape or len(shape) < 2:
+        return None
+    first, last = shape[1] == size, shape[-1] == size
+    if first and (not last or len(shape) != 3):
+        return 1
+    return -1 if last else None
+
+
+def _covering(grad_fn, streams: dict, steps: int = 64) -> str | None:
+    """The stream gate (of `streams`: block-output autograd node -> gate name) whose switched-off channels are
+    still exactly zero in the tensor computed by `grad_fn` (reached back through ZERO_PRESERVING_OPS; through a
+    product, from any factor); None if there is none."""
+    while grad_fn is not None and steps > 0:
+        if grad_fn in streams:
+            return streams[grad_fn]
+        op = _fn_op(grad_fn)
+        sources = [f for f, _ in getattr(grad_fn, "next_functions", ())
+                   if f is not None and "accumulategrad" not in _fn_op(f)]
+        if op == "mul":  # zero times anything (finite) is zero
+            return next((g for g in (_covering(f, streams, steps - 1) for f in sources) if g), None)
+        if op not in ZERO_PRESERVING_OPS or len(sources) != 1:
+            return None
+        grad_fn, steps = sources[0], steps - 1
+    return None
+
+
+def _stream_gates(net: nn.Module, record: dict, size: int, producers: list[str], additions: list) -> list:
+    """The paper's residual-stream gates of one channel group: one masked-not-removed gate on the output of each
+    block that ends with a residual addition (after its final activation, where one follows the addition alone),
+    as BISE's ResNet-18 gates each BasicBlock's output. Returns [(GatePoint, the output's autograd node)]."""
+    blocks: dict[str, object] = {}
+    for node in additions:
+        nodes = [node]
+        if len(node.outputs) == 1 and _op_name(node.outputs[0]) in ACTIVATION_OPS:
+            nodes.insert(0, node.outputs[0])  # the tensor after the activation, if a block returns it
+        for candidate in nodes:
+            block = _block_of(net, record, candidate.grad_fn)
+            if block is not None:
+                blocks.setdefault(block, candidate.grad_fn)
+                break
+    points = []
+    for block, grad_fn in blocks.items():
+        producer = _stream_producer(net, record, block, producers, size)
+        dim = _stream_dim(record["out_shape"].get(block), size)
+        if producer is None or dim is None:
+            continue
+        points.append((GatePoint(f"{block}.out", block, size, where="output", dim=dim, producer=producer,
+                                 removable=False), grad_fn))
+    return points
 
 
 def plan_gates(net: nn.Module, example: torch.Tensor, residual: str = "per_block",
@@ -294,7 +436,7 @@ def plan_gates(net: nn.Module, example: torch.Tensor, residual: str = "per_block
                              "reason": "its channels are reshaped beyond what the dependency graph can follow"})
     used: set[str] = set()
     for group in groups:
-        size, readers, producers, problems, bad = _classify(graph, group, names, residual)
+        size, readers, producers, problems, bad, additions = _classify(graph, group, names, residual)
         root = names.get(group[0].dep.target.module, "?")
         for reader, reason in bad:
             plan.ungated.append({"name": f"{reader}.in", "module": reader, "units": size,
@@ -304,13 +446,30 @@ def plan_gates(net: nn.Module, example: torch.Tensor, residual: str = "per_block
             plan.ungated.append({"name": f"{reader}.in", "module": reader, "units": size,
                                  "reason": "layer called more than once per forward pass"})
         readers = sorted((r for r in readers if r not in reused and r not in used), key=lambda r: order.get(r, 0))
+        producers = sorted(producers, key=lambda p: order.get(p, 0))
+        stream = _stream_gates(net, record, size, producers, additions) if RESIDUAL_TIE in problems else []
+        if stream:
+            # The stream is gated where it leaves each block; its readers need no gate of their own.
+            gate_of = {grad_fn: point.name for point, grad_fn in stream}
+            for point, _ in stream:
+                plan.gates.append(point)
+                plan.notes[point.name] = STREAM_NOTE
+            for reader in readers:
+                gate = _covering(record["in_fn"].get(reader), gate_of)
+                if gate is None:
+                    plan.ungated.append({"name": f"{reader}.in", "module": reader, "units": size,
+                                         "reason": STREAM_READER})
+                    continue
+                used.add(reader)
+                plan.covered.setdefault(gate, []).append((reader, _gate_dim(net.get_submodule(reader),
+                                                                            inputs.get(reader))))
+            continue
         if not readers:
             if not bad and not reused:
                 plan.ungated.append({"name": f"{root}.out", "module": root, "units": size,
                                      "reason": "no conv/linear layer reads these channels (the logits or a "
                                                "model output)"})
             continue
-        producers = sorted(producers, key=lambda p: order.get(p, 0))
         dims = {_gate_dim(net.get_submodule(r), inputs.get(r)) for r in readers}
         if len(dims) > 1 and not problems:  # one gate vector, one dimension: a gate per reader instead
             problems.append("read by both conv and linear layers")
@@ -343,7 +502,9 @@ def plan_gates(net: nn.Module, example: torch.Tensor, residual: str = "per_block
             plan.gates.append(GatePoint(name, first, size, where="input", dim=dim, producer=producer,
                                         removable=False, also=tuple(bucket[1:])))
             plan.notes[name] = reason
-    plan.gates.sort(key=lambda p: order.get(p.module, 0))
+    # In forward order: a gate at a layer's input when the layer starts, one on a block's output when it ends.
+    start, end = record["start"], record["end"]
+    plan.gates.sort(key=lambda p: (start if p.where == "input" else end).get(p.module, 0))
     # A reader of a concatenation appears in every concatenated group: listed once.
     plan.ungated = list({(row["name"], row["reason"]): row for row in plan.ungated}.values())
     return plan
@@ -363,6 +524,23 @@ class KeptInput(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         return self.layer(x.index_select(self.dim, self.index), *args, **kwargs)
+
+
+class MaskedOutput(nn.Module):
+    """A block whose output keeps its width with the switched-off channels zeroed (`mask` along `dim`): the
+    physical form of a residual-stream gate, as the paper's pruned ResNet-18 keeps a fixed mask on each block."""
+
+    def __init__(self, block: nn.Module, mask: torch.Tensor, dim: int):
+        super().__init__()
+        self.block = block
+        self.dim = dim
+        self.register_buffer("mask", mask.detach().float().reshape(-1).clone())
+
+    def forward(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        shape = [1] * out.dim()
+        shape[self.dim] = -1
+        return out * self.mask.to(out).view(shape)  # the gate's own product (masking.Gate.apply)
 
 
 def _strip_hooks(net: nn.Module) -> None:
@@ -459,19 +637,30 @@ def prune_planned(net: nn.Module, plan: GatePlan, masks: dict[str, torch.Tensor]
             dead_columns.extend(point.modules)
     for name in dead_columns:
         _zero_input_column(pruned.get_submodule(name), 0)
+    streams = []
     for point in plan.gates:
         if point.removable:
             continue
         kept, dropped, emptied = _split(masks[point.name])
         if not dropped and not emptied:
-            continue  # every unit kept: the readers stay as they are
-        for name in point.modules:
+            continue  # every unit kept: the readers (and the block) stay as they are
+        if point.where == "output":  # a stream gate: its block zeroes them, the layers reading it skip them
+            readers = plan.covered.get(point.name, [])
+            streams.append(point)
+        else:
+            readers = [(name, point.dim) for name in point.modules]
+        for name, dim in readers:
             layer = _remove_input_units(pruned.get_submodule(name), dropped)
             if emptied:
                 _zero_input_column(layer, 0)
-            wrapper = KeptInput(layer, len(kept), point.dim)
+            wrapper = KeptInput(layer, len(kept), dim)
             wrapper.index.copy_(torch.tensor(kept, dtype=torch.long))
             pruned.set_submodule(name, wrapper.to(layer.weight.device))
+    # Blocks are wrapped once every reader is replaced (a wrapper moves the names below it), innermost first.
+    for point in sorted(streams, key=lambda p: -p.module.count(".")):
+        block = pruned.get_submodule(point.module)
+        mask = masks[point.name].detach().reshape(-1).cpu()
+        pruned.set_submodule(point.module, MaskedOutput(block, mask, point.dim).to(parameter.device))
     # Torch-Pruning's new parameters require grad; the copy follows the original (frozen or trainable) instead.
     trainable = any(p.requires_grad for p in net.parameters())
     for param in pruned.parameters():
@@ -707,6 +896,12 @@ def rebuild_pruned(dense_class, spec: dict) -> PrunedAutoNet:
     masks = {k: torch.tensor(v, dtype=torch.bool) for k, v in spec.pop("masks").items()}
     with torch.random.fork_rng(devices=[]):
         dense = dense_class(**{**spec, "weights": "none", "verify": False})
+    expected = [p.name for p in dense.plan.gates]
+    if sorted(masks) != sorted(expected):  # e.g. pruned before residual streams were gated at block outputs
+        unknown = sorted(set(masks) - set(expected))[:3] or sorted(set(expected) - set(masks))[:3]
+        raise BiseError(f"this pruned {dense.family} checkpoint has gates that this version of bise does not place "
+                        f"({len(masks)} saved, {len(expected)} now; e.g. {', '.join(unknown)}): prune the dense "
+                        f"model again")
     return dense.pruned_copy(masks, check=False)
 
 

@@ -12,7 +12,8 @@ the file's head is kept only if it already has `num_classes` outputs, any other 
 
 `input_size` (C, H, W) is the example input used to trace the dependency graph and to check that pruning is
 exact; convnets accept any size (a small one traces faster), ViT and Swin need their native 224.
-`residual_gates`: per_block (default, the paper's choice) or shared (see bise_cli.models.auto_gates).
+`residual_gates`: per_block (default: a gate on each residual block's output, as the paper's ResNet-18; for
+`arch=resnet18` the gates of backbone=resnet18) or shared (see bise_cli.models.auto_gates).
 """
 
 from __future__ import annotations

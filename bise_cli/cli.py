@@ -50,8 +50,6 @@ commands:
 COMMANDS = ("run", "audit", "data", "gates", "table", "export", "version")
 MAX_DIRNAME = 200
 FAILED_JOBS: list[str] = []
-# Overrides that do not change results: not written as record keys (and not part of run folder names).
-NOT_RECORD_KEYS = ("device", "dataset.root", "output_root", "name")
 
 
 def _dirname(overrides: str) -> str:
@@ -78,19 +76,29 @@ def _output_dir() -> Path:
 
 
 def _override_keys(plain: dict) -> dict:
-    """{key: value} of the job's command-line overrides (so records carry what a sweep varies); values are read
-    back from the composed config so they keep their types; group choices (e.g. experiment) stay strings."""
+    """{group: chosen option} for each config group chosen on the command line whose choice the composed config
+    does not show as a field (e.g. `experiment=quickstart`, `pruning=ffw`), so that records and tables can tell
+    the choices a sweep varies. Every other override sets a config value, which each record already carries in
+    its composed form (`records.flatten_config`): it is not repeated here, because the override's text is not
+    the value (`[gender]` is the list ["gender"], `null` is None, `1e-3` is 0.001). Deletions (`~key`) are not
+    record keys either: the composed config shows what is left."""
     from hydra.core.hydra_config import HydraConfig
 
+    from bise_cli.records import NOT_RECORD_SETTINGS, flatten_config
+
+    hydra_cfg = HydraConfig.get()
+    fields = flatten_config(plain)
     keys = {}
-    for override in HydraConfig.get().overrides.task:
-        key, _, raw = override.lstrip("+~").partition("=")
-        if key in NOT_RECORD_KEYS or key.startswith("hydra"):
+    for override in hydra_cfg.overrides.task:
+        if override.startswith("~"):
             continue
-        value = plain
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        keys[key] = value if isinstance(value, (str, int, float, bool)) else raw
+        group = override.lstrip("+").partition("=")[0].partition("@")[0]
+        choice = hydra_cfg.runtime.choices.get(group)
+        # Not a group, a group already shown as a field (dataset, backbone), or one that never changes a result
+        # (logger: a record key would also change the run's identity, and `logger=mlflow` would redo a run).
+        if choice is None or group.startswith("hydra") or group in fields or group in NOT_RECORD_SETTINGS:
+            continue
+        keys[group] = choice
     return keys
 
 

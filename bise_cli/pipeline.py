@@ -71,7 +71,7 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
     configure_determinism(bool(cfg.get("deterministic", True)))
     # Every setting, the device first, before anything is read, trained or marked running.
     validate_config(cfg)
-    check_record_keys(cfg.get("record_keys") or {})
+    check_record_keys(cfg)  # every record field, so that no clash waits for the first record
     check_stage_combination(list(cfg["stages"]), cfg["pruning"]["name"])
     stages.pruning_settings(cfg["pruning"])
     check_tracker(cfg.get("logger"))

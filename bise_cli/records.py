@@ -106,9 +106,16 @@ NOT_RECORD_SETTINGS = (*NOT_RESULT_SETTINGS, "stages", "record_keys")
 RUN_ARTEFACTS = ("pruned_*.pt", "masks.pt", "config.yaml", "data_summary.json")
 
 
+def record_value(value: Any) -> Any:
+    """How a record stores one config value: lists as compact JSON text (hashable in tables), the rest as is."""
+    if isinstance(value, (list, tuple)):
+        return json.dumps(_clean(list(value)), separators=(",", ":"))
+    return value
+
+
 def flatten_config(cfg: dict, prefix: str = "") -> dict:
-    """{dotted.name: value} for every leaf of `cfg`; lists become compact JSON text (hashable in tables);
-    `dataset.name` and `backbone.name` are shortened to `dataset` and `backbone`."""
+    """{dotted.name: record_value} for every leaf of `cfg`; `dataset.name` and `backbone.name` are shortened to
+    `dataset` and `backbone`."""
     flat = {}
     for key, value in cfg.items():
         name = f"{prefix}{key}"
@@ -118,34 +125,47 @@ def flatten_config(cfg: dict, prefix: str = "") -> dict:
             continue
         if isinstance(value, dict):
             flat.update(flatten_config(value, f"{name}."))
-        elif isinstance(value, (list, tuple)):
-            flat[name] = json.dumps(_clean(list(value)), separators=(",", ":"))
         else:
-            flat[{"dataset.name": "dataset", "backbone.name": "backbone"}.get(name, name)] = value
+            flat[{"dataset.name": "dataset", "backbone.name": "backbone"}.get(name, name)] = record_value(value)
     return flat
 
 
-def check_record_keys(record_keys: dict) -> None:
-    """`record_keys` add constant fields; a reserved field (stage, keys, ...) cannot be rewritten."""
+def _extra_fields(cfg: dict) -> dict:
+    """`record_keys` flattened like the config (settings that never change a result left out, e.g. a
+    `logger=mlflow` choice)."""
+    return flatten_config({str(k): v for k, v in (cfg.get("record_keys") or {}).items()
+                           if str(k).split(".")[0] not in NOT_RECORD_SETTINGS})
+
+
+def record_fields(cfg: dict) -> dict:
+    """The config part of every record of a run: the flattened config, then the `record_keys` it lacks. Both are
+    compared as composed values in the same form (a list is the same JSON text however it was typed), so a
+    `record_keys` entry that repeats a config field with another value is a clash (BiseError)."""
+    from bise_cli.errors import BiseError
+
+    fields = flatten_config(cfg)
+    for key, value in _extra_fields(cfg).items():
+        if key in fields and fields[key] != value and str(fields[key]) != str(value):
+            raise BiseError(f"record_keys.{key}={value!r} contradicts the config value {fields[key]!r}")
+        fields.setdefault(key, value)
+    return fields
+
+
+def check_record_keys(cfg: dict) -> None:
+    """The record fields of a run, checked before anything runs (a clash must not wait for the first record):
+    `record_keys` may not rewrite a reserved field (stage, keys, a metric, ...) nor contradict the config."""
     from bise_cli.errors import BiseError
     from bise_cli.names import METRICS
 
-    clash = sorted(set(record_keys) & (set(RESERVED_FIELDS) | {m.name for m in METRICS}))
+    clash = sorted(set(_extra_fields(cfg)) & (set(RESERVED_FIELDS) | {m.name for m in METRICS}))
     if clash:
         raise BiseError(f"record_keys cannot set the reserved record field(s) {', '.join(clash)}")
+    record_fields(cfg)
 
 
 def make_record(stage: str, metrics: dict, cfg: dict, extra: dict | None = None) -> dict:
     """One self-describing record: stage, the names of its config fields, the flattened config, the metrics."""
-    config = flatten_config(cfg)
-    for key, value in (cfg.get("record_keys") or {}).items():
-        if key.split(".")[0] in NOT_RECORD_SETTINGS:  # e.g. a `logger=mlflow` override: never a result setting
-            continue
-        # Overrides echoed into record_keys (sweep keys) repeat a config value; a different value is a clash.
-        if key in config and config[key] != value and str(config[key]) != str(value):
-            from bise_cli.errors import BiseError
-            raise BiseError(f"record_keys.{key}={value!r} contradicts the config value {config[key]!r}")
-        config.setdefault(key, value)
+    config = record_fields(cfg)
     extra = extra or {}
     return {"stage": stage, "keys": [*config, *[k for k in extra if k == "selection"]], **config, **extra,
             **metrics}

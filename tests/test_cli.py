@@ -143,3 +143,32 @@ def test_wheel_ships_every_config_file(tmp_path):
     shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".yaml")}
     expected = {f"bise_cli/conf/{p.relative_to(CONF_DIR).as_posix()}" for p in CONF_DIR.rglob("*.yaml")}
     assert expected and shipped == expected
+
+
+def test_overrides_of_every_type_reach_the_records_as_their_composed_values(tmp_path):
+    """Records compare and store composed values, never an override's text: a list typed with spaces, a nested
+    list, a dict, null, a quoted string, a number in exponent form, a bool, a group choice, `+key=` and `~key`."""
+    result = bise("run", *TINY_OVERRIDES, "stages=[vanilla]", "train.milestones=[1, 1]", "vanilla_checkpoint=null",
+                  "note='a b'", "train.lr=1e-1", "pruning=bise", "~dataset.fallback",
+                  "+record_keys={ablation: ce, grid: [[1, 2], [3]], train.milestones: [1,1], rho: 0.9}",
+                  "+record_keys.flag=true", "output_root=out", cwd=tmp_path)
+    assert "a b" in result.stdout + result.stderr
+    [folder] = list((tmp_path / "out" / "runs").iterdir())
+    [record] = read_jsonl(folder / "metrics.jsonl")
+    assert record["train.milestones"] == "[1,1]" and record["grid"] == "[[1,2],[3]]"
+    assert record["vanilla_checkpoint"] is None and record["train.lr"] == 0.1 and record["rho"] == 0.9
+    assert record["ablation"] == "ce" and record["flag"] is True
+    assert record["experiment"] == "smoke" and record["pruning"] == "bise" and record["pruning.name"] == "bise"
+    assert "dataset.fallback" not in record and "dataset.root" not in record
+
+
+def test_a_record_key_that_contradicts_the_config_fails_before_any_data_or_training(tmp_path):
+    result = bise("run", *TINY_OVERRIDES, "stages=[vanilla]",
+                  "+record_keys={train.milestones: [1, 2]}", "output_root=out", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: record_keys.train.milestones='[1,2]' contradicts the config value '[1]'")
+    [folder] = list((tmp_path / "out" / "runs").iterdir())
+    assert not (folder / "metrics.jsonl").exists() and not (folder / "data_summary.json").exists()
+    assert not [p for p in (tmp_path / "out" / "cache").rglob("*") if p.is_file()]  # nothing computed, nothing cached
+    assert "epoch" not in (folder / "run.log").read_text()

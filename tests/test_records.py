@@ -79,3 +79,20 @@ def test_overrides_of_settings_that_never_change_a_result_are_not_record_keys():
     record = make_record("vanilla", {"acc": 0.5}, cfg)
     assert "logger" not in record and "threads" not in record  # tables would split rows by them
     assert record["seed"] == 1 and record["ablation"] == "ce" and record["keys"] == ["seed", "ablation"]
+
+
+def test_record_keys_are_compared_with_the_config_as_composed_values():
+    from bise_cli.errors import BiseError
+    from bise_cli.records import check_record_keys, record_fields
+
+    cfg = {"seed": 0, "dataset": {"name": "table", "bias_columns": ["colour"], "cache_dir": "x", "image_size": None},
+           "record_keys": {"dataset.bias_columns": ["colour"], "dataset.image_size": None, "grid": [[1, 2], [3]],
+                           "extra": {"a": 1}}}
+    fields = record_fields(cfg)
+    assert fields["dataset.bias_columns"] == '["colour"]' and fields["grid"] == "[[1,2],[3]]"
+    assert fields["dataset.image_size"] is None and fields["extra.a"] == 1 and fields["dataset"] == "table"
+    assert "dataset.cache_dir" not in fields  # where files are, not what they hold
+    cfg["record_keys"] = {"dataset.bias_columns": ["gender"]}
+    with pytest.raises(BiseError, match=r"""record_keys.dataset.bias_columns='\["gender"\]' contradicts the config """
+                                        r"""value '\["colour"\]'"""):
+        check_record_keys(cfg)

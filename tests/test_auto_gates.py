@@ -219,10 +219,11 @@ def test_automatic_resnet18_is_the_papers_resnet18():
         auto_masks = {a.name: hand_masks[h.name] for a, h in zip(auto_points, hand_points, strict=True)}
         gated = _gated(hand, hand_masks, x)
         torch.testing.assert_close(_gated(auto, auto_masks, x), gated, rtol=0, atol=1e-6)
-        with torch.no_grad():
-            pruned_hand, pruned_auto = hand.pruned_copy(hand_masks)(x), auto.pruned_copy(auto_masks)(x)
-        torch.testing.assert_close(pruned_auto, gated, rtol=0, atol=1e-5)
-        torch.testing.assert_close(pruned_hand, gated, rtol=0, atol=1e-5)
+        if pattern in ("half", f"off:{block_outputs[4]}") or seed == 1:  # pruning traces the model: a few cases
+            with torch.no_grad():
+                pruned_hand, pruned_auto = hand.pruned_copy(hand_masks)(x), auto.pruned_copy(auto_masks)(x)
+            torch.testing.assert_close(pruned_auto, gated, rtol=0, atol=1e-5)
+            torch.testing.assert_close(pruned_hand, gated, rtol=0, atol=1e-5)
         if pattern.startswith("off"):  # a whole block output switched off changes the function
             assert (gated - hand(x)).abs().max() > 1e-3
 

@@ -149,15 +149,16 @@ def test_overrides_of_every_type_reach_the_records_as_their_composed_values(tmp_
     """Records compare and store composed values, never an override's text: a list typed with spaces, a nested
     list, a dict, null, a quoted string, a number in exponent form, a bool, a group choice, `+key=` and `~key`."""
     result = bise("run", *TINY_OVERRIDES, "stages=[vanilla]", "train.milestones=[1, 1]", "vanilla_checkpoint=null",
-                  "note='a b'", "train.lr=1e-1", "pruning=bise", "~dataset.fallback",
+                  "note='a b'", "train.lr=1e-1", "pruning=bise", "~dataset.fallback", "dataset.root=elsewhere",
                   "+record_keys={ablation: ce, grid: [[1, 2], [3]], train.milestones: [1,1], rho: 0.9}",
-                  "+record_keys.flag=true", "output_root=out", cwd=tmp_path)
+                  "+record_keys.flag=true", "+record_keys.tag='x y'", "+record_keys.code='007'", "output_root=out",
+                  cwd=tmp_path)
     assert "a b" in result.stdout + result.stderr
     [folder] = list((tmp_path / "out" / "runs").iterdir())
     [record] = read_jsonl(folder / "metrics.jsonl")
     assert record["train.milestones"] == "[1,1]" and record["grid"] == "[[1,2],[3]]"
     assert record["vanilla_checkpoint"] is None and record["train.lr"] == 0.1 and record["rho"] == 0.9
-    assert record["ablation"] == "ce" and record["flag"] is True
+    assert record["ablation"] == "ce" and record["flag"] is True and record["tag"] == "x y" and record["code"] == "007"
     assert record["experiment"] == "smoke" and record["pruning"] == "bise" and record["pruning.name"] == "bise"
     assert "dataset.fallback" not in record and "dataset.root" not in record
 

@@ -166,7 +166,7 @@ def _fill(cache, mode, pause, start):
 def test_image_cache_fills_at_once_and_after_a_kill(tmp_path):
     """The cache's own guarantees, with fills slow enough to overlap for sure: two processes filling the same
     cache at once both succeed with the same array and leave only it and its checksums; a fill killed after two
-    chunks is resumed by the next process at row 2."""
+    chunks is resumed by the next process at row 2, which also removes what other dead fills left."""
     start = time.time() + 3
     both = [_fill(tmp_path / "a", "ok", 0.3, start) for _ in range(2)]
     outputs = [p.communicate(timeout=120) for p in both]
@@ -179,6 +179,13 @@ def test_image_cache_fills_at_once_and_after_a_kill(tmp_path):
     killed.communicate(timeout=120)
     assert killed.returncode == 9
     assert any(p.name.startswith("t-kkkkkkkkkkkkkkkkkkkk.npy.partial-") for p in (tmp_path / "b").iterdir())
+    from bise_cli.data.image_cache import _host
+    # What other killed processes may leave: a partial file killed before its first chunk, a half-written
+    # checksum file (the owner: a process that has exited).
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / "b" / f"t-kkkkkkkkkkkkkkkkkkkk.npy.partial-{_host()}-{gone.pid}").write_bytes(b"x")
+    (tmp_path / "b" / f"t-kkkkkkkkkkkkkkkkkkkk.json.tmp-{_host()}-{gone.pid}").write_text("{")
     resumed = _fill(tmp_path / "b", "ok", 0, 0)
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err

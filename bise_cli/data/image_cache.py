@@ -142,30 +142,46 @@ def _verified(path: Path, sidecar: Path, shape: tuple[int, ...]) -> np.ndarray |
     return array
 
 
+def _orphaned(name: str, marker: str) -> bool:
+    """Whether the file `name` (`<cache file><marker><host>-<pid>`) was left by a process of this machine that no
+    longer runs (or by this process): another machine's files, or a running fill's, are not ours to touch."""
+    owner, _, pid = name.rpartition(marker)[2].rpartition("-")
+    return owner == _host() and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid)))
+
+
 def _adopt(path: Path, shape: tuple[int, ...], partial: Path, state: Path) -> int:
     """Rows already filled: a fill of this cache interrupted on this machine (its process no longer runs) is
-    taken over by renaming its files to ours. A rename is atomic, so of two processes only one takes it over."""
-    host = _host()
+    taken over by renaming its files to ours. A rename is atomic, so of two processes only one takes it over.
+    Other files such processes left (more partial fills, a half-written checksum file) are removed."""
+    done = 0
     for old_state in sorted(path.parent.glob(f"{path.name}.progress-*")):
-        owner, _, pid = old_state.name.rpartition(".progress-")[2].rpartition("-")
-        if owner != host or not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
-            continue   # another machine's (unknowable) or a running fill: not ours to touch
+        if not _orphaned(old_state.name, ".progress-"):
+            continue
+        old_partial = old_state.with_name(old_state.name.replace(".progress-", ".partial-", 1))
         try:
             info = json.loads(old_state.read_text())
         except (OSError, ValueError):
             info = {}
+        rows = info.get("done") if isinstance(info, dict) and info.get("shape") == list(shape) else None
+        if done or not (isinstance(rows, int) and 0 < rows <= shape[0]):
+            if old_partial != partial:
+                old_partial.unlink(missing_ok=True)
+            old_state.unlink(missing_ok=True)
+            continue
         try:
-            os.rename(old_state.with_name(old_state.name.replace(".progress-", ".partial-", 1)), partial)
+            os.rename(old_partial, partial)
         except OSError:   # taken over by another process just now, or never created: the state file is stale
             old_state.unlink(missing_ok=True)
             continue
         old_state.unlink(missing_ok=True)
-        done = info.get("done") if isinstance(info, dict) and info.get("shape") == list(shape) else None
-        if isinstance(done, int) and 0 <= done <= shape[0]:
-            state.write_text(json.dumps({"shape": list(shape), "done": done}))
-            return done
-        partial.unlink(missing_ok=True)
-    return 0
+        state.write_text(json.dumps({"shape": list(shape), "done": rows}))
+        done = rows
+    for marker, pattern in ((".partial-", f"{path.name}.partial-*"),
+                            (".tmp-", f"{path.with_suffix('.json').name}.tmp-*")):
+        for leftover in path.parent.glob(pattern):
+            if leftover != partial and _orphaned(leftover.name, marker):
+                leftover.unlink(missing_ok=True)
+    return done
 
 
 def cached_memmap(cache_dir: str | Path | None, kind: str, key: str, shape: tuple[int, ...],

@@ -15,7 +15,7 @@ validation. Results go through the package's stage cache, so an interrupted stud
     python benchmarks/variant_study.py run --protocol paper --seeds 0 1 2 3 4 --searches paper noise
     python benchmarks/variant_study.py table --out benchmarks/results/variant_study
 
-`run` writes one JSON line per (protocol, seed, method) into <output_root>/study/records.jsonl; `table` writes
+`run` writes one JSON line per (protocol, seed, method) into <output_root>/study/records/; `table` writes
 table.md / table.csv: mean +- sd over seeds of the test and validation unbiased accuracy, the worst group, the
 units pruned and the fresh-probe leakage, and per row the paired difference against its stage's paper-recipe row
 (mean, 95 % t interval, scipy.stats.ttest_rel p).
@@ -52,6 +52,8 @@ SEARCHES = {
     "paper": {},
     "paper_stop": {"stop_when_frozen": True},
     "init_0.05": {"gate_init": 0.05},
+    "init_0.5": {"gate_init": 0.5},
+    "init_1": {"gate_init": 1.0},
     "noise_0.02": {"gate_noise": 0.02},
     "noise_0.1": {"gate_noise": 0.1},
     "floor_0.01": {"tau_floor": 0.01},
@@ -199,10 +201,10 @@ def finetune(ctx, model, masks, parent_key: dict, recipe: dict, label: str) -> d
 # ------------------------------------------------------------------------------------------------- run
 
 def run(protocol: str, seeds: list[int], searches: list[str], ft_searches: list[str], restarts: bool,
-        output_root: str) -> None:
+        output_root: str, tag: str) -> None:
     from bise_cli import stages
 
-    out = Path(output_root) / "study"
+    out = Path(output_root) / "study" / "records"
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         ctx = context(protocol, seed, output_root)
@@ -240,17 +242,10 @@ def run(protocol: str, seeds: list[int], searches: list[str], ft_searches: list[
                         rows.append({**base, "stage": "bise_ft",
                                      "method": f"{name} masks:{selection} {recipe_name} ft:{ft_selection}",
                                      **tuned[ft_selection]})
-        _write(out / "records.jsonl", base, rows)
-        log.info("protocol %s seed %d: %d rows", protocol, seed, len(rows))
-
-
-def _write(path: Path, base: dict, rows: list[dict]) -> None:
-    """Replace this (protocol, seed)'s rows in the records file, keep the others."""
-    kept = []
-    if path.is_file():
-        kept = [r for r in map(json.loads, path.read_text().splitlines())
-                if (r["protocol"], r["seed"]) != (base["protocol"], base["seed"])]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept + rows))
+        # One file per (protocol, seed, tag): concurrent runs of other seeds or searches never clobber it.
+        path = out / f"{protocol}_seed{seed}_{tag}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        log.info("protocol %s seed %d: %d rows in %s", protocol, seed, len(rows), path)
 
 
 # ----------------------------------------------------------------------------------------------- table
@@ -274,10 +269,20 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float, float, float]:
     return mean, mean - half, mean + half, p
 
 
+def load(records: Path):
+    """Every row of the *.jsonl files under `records` (a row computed twice, e.g. by a later run from the same
+    cache entries, is kept once: the file read last wins)."""
+    import pandas as pd
+
+    rows = [json.loads(line) for path in sorted(records.glob("*.jsonl")) for line in path.read_text().splitlines()]
+    df = pd.DataFrame(rows)
+    return df.drop_duplicates(["protocol", "seed", "stage", "method"], keep="last")
+
+
 def table(records: Path, out: Path) -> None:
     import pandas as pd
 
-    df = pd.DataFrame([json.loads(line) for line in records.read_text().splitlines()])
+    df = load(records)
     lines, csv_rows = [], []
     for protocol, frame in df.groupby("protocol", sort=False):
         lines += [f"## {protocol}", "", "| stage | method | n | test unbiased | val unbiased | worst group | units off "
@@ -328,13 +333,14 @@ def main() -> None:
     r.add_argument("--ft-searches", nargs="*", default=["paper"], help="searches whose masks are fine-tuned")
     r.add_argument("--restarts", action="store_true", help=f"also the {RESTARTS}-restart variant of the paper search")
     r.add_argument("--output-root", default=OUTPUT_ROOT)
+    r.add_argument("--tag", default="main", help="names this run's records file (<protocol>_seed<seed>_<tag>.jsonl)")
     t = sub.add_parser("table")
-    t.add_argument("--records", default=f"{OUTPUT_ROOT}/study/records.jsonl")
+    t.add_argument("--records", default=f"{OUTPUT_ROOT}/study/records", help="folder of *.jsonl record files")
     t.add_argument("--out", default="benchmarks/results/variant_study")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.command == "run":
-        run(args.protocol, args.seeds, args.searches, args.ft_searches, args.restarts, args.output_root)
+        run(args.protocol, args.seeds, args.searches, args.ft_searches, args.restarts, args.output_root, args.tag)
     else:
         table(Path(args.records), Path(args.out))
 

@@ -327,15 +327,20 @@ def _upstream_gradient(gates: GateSet) -> torch.Tensor:
 def masks_frozen(gates: GateSet, mask_opt: torch.optim.Optimizer, settings: SearchSettings, tau: float,
                  steps_left: int, grad_bound: float) -> bool:
     """True when no gate can change sign in the `steps_left` remaining SGD steps (the criterion of
-    `stop_when_frozen`), given |dJ/dg| <= `grad_bound` from now on and tau <= `tau` (the schedule only lowers it).
+    `stop_when_frozen`); tau <= `tau` from now on (the schedule only lowers it). A gate is final when either:
 
-    SGD with momentum mu and weight decay wd: v <- mu v + dJ/dm + wd m, m <- m - lr v, so after T steps
-    |m_T - m_0| <= lr / (1 - mu) * (mu |v_0| + sum_t |dJ/dm_t + wd m_t|). While |m| stays in [|m_0|/2, 3|m_0|/2],
-    |dJ/dm| = |dJ/dg| sigma'(m/tau)/tau <= U s with s = sigma'(|m_0| / (2 tau)) / tau (sigma'(x/tau)/tau falls as
-    tau falls once x/tau >= 2.4), and |wd m| <= 1.5 wd |m_0|. So if D = lr / (1 - mu) * (mu |v_0| +
-    T (U s + 1.5 wd |m_0|)) < |m_0| / 2 for every gate, by induction over the steps no gate gets within |m_0|/2
-    of zero: every hard mask 1[m >= 0] is final. Exact for the masks; U is an assumption (the run passes the
-    largest |dJ/dg| it has seen times `frozen_grad_margin`). Only plain SGD without gate noise qualifies."""
+    - its gradient is exactly zero for good: the float32 sigmoid(m/tau) of the gate is exactly 1 (m/tau >~ 17)
+      or exactly 0 (m/tau <~ -89), so sigma(1 - sigma)/tau = 0 whatever dJ/dg is, and weight decay plus the
+      momentum left can move m by at most D0 = lr / (1 - mu) * (mu |v_0| + T 1.5 wd |m_0|) (SGD with momentum:
+      v <- mu v + dJ/dm + wd m, m <- m - lr v, so |m_T - m_0| <= lr / (1 - mu) (mu |v_0| + sum_t |dJ/dm_t +
+      wd m_t|)), which the check applies before testing the sigmoid (exact, no assumption); or
+    - under the gradient bound |dJ/dg| <= U = `grad_bound`: while |m| stays in [|m_0|/2, 3|m_0|/2],
+      |dJ/dm| <= U s with s = sigma'(|m_0| / (2 tau)) / tau (which falls as tau falls once |m_0|/(2 tau) >= 2.4),
+      so D = lr / (1 - mu) * (mu |v_0| + T (U s + 1.5 wd |m_0|)) < |m_0| / 2 keeps the gate away from zero, by
+      induction over the steps. U is an assumption: the run passes the largest |dJ/dg| it has seen times
+      `frozen_grad_margin`.
+
+    Only plain SGD without gate noise qualifies."""
     if settings.mask_optimizer != "sgd" or settings.gate_noise > 0:
         return False
     group = mask_opt.param_groups[0]
@@ -344,15 +349,20 @@ def masks_frozen(gates: GateSet, mask_opt: torch.optim.Optimizer, settings: Sear
         return False
     tau = max(tau, settings.tau_floor)
     for gate in gates.gates.values():
-        m = gate.logits.detach().double().abs()
+        signed = gate.logits.detach().double()
+        m = signed.abs()
         buffer = mask_opt.state.get(gate.logits, {}).get("momentum_buffer")
         v = buffer.detach().double().abs() if buffer is not None else torch.zeros_like(m)
+        drift = lr / (1 - mu) * (mu * v + steps_left * 1.5 * wd * m)
+        # The closest m can come to zero without gradient, as the float32 sigmoid of the gate would see it.
+        # (x 0.999: a margin for the rounding of m / tau in float32 near the saturation thresholds)
+        nearest = (torch.sign(signed) * 0.999 * (m - drift).clamp(min=0) / tau).float()
+        exact = (drift < m) & ((torch.sigmoid(nearest) == 1) | (torch.sigmoid(nearest) == 0))
         half = m / 2
-        if bool((half / tau < 2.4).any()):
-            return False
         slope = _slope(half, tau)
         reach = lr / (1 - mu) * (mu * v + steps_left * (grad_bound * slope + 1.5 * wd * m))
-        if bool((reach >= half).any()):
+        bounded = (half / tau >= 2.4) & (reach < half)
+        if not bool((exact | bounded).all()):
             return False
     return True
 

@@ -171,6 +171,17 @@ def test_frozen_criterion_is_sound_against_the_worst_case_gradient():
         assert not masks_frozen(*_gate_with([5.0], None, other), other, tau, steps, bound)
 
 
+def test_saturated_gates_are_frozen_whatever_the_gradient():
+    # sigmoid(m / tau) is exactly 1 (or 0) in float32: the straight-through gradient is exactly zero, so no
+    # gradient bound is needed; a gate merely far from 0 (sigmoid 1e-13, not 0) needs one.
+    settings, huge = SearchSettings(), 1e30
+    assert masks_frozen(*_gate_with([0.5, -1.0], [0.0, 0.0], settings), settings, 0.01, 2000, huge)
+    assert not masks_frozen(*_gate_with([0.5, -0.3], [0.0, 0.0], settings), settings, 0.01, 2000, huge)
+    assert torch.sigmoid(torch.tensor(-30.0)) > 0 and torch.sigmoid(torch.tensor(-100.0)) == 0
+    # Momentum carrying the gate back toward the unsaturated zone defeats the exact branch.
+    assert not masks_frozen(*_gate_with([0.5], [-300.0], settings), settings, 0.01, 2000, huge)
+
+
 def test_stop_when_frozen_gives_the_full_schedules_masks(tiny):
     options = dict(gate_init=3.0, tau_period=1, tau_min=0.05, mask_lr=0.05)
     full, _ = _search(tiny, **options)

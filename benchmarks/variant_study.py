@@ -61,6 +61,8 @@ SEARCHES = {
     "l0_0.1": {"sparsity_weight": 0.1},
 }
 RESTARTS = 3
+# Fine-tuning recipes: the package's (Adam 1e-3, 20 epochs) for both fine-tunings; the control may also try
+# Adam 1e-4 (--control-recipes), so that it is at least as tuned as BISE+FT.
 FINETUNES = {"adam_1e-3": {}, "adam_1e-4": {"lr": 1e-4}}
 VAL_METRIC = "acc_unbiased"
 # Metrics kept in the records besides every test `acc_*` (the four alignment groups among them).
@@ -144,8 +146,10 @@ def search(ctx, model, vanilla_key: dict, options: dict, restart: int = 0) -> di
         out = {"history": result.history, "seconds": seconds, "best_epoch": result.best_epoch,
                "epochs": len(result.history), "best_value": result.best_value}
         for selection, masks in (("val", result.masks), ("last", result.last_masks)):
-            out[selection] = {"masks": masks, "metrics": _metrics(ctx.evaluate(prune_model(model, masks),
-                                                                               dense=model, masks=masks))}
+            same = selection == "last" and all(torch.equal(masks[k], result.masks[k]) for k in masks)
+            metrics = out["val"]["metrics"] if same else _metrics(ctx.evaluate(prune_model(model, masks),
+                                                                               dense=model, masks=masks))
+            out[selection] = {"masks": masks, "metrics": metrics}
         return out
 
     return {**ctx.cache.get_or_compute("study_search", key, compute), "key": key}
@@ -189,6 +193,9 @@ def finetune(ctx, model, masks, parent_key: dict, recipe: dict, label: str) -> d
             gates.detach()
         out = {"best_epoch": best.epoch}
         for selection, state in (("last", copy.deepcopy(tuned.state_dict())), ("val", best.state)):
+            if selection == "val" and best.epoch == f["epochs"]:  # the best epoch is the last one
+                out["val"] = out["last"]
+                continue
             tuned.load_state_dict(state)
             freeze(tuned)
             final = prune_model(tuned, masks) if masks is not None else tuned
@@ -201,7 +208,7 @@ def finetune(ctx, model, masks, parent_key: dict, recipe: dict, label: str) -> d
 # ------------------------------------------------------------------------------------------------- run
 
 def run(protocol: str, seeds: list[int], searches: list[str], ft_searches: list[str], restarts: bool,
-        output_root: str, tag: str) -> None:
+        output_root: str, tag: str, control_recipes: list[str], ft_recipes: list[str]) -> None:
     from bise_cli import stages
 
     out = Path(output_root) / "study" / "records"
@@ -211,8 +218,8 @@ def run(protocol: str, seeds: list[int], searches: list[str], ft_searches: list[
         model, vanilla_metrics, vanilla_key = stages.vanilla(ctx)
         base = {"protocol": protocol, "seed": seed}
         rows = [{**base, "stage": "vanilla", "method": "vanilla", **_metrics(vanilla_metrics)}]
-        for recipe_name, recipe in FINETUNES.items():
-            tuned = finetune(ctx, model, None, vanilla_key, recipe, "none")
+        for recipe_name in control_recipes:
+            tuned = finetune(ctx, model, None, vanilla_key, FINETUNES[recipe_name], "none")
             for selection in ("last", "val"):
                 rows.append({**base, "stage": "reweighted_ft", "method": f"rwft {recipe_name} ft:{selection}",
                              **tuned[selection]})
@@ -236,8 +243,8 @@ def run(protocol: str, seeds: list[int], searches: list[str], ft_searches: list[
             selections = ("last", "val") if name == "paper" else ("val",)
             for selection in selections:
                 masks = result[selection]["masks"]
-                for recipe_name, recipe in FINETUNES.items():
-                    tuned = finetune(ctx, model, masks, result["key"], recipe, f"{name}:{selection}")
+                for recipe_name in ft_recipes:
+                    tuned = finetune(ctx, model, masks, result["key"], FINETUNES[recipe_name], f"{name}:{selection}")
                     for ft_selection in ("last", "val"):
                         rows.append({**base, "stage": "bise_ft",
                                      "method": f"{name} masks:{selection} {recipe_name} ft:{ft_selection}",
@@ -333,6 +340,8 @@ def main() -> None:
     r.add_argument("--ft-searches", nargs="*", default=["paper"], help="searches whose masks are fine-tuned")
     r.add_argument("--restarts", action="store_true", help=f"also the {RESTARTS}-restart variant of the paper search")
     r.add_argument("--output-root", default=OUTPUT_ROOT)
+    r.add_argument("--control-recipes", nargs="+", default=["adam_1e-3"], choices=sorted(FINETUNES))
+    r.add_argument("--ft-recipes", nargs="+", default=["adam_1e-3"], choices=sorted(FINETUNES))
     r.add_argument("--tag", default="main", help="names this run's records file (<protocol>_seed<seed>_<tag>.jsonl)")
     t = sub.add_parser("table")
     t.add_argument("--records", default=f"{OUTPUT_ROOT}/study/records", help="folder of *.jsonl record files")
@@ -340,7 +349,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.command == "run":
-        run(args.protocol, args.seeds, args.searches, args.ft_searches, args.restarts, args.output_root, args.tag)
+        run(args.protocol, args.seeds, args.searches, args.ft_searches, args.restarts, args.output_root, args.tag,
+            args.control_recipes, args.ft_recipes)
     else:
         table(Path(args.records), Path(args.out))
 

@@ -58,7 +58,9 @@ SEARCHES = {
     "noise_0.1": {"gate_noise": 0.1},
     "floor_0.01": {"tau_floor": 0.01},
     "mi_all": {"mi_subset": "all"},
-    "l0_0.1": {"sparsity_weight": 0.1},
+    "l0_3": {"sparsity_weight": 3.0},
+    "gamma_0": {"gamma": 0.0},
+    "gamma_10": {"gamma": 10.0},
 }
 RESTARTS = 3
 # Fine-tuning recipes: the package's (Adam 1e-3, 20 epochs) for both fine-tunings; the control may also try

@@ -17,6 +17,18 @@ Options the official code has but leaves off (off here too, so the defaults are 
   still refined every `tau_period` epochs);
 - `mask_lr_schedule=cosine`: cosine annealing of the mask learning rate over the mask epochs;
 - `mask_optimizer=adam`: Adam on the gates (lr `mask_lr`, weight decay `mask_weight_decay`; no momentum).
+
+Variants of our own (issue 22's study, benchmarks/results/variant_study; every default is the paper's recipe):
+- `tau_floor`: the gates never see a temperature below it (the schedule and epoch count are unchanged), so the
+  straight-through gradient sigma'(m/tau)/tau of gates near 0 stays finite instead of freezing them;
+- `gate_noise`: a Gumbel-sigmoid (binary Concrete, Maddison et al. / Jang et al., ICLR 2017) straight-through
+  gate, forward 1[m + s*L >= 0] with a fresh logistic L per unit and batch, backward sigma'((m + s*L)/tau)/tau;
+  the stochastic-gate idea of hard concrete (Louizos et al., ICLR 2018) kept with the paper's hard forward pass;
+- `sparsity_weight`: + lambda * mean_units sigmoid(m/tau), the expected-L0 penalty of Louizos et al. per unit;
+- `restarts`: k searches from the same start with different batch orders (seed + 1000 k), the one whose
+  selected masks score best on validation is kept (needs a validation split);
+- `stop_when_frozen`: stop once no gate can change sign any more (`masks_frozen`); the selected masks are the
+  same as with the full schedule under the criterion's gradient bound, the heads get fewer refinements.
 """
 
 from __future__ import annotations
@@ -83,6 +95,12 @@ class SearchSettings(HeadOptimiser):
     also_select_by: tuple = ()
     track_test: bool = False
     eval_batch_size: int = 500
+    tau_floor: float = 0.0          # variants of our own (module docstring); 0 / 1 / False = the paper
+    gate_noise: float = 0.0
+    sparsity_weight: float = 0.0
+    restarts: int = 1
+    stop_when_frozen: bool = False
+    frozen_grad_margin: float = 10.0
 
     def validate(self) -> SearchSettings:
         check_precision(self.precision)
@@ -107,6 +125,14 @@ class SearchSettings(HeadOptimiser):
                             f"0 < pruning.tau_min < pruning.tau0 (got {self.tau_min}, {self.tau0})")
         if self.batch_size < 1 or self.head_pretrain_epochs < 0 or self.head_refine_epochs < 0:
             raise BiseError("pruning.batch_size must be >= 1 and the head epoch counts >= 0")
+        if not 0 <= self.tau_floor < self.tau0:
+            raise BiseError(f"pruning.tau_floor must be in [0, tau0) (got {self.tau_floor})")
+        if self.gate_noise < 0 or self.sparsity_weight < 0 or self.frozen_grad_margin < 1:
+            raise BiseError("pruning.gate_noise and pruning.sparsity_weight must be >= 0 and "
+                            f"pruning.frozen_grad_margin >= 1 (got {self.gate_noise}, {self.sparsity_weight}, "
+                            f"{self.frozen_grad_margin})")
+        if isinstance(self.restarts, bool) or not isinstance(self.restarts, int) or self.restarts < 1:
+            raise BiseError(f"pruning.restarts must be an integer >= 1 (got {self.restarts!r})")
         return self
 
     @property
@@ -141,6 +167,9 @@ class SearchResult:
     alternatives: dict = field(default_factory=dict)
     # The selected masks before `round_to` (equal to `masks` without rounding).
     unrounded_masks: dict = field(default_factory=dict)
+    # The validation metric of the selected masks (what `restarts` compares); -inf without validation.
+    best_value: float = -math.inf
+    restart: int = 0  # which of the `restarts` searches was kept
 
 
 # --------------------------------------------------------------------------------------------- MI estimator
@@ -243,9 +272,12 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
     zero = torch.zeros((), dtype=torch.float64, device=device)
     sums = {"loss_ce": zero.clone(), "mi": zero.clone(), "mi_batches": zero.clone(), "head_hits": zero.clone(),
             "finite": zero.clone()}
+    upstream = zero.clone()  # the largest |dJ/dg| seen (stop_when_frozen's gradient bound)
     n = 0
     for x, y, b in search.batches(settings.batch_size, shuffle=True, generator=generator, device=device,
                                   augment=settings.augment):
+        if settings.gate_noise > 0:
+            gates.sample_noise(settings.gate_noise, generator)
         with autocast(settings.precision, device):
             logits = model(x)
         logits, z = logits.float(), tap["z"].float()
@@ -264,8 +296,12 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
             objective = objective + settings.gamma * mi_total
             sums["mi"] += mi_total.detach()
             sums["mi_batches"] += present
+        if settings.sparsity_weight > 0:
+            objective = objective + settings.sparsity_weight * gates.soft_fraction()
         mask_opt.zero_grad(set_to_none=True)
         objective.backward()
+        if settings.stop_when_frozen:
+            upstream = torch.maximum(upstream, _upstream_gradient(gates).to(upstream.device))
         # Each head steps on its own CE over the detached features (after the gates' backward pass).
         for (head, opt), column in zip(heads.pairs, bias_columns(b), strict=True):
             head_logits = head(z.detach())
@@ -280,16 +316,82 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
         sums["finite"] += torch.isfinite(objective.detach()).logical_not()
         n += len(y)
         bar.advance_batch()
+    gates.sample_noise(0.0, generator)  # evaluation and the head epochs see the deterministic gates
     masks = {p.name: gates.gate(p.name).hard().bool() for p in gates.points}
     kept = torch.stack([m.sum() for m in masks.values()]).sum().double()
-    loss_ce, mi, mi_batches, head_hits, nonfinite, kept = torch.stack(
-        [sums["loss_ce"], sums["mi"], sums["mi_batches"], sums["head_hits"], sums["finite"], kept]).tolist()
+    loss_ce, mi, mi_batches, head_hits, nonfinite, kept, upstream = torch.stack(
+        [sums["loss_ce"], sums["mi"], sums["mi_batches"], sums["head_hits"], sums["finite"], kept,
+         upstream.to(kept.device)]).tolist()
     if nonfinite:
         raise BiseError(f"the BISE objective became non-finite at epoch {epoch}; lower pruning.mask_lr or "
                         "pruning.gamma")
     units = sum(m.numel() for m in masks.values())
-    return ({"loss_ce": loss_ce / n, "mi": mi / mi_batches if mi_batches else None, "head_acc": head_hits / n,
-             "sparsity_units": 1.0 - kept / units}, masks)
+    row = {"loss_ce": loss_ce / n, "mi": mi / mi_batches if mi_batches else None, "head_acc": head_hits / n,
+           "sparsity_units": 1.0 - kept / units}
+    if settings.stop_when_frozen:
+        row["upstream_grad_max"] = upstream
+    return row, masks
+
+
+def _slope(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """The straight-through derivative sigma'(m/tau)/tau of every gate."""
+    soft = torch.sigmoid(logits / tau)
+    return soft * (1 - soft) / tau
+
+
+def _upstream_gradient(gates: GateSet) -> torch.Tensor:
+    """max |dJ/dg| over the units whose straight-through slope is not negligible (dJ/dm = dJ/dg * slope)."""
+    largest = []
+    for gate in gates.gates.values():
+        if gate.logits.grad is None:
+            continue
+        slope = _slope(gate.logits.detach(), gate.tau)
+        usable = slope > 1e-6
+        largest.append((gate.logits.grad.abs() / slope.clamp(min=1e-6) * usable).max())
+    return torch.stack(largest).max().double() if largest else torch.zeros((), dtype=torch.float64)
+
+
+def masks_frozen(gates: GateSet, mask_opt: torch.optim.Optimizer, settings: SearchSettings, tau: float,
+                 steps_left: int, grad_bound: float) -> bool:
+    """True when no gate can change sign in the `steps_left` remaining SGD steps (the criterion of
+    `stop_when_frozen`); tau <= `tau` from now on (the schedule only lowers it). A gate is final when either:
+
+    - its gradient is exactly zero for good: the float32 sigmoid(m/tau) of the gate is exactly 1 (m/tau >~ 17)
+      or exactly 0 (m/tau <~ -89), so sigma(1 - sigma)/tau = 0 whatever dJ/dg is, and weight decay plus the
+      momentum left can move m by at most D0 = lr / (1 - mu) * (mu |v_0| + T 1.5 wd |m_0|) (SGD with momentum:
+      v <- mu v + dJ/dm + wd m, m <- m - lr v, so |m_T - m_0| <= lr / (1 - mu) (mu |v_0| + sum_t |dJ/dm_t +
+      wd m_t|)), which the check applies before testing the sigmoid (exact, no assumption); or
+    - under the gradient bound |dJ/dg| <= U = `grad_bound`: while |m| stays in [|m_0|/2, 3|m_0|/2],
+      |dJ/dm| <= U s with s = sigma'(|m_0| / (2 tau)) / tau (which falls as tau falls once |m_0|/(2 tau) >= 2.4),
+      so D = lr / (1 - mu) * (mu |v_0| + T (U s + 1.5 wd |m_0|)) < |m_0| / 2 keeps the gate away from zero, by
+      induction over the steps. U is an assumption: the run passes the largest |dJ/dg| it has seen times
+      `frozen_grad_margin`.
+
+    Only plain SGD without gate noise qualifies."""
+    if settings.mask_optimizer != "sgd" or settings.gate_noise > 0:
+        return False
+    group = mask_opt.param_groups[0]
+    lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+    if mu >= 1:
+        return False
+    tau = max(tau, settings.tau_floor)
+    for gate in gates.gates.values():
+        signed = gate.logits.detach().double()
+        m = signed.abs()
+        buffer = mask_opt.state.get(gate.logits, {}).get("momentum_buffer")
+        v = buffer.detach().double().abs() if buffer is not None else torch.zeros_like(m)
+        drift = lr / (1 - mu) * (mu * v + steps_left * 1.5 * wd * m)
+        # The closest m can come to zero without gradient, as the float32 sigmoid of the gate would see it.
+        # (x 0.999: a margin for the rounding of m / tau in float32 near the saturation thresholds)
+        nearest = (torch.sign(signed) * 0.999 * (m - drift).clamp(min=0) / tau).float()
+        exact = (drift < m) & ((torch.sigmoid(nearest) == 1) | (torch.sigmoid(nearest) == 0))
+        half = m / 2
+        slope = _slope(half, tau)
+        reach = lr / (1 - mu) * (mu * v + steps_left * (grad_bound * slope + 1.5 * wd * m))
+        bounded = (half / tau >= 2.4) & (reach < half)
+        if not bool((exact | bounded).all()):
+            return False
+    return True
 
 
 def _evaluate(model, split: Split | None, num_classes, num_bias, bias_names, batch_size, device,
@@ -304,8 +406,41 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
                num_classes: int, num_bias: int, weights: SampleWeights, settings: SearchSettings,
                bias_names: tuple[str, ...] = ("bias",), device="cpu", seed: int = 0,
                group_weights: torch.Tensor | None = None) -> SearchResult:
-    """Run the BISE search on a frozen `model` with `gates` attached; returns the selected masks and history."""
+    """Run the BISE search on a frozen `model` with `gates` attached; returns the selected masks and history.
+
+    With `restarts` = k > 1 the search runs k times from the same gate start (seeds seed + 1000 i) and the
+    run whose selected masks have the best validation metric is returned (ties to the earlier run); every
+    run's history is kept, each row tagged with its `restart`."""
     settings.validate()
+    if settings.restarts == 1:
+        return _one_search(model, gates, search, val, test, num_classes=num_classes, num_bias=num_bias,
+                           weights=weights, settings=settings, bias_names=bias_names, device=device, seed=seed,
+                           group_weights=group_weights)
+    if val is None:
+        raise BiseError("pruning.restarts > 1 chooses among searches by validation: the dataset has no val split "
+                        "(Multi-Color MNIST: set dataset.val_holdout)")
+    start = gates.logits_snapshot()
+    best, history = None, []
+    for restart in range(settings.restarts):
+        with torch.no_grad():
+            for name, logits in start.items():
+                gates.gate(name).logits.copy_(logits)
+        result = _one_search(model, gates, search, val, test, num_classes=num_classes, num_bias=num_bias,
+                             weights=weights, settings=settings, bias_names=bias_names, device=device,
+                             seed=seed + 1000 * restart, group_weights=group_weights)
+        history += [{**row, "restart": restart} for row in result.history]
+        result.restart = restart
+        log.info("restart %d: selected validation %s %.4f", restart, settings.selection_metric, result.best_value)
+        if best is None or result.best_value > best.best_value:
+            best = result
+    best.history = history
+    return best
+
+
+def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | None, test: Split | None, *,
+                num_classes: int, num_bias: int, weights: SampleWeights, settings: SearchSettings,
+                bias_names: tuple[str, ...], device, seed: int, group_weights: torch.Tensor | None) -> SearchResult:
+    """One BISE search (see run_search)."""
     model.eval()
     if any(p.requires_grad for p in model.parameters()):
         raise ValueError("run_search expects a frozen model (every parameter requires_grad=False)")
@@ -331,6 +466,7 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
                   if settings.mask_lr_schedule == "cosine" else None)
     tau = settings.tau0
     history: list[dict] = []
+    grad_bound = 0.0
     tracked = [settings.selection_metric, *[m for m in settings.also_select_by if m != settings.selection_metric]]
     bests = {m: {"value": -math.inf, "epoch": 0, "masks": gates.binary_masks()} for m in tracked}
     epochs = settings.num_epochs
@@ -362,12 +498,20 @@ def run_search(model: nn.Module, gates: GateSet, search: Split, val: Split | Non
             if epoch % settings.tau_period == 0:  # the heads catch up with the masks (both tau schedules)
                 row["head_acc_refined"] = mean_over_attributes(heads.train(settings.head_refine_epochs, gates,
                                                                            "fixed"))
-            gates.set_tau(tau)
+            gates.set_tau(max(tau, settings.tau_floor))
             history.append(row)
             val_text = f"val {row['val_acc']:.3f} " if row["val_acc"] is not None else ""
             bar.advance_epoch(f"{val_text}sparsity {row['sparsity_units']:.2f} tau {tau:.2g}")
             if tau <= settings.tau_min:
                 break
+            if settings.stop_when_frozen:
+                grad_bound = max(grad_bound, row["upstream_grad_max"])
+                steps_left = (epochs - epoch) * search.num_batches(settings.batch_size)
+                if masks_frozen(gates, mask_opt, settings, tau, steps_left,
+                                settings.frozen_grad_margin * grad_bound):
+                    row["stopped_frozen"] = True
+                    log.info("masks frozen after epoch %d of %d: stopping the search", epoch, epochs)
+                    break
     return _select(gates, bests, history, heads, pretrain_states, settings, val is not None, use_cache,
                    approximate)
 
@@ -398,7 +542,9 @@ def _select(gates: GateSet, bests: dict, history: list[dict], heads: _Heads, pre
     alternatives = {m: {"epoch": b["epoch"], "masks": rounded(b["masks"])} for m, b in bests.items()
                     if m != settings.selection_metric and use_best}
     selected = best["masks"] if use_best else last
+    last_value = history[-1]["val_acc"] if history and history[-1]["val_acc"] is not None else -math.inf
     return SearchResult(masks=rounded(selected), unrounded_masks=selected, last_masks=last,
+                        best_value=best["value"] if use_best else last_value,
                         best_epoch=best["epoch"] if use_best else len(history), history=history,
                         alternatives=alternatives, head_states=heads.states(), pretrain_head_states=pretrain_states,
                         cached_features=use_cache, approximate_cache=approximate, settings=asdict(settings))

@@ -67,6 +67,9 @@ class Gate(nn.Module):
         self.dim = dim
         self.tau = 1.0
         self.mode = "masked"
+        # Per-unit offset added to the logits in masked mode (a stochastic, Gumbel-sigmoid gate; None = the
+        # paper's deterministic gate). Set per batch by GateSet.sample_noise.
+        self.noise: torch.Tensor | None = None
 
     def hard(self) -> torch.Tensor:
         """The binary mask 1[m >= 0] as a float tensor (no gradient)."""
@@ -78,9 +81,14 @@ class Gate(nn.Module):
             return None
         if self.mode == "fixed":
             return self.hard()
-        soft = torch.sigmoid(self.logits / self.tau)
-        # Parenthesised on purpose: (soft - soft) is exactly 0, so the forward value is exactly the hard gate.
-        return self.hard() + (soft - soft.detach())
+        if self.noise is None:
+            soft = torch.sigmoid(self.logits / self.tau)
+            # Parenthesised on purpose: (soft - soft) is exactly 0, so the forward value is exactly the hard gate.
+            return self.hard() + (soft - soft.detach())
+        # Gumbel-sigmoid straight-through: hard 1[m + noise >= 0] forward, sigmoid'((m + noise)/tau)/tau back.
+        noisy = self.logits + self.noise
+        soft = torch.sigmoid(noisy / self.tau)
+        return (noisy.detach() >= 0).to(self.logits.dtype) + (soft - soft.detach())
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         """Multiply `h` unit-wise by the gate values (broadcast over every other dimension)."""
@@ -163,6 +171,22 @@ class GateSet(nn.Module):
     def set_tau(self, tau: float) -> None:
         for gate in self.gates.values():
             gate.tau = float(tau)
+
+    def sample_noise(self, scale: float, generator: torch.Generator) -> None:
+        """Draw a fresh logistic offset scale * (log u - log(1 - u)), u ~ U(0, 1), for every unit (one draw per
+        batch, shared by its samples); scale 0 removes the noise (the paper's deterministic gate)."""
+        for gate in self.gates.values():
+            if scale <= 0:
+                gate.noise = None
+                continue
+            u = torch.rand(gate.logits.shape, generator=generator).clamp_(1e-6, 1 - 1e-6)
+            gate.noise = (scale * (torch.log(u) - torch.log1p(-u))).to(gate.logits.device)
+
+    def soft_fraction(self) -> torch.Tensor:
+        """The mean of sigmoid(m / tau) over every unit: a differentiable stand-in for the kept fraction (the
+        expected L0 norm of Louizos et al., ICLR 2018, divided by the unit count)."""
+        soft = [torch.sigmoid(gate.logits / gate.tau) for gate in self.gates.values()]
+        return torch.cat(soft).mean()
 
     def binary_masks(self) -> dict[str, torch.Tensor]:
         """{gate name: bool tensor of kept units}."""

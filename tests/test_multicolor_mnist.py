@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from bise_cli.data.multicolor_mnist import (
 )
 from bise_cli.errors import BiseError
 from bise_cli.masking import GateSet
+from test_cli import bise
 from bise_cli.models.mlp import MLP
 
 # MNIST's class counts (train, test): the published group sizes follow from these alone.
@@ -165,6 +168,96 @@ def test_bad_options_fail_before_reading_files(tmp_path, options, message):
 def test_unknown_source():
     with pytest.raises(BiseError, match="dataset.source"):
         build("internet", "x", seed=0)
+
+
+# ------------------------------------------------------------------------------------------- val hold-out
+
+def _unique_digits(n_train=2000, n_test=100) -> Digits:
+    """Digits whose white (255) pixels spell out their own index in binary in row 0, everything else 0: the
+    white pixels survive the colouring unchanged (the palettes never reach 255 on all three channels), so a
+    coloured image still names the digit it was made from."""
+    def images(n, offset):
+        x = torch.zeros(n, 28, 28, dtype=torch.uint8)
+        index = torch.arange(offset, offset + n)
+        for bit in range(16):
+            x[:, 0, bit] = ((index >> bit) & 1).to(torch.uint8) * 255
+        return x
+    g = torch.Generator().manual_seed(0)
+    return Digits(images(n_train, 0), torch.randint(0, 10, (n_train,), generator=g), images(n_test, n_train),
+                  torch.randint(0, 10, (n_test,), generator=g), "generated", "memory")
+
+
+def _source_index(split) -> torch.Tensor:
+    white = (split.x[:, :, 0, :16] == 255).all(dim=1).long()  # (N, 16) bits
+    return (white << torch.arange(16)).sum(1)
+
+
+@pytest.mark.parametrize("max_samples", [None, 1500])
+def test_val_holdout_is_disjoint_uniform_and_seeded(max_samples):
+    digits = _unique_digits()
+    bundle = build_multicolor_mnist(digits, seed=3, max_samples=max_samples, val_holdout=1000)
+    train, val, test = bundle["train"], bundle["val"], bundle["test"]
+    assert set(bundle.splits) == {"train", "search", "val", "test"} and bundle["search"] is train
+    # Sizes: the hold-out comes out of the (capped) training digits; test keeps every test digit.
+    n = max_samples or 2000
+    assert len(val) == 1000 and len(train) == n - 1000 and len(test) == 100
+    assert bundle.info["val_holdout"] == 1000 and bundle.info["train_digits"] == n - 1000
+    # Disjoint, and together exactly the digits the capped training set would have had.
+    train_ids, val_ids = _source_index(train), _source_index(val)
+    assert not set(train_ids.tolist()) & set(val_ids.tolist())
+    capped = build_multicolor_mnist(digits, seed=3, max_samples=max_samples)["train"]
+    assert sorted(train_ids.tolist() + val_ids.tolist()) == sorted(_source_index(capped).tolist())
+    assert torch.equal(digits.train_labels[val_ids], val.y) and torch.equal(digits.train_labels[train_ids], train.y)
+    # Val is coloured as the test split is built (rho 0.1 on both sides): uniform over the (left, right) pairs
+    # of every digit, up to the quota rule's rounding (at most one apart).
+    left, right = assign_colours(val.y, 0.1, 0.1)
+    assert torch.equal(val.b, torch.from_numpy(np.stack([left, right], 1)))
+    cells = np.zeros((10, 10, 10), dtype=int)
+    np.add.at(cells, (val.y.numpy(), val.b[:, 0].numpy(), val.b[:, 1].numpy()), 1)
+    for digit in range(10):
+        assert cells[digit].max() - cells[digit].min() <= 1
+    # Train keeps the paper's colouring of what is left.
+    left, right = assign_colours(train.y, 0.99, 0.95)
+    assert torch.equal(train.b, torch.from_numpy(np.stack([left, right], 1)))
+    # Seeded: the same seed gives the same bytes, another seed other digits.
+    again = build_multicolor_mnist(digits, seed=3, max_samples=max_samples, val_holdout=1000)
+    assert torch.equal(again["val"].x, val.x) and torch.equal(again["train"].x, train.x)
+    other = build_multicolor_mnist(digits, seed=4, max_samples=max_samples, val_holdout=1000)
+    assert not torch.equal(_source_index(other["val"]), val_ids)
+
+
+def test_val_holdout_zero_is_the_paper():
+    digits = _unique_digits(300)
+    paper, zero = build_multicolor_mnist(digits, seed=0), build_multicolor_mnist(digits, seed=0, val_holdout=0)
+    assert set(zero.splits) == {"train", "search", "test"} and "val_holdout" not in zero.info
+    for name in ("train", "test"):
+        assert torch.equal(paper[name].x, zero[name].x) and torch.equal(paper[name].b, zero[name].b)
+
+
+@pytest.mark.parametrize("value, source, message", [
+    (-1, "files", "val_holdout must be an integer >= 0"), (True, "files", "val_holdout must be an integer"),
+    (0.5, "files", "val_holdout must be an integer"), (10, "debian", "val_holdout needs the digits coloured here"),
+])
+def test_val_holdout_bad_values(tmp_path, value, source, message):
+    with pytest.raises(BiseError, match=message):
+        build(source, tmp_path / "missing", seed=0, val_holdout=value)
+
+
+def test_val_holdout_must_leave_training_digits():
+    with pytest.raises(BiseError, match="leaves fewer than 20"):
+        build_multicolor_mnist(_unique_digits(300), seed=0, val_holdout=290)
+
+
+def test_val_holdout_through_the_cli(tmp_path):
+    bise("data", "dataset=multicolor_mnist", "backbone=mlp", "dataset.source=embedded", "dataset.val_holdout=500",
+         "output_root=out", cwd=tmp_path)
+    [folder] = list((tmp_path / "out" / "data").iterdir())
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["val"]["size"] == 500 and summary["train"]["size"] == summary["search"]["size"]
+    assert summary["train"]["size"] + 500 == 4000  # the 4k embedded training digits
+    result = bise("data", "dataset=multicolor_mnist", "dataset.source=embedded", "dataset.val_holdout=-3",
+                  "output_root=out", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "dataset.val_holdout must be an integer >= 0" in result.stderr + result.stdout
 
 
 # ------------------------------------------------------------------------------------------- DebiAN folder

@@ -14,8 +14,14 @@ Construction, following DebiAN's `make_multi_color_mnist.py`:
 
 Splits: `train` = the 60k MNIST training digits at (rho_L, rho_R); `search` = the same Split object (BISE
 searches its masks on the training set for this dataset); `test` = the 10k MNIST test digits at rho 0.1 on both
-sides, i.e. uniform over the 1,000 (digit, left, right) cells. There is no validation split: BISE keeps the
-masks of the last epoch. `b` is a LongTensor (N, 2) = [left colour, right colour].
+sides, i.e. uniform over the 1,000 (digit, left, right) cells. There is no validation split in the paper: BISE
+keeps the masks of the last epoch. `b` is a LongTensor (N, 2) = [left colour, right colour].
+
+`val_holdout` (our addition, a deviation from the paper's protocol; 0 = the paper): a seeded random set of that
+many training digits is removed from `train` and coloured like the test split (rho 0.1 on both sides, the same
+quota rule), so `val` is uniform over the (digit, left, right) cells, as BiasedMNIST's validation split is
+unbiased. The remaining training digits are coloured at (rho_L, rho_R) as usual, so the training group shares
+stay the paper's while the training set is smaller by `val_holdout` digits.
 
 `load_debian_folder` reads the released DebiAN tarball instead (its `valid` split is the test set); its pixels
 are the published ones, whereas `build_multicolor_mnist` regenerates them with a seeded jitter.
@@ -57,7 +63,7 @@ MIN_SAMPLES = 20
 # Images are coloured in chunks so that the float32 intermediate stays small (~75 MB per chunk).
 CHUNK = 8192
 # Separate random streams: the training subset and each split's jitter never depend on one another.
-STREAMS = {"subset": 0, "train": 1, "test": 2}
+STREAMS = {"subset": 0, "train": 1, "test": 2, "val_pick": 3, "val": 4}
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -183,6 +189,25 @@ def check_max_samples(max_samples) -> int | None:
     return int(max_samples)
 
 
+def check_val_holdout(val_holdout) -> int:
+    """The number of held-out validation digits: an integer >= 0 (0 = none, the paper); else a BiseError."""
+    if isinstance(val_holdout, bool) or not isinstance(val_holdout, (int, np.integer)) or val_holdout < 0:
+        raise BiseError(f"dataset.val_holdout must be an integer >= 0 (0 = no validation split, the paper), "
+                        f"got {val_holdout!r}")
+    return int(val_holdout)
+
+
+def holdout_index(n: int, val_holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out): a seeded random choice of `val_holdout` of `n` rows and the rest, each in increasing
+    order (the quota rule sees both in dataset order). Needs at least MIN_SAMPLES rows left for training."""
+    if val_holdout > n - MIN_SAMPLES:
+        raise BiseError(f"dataset.val_holdout={val_holdout} leaves fewer than {MIN_SAMPLES} of the {n} training "
+                        "digits for training")
+    chosen = np.zeros(n, dtype=bool)
+    chosen[_rng(seed, "val_pick").permutation(n)[:val_holdout]] = True
+    return torch.from_numpy(np.flatnonzero(~chosen)), torch.from_numpy(np.flatnonzero(chosen))
+
+
 def subset_index(n: int, max_samples: int | None, seed: int) -> torch.Tensor | None:
     """A seeded random subset of `max_samples` of `n` rows, in increasing order (so the quota rule still sees
     the samples in dataset order); None when no cap applies."""
@@ -210,25 +235,36 @@ def _bundle(splits: dict[str, Split], info: dict) -> DatasetBundle:
 
 def build_multicolor_mnist(digits: Digits, *, seed: int, rho_left: float = 0.99, rho_right: float = 0.95,
                            severity: int = 4, max_samples: int | None = None,
-                           test_rho: float = TEST_RHO) -> DatasetBundle:
+                           test_rho: float = TEST_RHO, val_holdout: int = 0) -> DatasetBundle:
     """The train / search / test splits of Multi-Color MNIST built from `digits` (see the module docstring).
 
     `max_samples` keeps a seeded random subset of the training digits (original order), to which the quota
-    rule is then applied; the test split always uses every test digit."""
+    rule is then applied; the test split always uses every test digit. `val_holdout` > 0 then moves that many
+    of those digits into a `val` split coloured like the test split (a deviation from the paper)."""
     rho_left = check_rho("dataset.rho_left", rho_left)
     rho_right = check_rho("dataset.rho_right", rho_right)
     test_rho = check_rho("dataset.test_rho", test_rho)
     severity = check_severity(severity)
+    val_holdout = check_val_holdout(val_holdout)
     images, labels = digits.train_images, digits.train_labels
     keep = subset_index(len(labels), max_samples, seed)
     if keep is not None:
         images, labels = images[keep], labels[keep]
+    splits = {}
+    if val_holdout:
+        rest, held = holdout_index(len(labels), val_holdout, seed)
+        # Coloured as the test split is (uniform cells), with its own jitter stream.
+        splits["val"] = _coloured_split(images[held], labels[held], test_rho, test_rho, severity,
+                                        _torch_generator(seed, "val"))
+        images, labels = images[rest], labels[rest]
     train = _coloured_split(images, labels, rho_left, rho_right, severity, _torch_generator(seed, "train"))
     test = _coloured_split(digits.test_images, digits.test_labels, test_rho, test_rho, severity,
                            _torch_generator(seed, "test"))
     info = {"source": digits.source, "location": digits.location, "severity": severity, "rho_left": rho_left,
             "rho_right": rho_right, "test_rho": test_rho, "jitter_seeded": True, "train_digits": len(labels)}
-    return _bundle({"train": train, "search": train, "test": test}, info)
+    if val_holdout:
+        info["val_holdout"] = val_holdout  # a deviation from the paper's protocol (it has no validation split)
+    return _bundle({"train": train, "search": train, **splits, "test": test}, info)
 
 
 # ------------------------------------------------------------------------------------------ released files
@@ -294,7 +330,7 @@ def load_debian_folder(root: str | Path, *, rho_left: float = 0.99, rho_right: f
 
 def build(source: str, root: str | Path, seed: int, max_samples: int | None = None, *, fallback: str = "none",
           rho_left: float = 0.99, rho_right: float = 0.95, severity: int = 4,
-          test_rho: float = TEST_RHO) -> DatasetBundle:
+          test_rho: float = TEST_RHO, val_holdout: int = 0) -> DatasetBundle:
     """Multi-Color MNIST from `source`: MNIST digits (auto / files / download / embedded, coloured here) or the
     released DebiAN files (`debian`). Options are checked before any file is read."""
     check_choice("dataset.source", source, SOURCES)
@@ -303,9 +339,12 @@ def build(source: str, root: str | Path, seed: int, max_samples: int | None = No
     test_rho = check_rho("dataset.test_rho", test_rho)
     severity = check_severity(severity)
     check_max_samples(max_samples)
+    if check_val_holdout(val_holdout) and source == "debian":
+        raise BiseError("dataset.val_holdout needs the digits coloured here (source auto, files, download or "
+                        "embedded): the released DebiAN images carry their training colours")
     if source == "debian":
         return load_debian_folder(root, rho_left=rho_left, rho_right=rho_right, severity=severity,
                                   max_samples=max_samples, seed=seed)
     digits = load_digits(source, root, fallback=fallback)
     return build_multicolor_mnist(digits, seed=seed, rho_left=rho_left, rho_right=rho_right, severity=severity,
-                                  max_samples=max_samples, test_rho=test_rho)
+                                  max_samples=max_samples, test_rho=test_rho, val_holdout=val_holdout)

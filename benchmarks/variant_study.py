@@ -1,0 +1,361 @@
+"""Issue 22, section 3: which changes to the BISE search (and to the fine-tuning) beat the paper's recipe?
+
+Every variant runs on the same data, vanilla model and seeds as the paper's recipe, so each comparison is
+paired by seed. Multi-Color MNIST has no validation split, so the study holds out 5,000 training digits coloured
+like the test split (`dataset.val_holdout=5000`, a deviation from the paper) and everything that chooses (the
+mask epoch, the fine-tuning epoch, the restart, the recommended variant) reads that split only; test metrics are
+reported, never used to choose.
+
+One search trajectory gives two mask selections: `last` (the paper's rule for this dataset) and `val` (the epoch
+with the best validation unbiased accuracy). One fine-tuning run likewise gives its `last` and its `val` epoch.
+`restarts` is assembled from the trajectories of the paper's search started with the seeds seed + 1000 r
+(r = 0, 1, 2), exactly what `pruning.restarts=3` runs, keeping the one whose selected masks score best on
+validation. Results go through the package's stage cache, so an interrupted study resumes where it stopped.
+
+    python benchmarks/variant_study.py run --protocol paper --seeds 0 1 2 3 4 --searches paper noise
+    python benchmarks/variant_study.py table --out benchmarks/results/variant_study
+
+`run` writes one JSON line per (protocol, seed, method) into <output_root>/study/records/; `table` writes
+table.md / table.csv: mean +- sd over seeds of the test and validation unbiased accuracy, the worst group, the
+units pruned and the fresh-probe leakage, and per row the paired difference against its stage's paper-recipe row
+(mean, 95 % t interval, scipy.stats.ttest_rel p).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+OUTPUT_ROOT = "/work/w22research_out"
+HOLDOUT = "dataset.val_holdout=5000"
+PROTOCOLS = {
+    "paper": ["experiment=paper/multicolor_mnist", HOLDOUT],
+    "quickstart": ["experiment=quickstart", HOLDOUT],
+    # Seconds-long check of this script itself (embedded digits, two epochs everywhere); not a result.
+    "smoke": ["experiment=quickstart", "dataset.val_holdout=500", "dataset.source=embedded", "train.epochs=2",
+              "pruning.tau_period=1", "pruning.tau_min=0.3", "pruning.head_pretrain_epochs=1",
+              "pruning.head_refine_epochs=1", "finetune.epochs=2", "leakage_probe.epochs=1"],
+}
+# Evaluation settings that cost time and change no accuracy: no bootstrap intervals, one latency repeat.
+COMMON = ["bootstrap.n=0", "latency.repeats=1", "latency.warmup=0"]
+# Every search records its best-validation epoch; the paper's rule (last masks) comes from the same trajectory.
+SELECT = {"selection": "best_val", "selection_metric": "acc_unbiased"}
+SEARCHES = {
+    "paper": {},
+    "paper_stop": {"stop_when_frozen": True},
+    "init_0.05": {"gate_init": 0.05},
+    "init_0.5": {"gate_init": 0.5},
+    "init_1": {"gate_init": 1.0},
+    "noise_0.02": {"gate_noise": 0.02},
+    "noise_0.1": {"gate_noise": 0.1},
+    "floor_0.01": {"tau_floor": 0.01},
+    "mi_all": {"mi_subset": "all"},
+    "l0_3": {"sparsity_weight": 3.0},
+    "gamma_0": {"gamma": 0.0},
+    "gamma_10": {"gamma": 10.0},
+}
+RESTARTS = 3
+# Fine-tuning recipes: the package's (Adam 1e-3, 20 epochs) for both fine-tunings; the control may also try
+# Adam 1e-4 (--control-recipes), so that it is at least as tuned as BISE+FT.
+FINETUNES = {"adam_1e-3": {}, "adam_1e-4": {"lr": 1e-4}}
+VAL_METRIC = "acc_unbiased"
+# Metrics kept in the records besides every test `acc_*` (the four alignment groups among them).
+KEEP = ("acc", "val_acc_unbiased", "val_acc_worst_group", "sparsity_units", "leakage", "macs")
+
+log = logging.getLogger("variant_study")
+
+
+# ------------------------------------------------------------------------------------------------- setup
+
+def compose(overrides: list[str]) -> dict:
+    """The resolved config the CLI would build for `overrides`, as a plain dict."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import bise_cli.cli as cli
+
+    with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def context(protocol: str, seed: int, output_root: str):
+    """The pipeline's Context for one (protocol, seed): data built and fingerprinted, cache under output_root."""
+    from bise_cli import pipeline, stages
+    from bise_cli.cache import StageCache
+    from bise_cli.fingerprint import fingerprint_bundle
+    from bise_cli.precision import configure_backends
+    from bise_cli.records import RunDir
+    from bise_cli.validate import validate_config
+
+    cfg = compose([*PROTOCOLS[protocol], *COMMON, f"output_root={output_root}", f"seed={seed}"])
+    validate_config(cfg)
+    device = pipeline.resolve_device(cfg["device"])
+    torch.set_num_threads(int(cfg.get("threads") or 1))
+    torch.use_deterministic_algorithms(bool(cfg["deterministic"]), warn_only=True)
+    configure_backends(device, bool(cfg["deterministic"]))
+    bundle = pipeline.load_data(cfg)
+    fingerprint = fingerprint_bundle(bundle)["sha256"]
+    bundle.splits = {name: split.to(device) for name, split in bundle.splits.items()}
+    run_dir = RunDir(Path(output_root) / "study" / "runs" / f"{protocol}_seed{seed}")
+    return stages.Context(cfg, bundle, device, StageCache(stages.cache_root(cfg), True), run_dir, fingerprint)
+
+
+def _metrics(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if (k in KEEP or k.startswith("acc_")) and isinstance(v, (int, float))}
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+def search(ctx, model, vanilla_key: dict, options: dict, restart: int = 0) -> dict:
+    """One search trajectory (cached): the metrics of its last and of its best-validation masks, its history."""
+    from bise_cli import stages
+    from bise_cli.bise import run_search
+    from bise_cli.evaluate import train_group_weights
+    from bise_cli.masking import GateSet
+    from bise_cli.prune import prune_model
+    from bise_cli.reweighting import sample_weights
+
+    p = {**ctx.cfg["pruning"], **SELECT, **options}
+    key = {**vanilla_key, "stage": "study_search", "version": 1, "pruning": p, "restart": restart,
+           "reweighting": ctx.reweighting()}
+
+    def compute() -> dict:
+        settings = dataclasses.replace(stages.pruning_settings(p), precision=ctx.cfg["precision"])
+        split = ctx.bundle["search"]
+        weights = sample_weights(ctx.reweighting(), split.y, split.b, ctx.bundle.num_classes, ctx.bundle.num_bias,
+                                 ctx.bundle.nominal_rho)
+        gates = GateSet(model.gate_points(), init=settings.gate_init).to(ctx.device).attach(model)
+        started = time.perf_counter()
+        try:
+            result = run_search(model, gates, split, ctx.bundle["val"], ctx.bundle["test"],
+                                num_classes=ctx.bundle.num_classes, num_bias=ctx.bundle.num_bias, weights=weights,
+                                settings=settings, bias_names=ctx.bundle.bias_names, device=ctx.device,
+                                seed=stages.seed_stage(ctx.seed, "bise") + 1000 * restart,
+                                group_weights=train_group_weights(ctx.bundle))
+        finally:
+            gates.detach()
+        seconds = time.perf_counter() - started
+        out = {"history": result.history, "seconds": seconds, "best_epoch": result.best_epoch,
+               "epochs": len(result.history), "best_value": result.best_value}
+        for selection, masks in (("val", result.masks), ("last", result.last_masks)):
+            same = selection == "last" and all(torch.equal(masks[k], result.masks[k]) for k in masks)
+            metrics = out["val"]["metrics"] if same else _metrics(ctx.evaluate(prune_model(model, masks),
+                                                                               dense=model, masks=masks))
+            out[selection] = {"masks": masks, "metrics": metrics}
+        return out
+
+    return {**ctx.cache.get_or_compute("study_search", key, compute), "key": key}
+
+
+def finetune(ctx, model, masks, parent_key: dict, recipe: dict, label: str) -> dict:
+    """Fine-tune (cached) with the reweighted loss, masks frozen (None = the unpruned control); the metrics of
+    the last epoch and of the best validation epoch."""
+    from bise_cli import baselines, stages
+    from bise_cli.evaluate import train_group_weights
+    from bise_cli.masking import GateSet
+    from bise_cli.prune import prune_model
+    from bise_cli.reweighting import sample_weights
+    from bise_cli.train import fit, freeze
+
+    f = {**ctx.cfg["finetune"], **recipe}
+    key = {**parent_key, "stage": "study_ft", "version": 1, "finetune": f, "masks_from": label,
+           "reweighting": ctx.reweighting()}
+
+    def compute() -> dict:
+        tuned = copy.deepcopy(model)
+        for param in tuned.parameters():
+            param.requires_grad_(True)
+        gates = None
+        if masks is not None:
+            gates = GateSet(tuned.gate_points()).to(ctx.device).attach(tuned)
+            gates.load_binary_masks(masks)
+            gates.set_mode("fixed")
+        split = ctx.bundle["search"]
+        weights = sample_weights(ctx.reweighting(), split.y, split.b, ctx.bundle.num_classes, ctx.bundle.num_bias,
+                                 ctx.bundle.nominal_rho).to(ctx.device)
+        best = baselines.BestState(tuned, ctx.bundle["val"], ctx.bundle.num_classes, ctx.bundle.num_bias,
+                                   batch_size=ctx.cfg["eval_batch_size"], device=ctx.device, metric=VAL_METRIC,
+                                   group_weights=train_group_weights(ctx.bundle))
+        fit(tuned, split, epochs=f["epochs"], batch_size=f["batch_size"], optimizer=f["optimizer"], lr=f["lr"],
+            momentum=f["momentum"], weight_decay=f["weight_decay"], scheduler=f["scheduler"],
+            milestones=f.get("milestones"), sample_weights=weights, device=ctx.device,
+            seed=stages.seed_stage(ctx.seed, "bise_ft" if masks is not None else "reweighted_ft"),
+            description=f"ft {label}", after_epoch=best.update, precision=ctx.cfg["precision"])
+        if gates is not None:
+            gates.detach()
+        out = {"best_epoch": best.epoch}
+        for selection, state in (("last", copy.deepcopy(tuned.state_dict())), ("val", best.state)):
+            if selection == "val" and best.epoch == f["epochs"]:  # the best epoch is the last one
+                out["val"] = out["last"]
+                continue
+            tuned.load_state_dict(state)
+            freeze(tuned)
+            final = prune_model(tuned, masks) if masks is not None else tuned
+            out[selection] = _metrics(ctx.evaluate(final, dense=model if masks is not None else None, masks=masks))
+        return out
+
+    return ctx.cache.get_or_compute("study_ft", key, compute)
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+def run(protocol: str, seeds: list[int], searches: list[str], ft_searches: list[str], restarts: bool,
+        output_root: str, tag: str, control_recipes: list[str], ft_recipes: list[str]) -> None:
+    from bise_cli import stages
+
+    out = Path(output_root) / "study" / "records"
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        ctx = context(protocol, seed, output_root)
+        model, vanilla_metrics, vanilla_key = stages.vanilla(ctx)
+        base = {"protocol": protocol, "seed": seed}
+        rows = [{**base, "stage": "vanilla", "method": "vanilla", **_metrics(vanilla_metrics)}]
+        for recipe_name in control_recipes:
+            tuned = finetune(ctx, model, None, vanilla_key, FINETUNES[recipe_name], "none")
+            for selection in ("last", "val"):
+                rows.append({**base, "stage": "reweighted_ft", "method": f"rwft {recipe_name} ft:{selection}",
+                             **tuned[selection]})
+        trajectories = {}
+        for name in searches:
+            result = search(ctx, model, vanilla_key, SEARCHES[name])
+            trajectories[name] = result
+            info = {"search_seconds": result["seconds"], "search_epochs": result["epochs"],
+                    "best_epoch": result["best_epoch"]}
+            for selection in ("last", "val"):
+                rows.append({**base, "stage": "bise", "method": f"{name} masks:{selection}", **info,
+                             **result[selection]["metrics"]})
+        if restarts:
+            runs = [trajectories["paper"]] + [search(ctx, model, vanilla_key, {}, restart=r) for r in range(1, RESTARTS)]
+            chosen = max(range(RESTARTS), key=lambda r: (runs[r]["best_value"], -r))  # ties: the earlier run
+            trajectories["restarts"] = runs[chosen]
+            rows.append({**base, "stage": "bise", "method": f"restarts{RESTARTS} masks:val", "restart": chosen,
+                         "search_seconds": sum(r["seconds"] for r in runs), **runs[chosen]["val"]["metrics"]})
+        for name in ft_searches:
+            result = trajectories[name]
+            selections = ("last", "val") if name == "paper" else ("val",)
+            for selection in selections:
+                masks = result[selection]["masks"]
+                for recipe_name in ft_recipes:
+                    tuned = finetune(ctx, model, masks, result["key"], FINETUNES[recipe_name], f"{name}:{selection}")
+                    for ft_selection in ("last", "val"):
+                        rows.append({**base, "stage": "bise_ft",
+                                     "method": f"{name} masks:{selection} {recipe_name} ft:{ft_selection}",
+                                     **tuned[ft_selection]})
+        # One file per (protocol, seed, tag): concurrent runs of other seeds or searches never clobber it.
+        path = out / f"{protocol}_seed{seed}_{tag}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        log.info("protocol %s seed %d: %d rows in %s", protocol, seed, len(rows), path)
+
+
+# ----------------------------------------------------------------------------------------------- table
+
+REFERENCE = {"vanilla": "vanilla", "bise": "paper masks:last", "bise_ft": "paper masks:last adam_1e-3 ft:last",
+             "reweighted_ft": "rwft adam_1e-3 ft:last"}
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float, float, float]:
+    """Mean of a - b, its 95 % t interval and the two-sided paired t-test p (scipy.stats.ttest_rel)."""
+    from scipy import stats
+
+    diff = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(diff)
+    mean = sum(diff) / n
+    if n < 2:
+        return mean, math.nan, math.nan, math.nan
+    sd = (sum((d - mean) ** 2 for d in diff) / (n - 1)) ** 0.5
+    half = stats.t.ppf(0.975, n - 1) * sd / n ** 0.5
+    p = float(stats.ttest_rel(a, b).pvalue) if sd > 0 else (1.0 if mean == 0 else 0.0)
+    return mean, mean - half, mean + half, p
+
+
+def load(records: Path):
+    """Every row of the *.jsonl files under `records` (a row computed twice, e.g. by a later run from the same
+    cache entries, is kept once: the file read last wins)."""
+    import pandas as pd
+
+    rows = [json.loads(line) for path in sorted(records.glob("*.jsonl")) for line in path.read_text().splitlines()]
+    df = pd.DataFrame(rows)
+    return df.drop_duplicates(["protocol", "seed", "stage", "method"], keep="last")
+
+
+def table(records: Path, out: Path) -> None:
+    import pandas as pd
+
+    df = load(records)
+    lines, csv_rows = [], []
+    for protocol, frame in df.groupby("protocol", sort=False):
+        lines += [f"## {protocol}", "", "| stage | method | n | test unbiased | val unbiased | worst group | units off "
+                  "| leakage | vs paper row: diff [95 % CI] | p |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for (stage, method), group in frame.groupby(["stage", "method"], sort=False):
+            group = group.sort_values("seed")
+            ref = frame[(frame.stage == stage) & (frame.method == REFERENCE[stage])].set_index("seed")
+            common = [s for s in group.seed if s in ref.index]
+
+            def cell(column, frame=group):
+                values = frame[column].dropna() * 100 if column in frame else []
+                if len(values) == 0:
+                    return "–"
+                return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" if len(values) > 1 else f"{values.mean():.1f}"
+
+            if method == REFERENCE[stage] or len(common) < 2:
+                diff_text, p_text, diff = "(reference)" if method == REFERENCE[stage] else "–", "–", None
+            else:
+                a = group.set_index("seed").loc[common, "acc_unbiased"].mul(100).tolist()
+                b = ref.loc[common, "acc_unbiased"].mul(100).tolist()
+                diff = paired(a, b)
+                diff_text = f"{diff[0]:+.1f} [{diff[1]:+.1f}, {diff[2]:+.1f}]"
+                p_text = f"{diff[3]:.3f}"
+            lines.append(f"| {stage} | {method} | {len(group)} | {cell('acc_unbiased')} | {cell('val_acc_unbiased')} "
+                         f"| {cell('acc_worst_group')} | {cell('sparsity_units')} | {cell('leakage')} | {diff_text} "
+                         f"| {p_text} |")
+            csv_rows.append({"protocol": protocol, "stage": stage, "method": method, "n": len(group),
+                             "test_unbiased_mean": group.acc_unbiased.mean() * 100,
+                             "test_unbiased_sd": group.acc_unbiased.std(ddof=1) * 100,
+                             "val_unbiased_mean": group.val_acc_unbiased.mean() * 100,
+                             "diff_vs_paper": diff[0] if diff else None, "ci_low": diff[1] if diff else None,
+                             "ci_high": diff[2] if diff else None, "p": diff[3] if diff else None,
+                             "seeds": " ".join(map(str, group.seed))})
+        lines.append("")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text("\n".join(lines))
+    pd.DataFrame(csv_rows).to_csv(out / "table.csv", index=False)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
+    r.add_argument("--seeds", type=int, nargs="+", required=True)
+    r.add_argument("--searches", nargs="+", default=["paper"], choices=sorted(SEARCHES))
+    r.add_argument("--ft-searches", nargs="*", default=["paper"], help="searches whose masks are fine-tuned")
+    r.add_argument("--restarts", action="store_true", help=f"also the {RESTARTS}-restart variant of the paper search")
+    r.add_argument("--output-root", default=OUTPUT_ROOT)
+    r.add_argument("--control-recipes", nargs="+", default=["adam_1e-3"], choices=sorted(FINETUNES))
+    r.add_argument("--ft-recipes", nargs="+", default=["adam_1e-3"], choices=sorted(FINETUNES))
+    r.add_argument("--tag", default="main", help="names this run's records file (<protocol>_seed<seed>_<tag>.jsonl)")
+    t = sub.add_parser("table")
+    t.add_argument("--records", default=f"{OUTPUT_ROOT}/study/records", help="folder of *.jsonl record files")
+    t.add_argument("--out", default="benchmarks/results/variant_study")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.command == "run":
+        run(args.protocol, args.seeds, args.searches, args.ft_searches, args.restarts, args.output_root, args.tag,
+            args.control_recipes, args.ft_recipes)
+    else:
+        table(Path(args.records), Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The search variants of issue 22's study (tau floor, Gumbel-sigmoid gates, L0 penalty, restarts, stop when
+frozen): construction-level claims only (what each option computes), never accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bise_cli.bise import SearchSettings, make_mask_optimizer, masks_frozen, run_search
+from bise_cli.data.biased_mnist import build_biased_mnist
+from bise_cli.errors import BiseError
+from bise_cli.masking import Gate, GatePoint, GateSet
+from bise_cli.models import build_backbone
+from bise_cli.reweighting import sample_weights
+from bise_cli.train import fit, freeze
+
+
+@pytest.fixture(scope="module")
+def tiny(embedded_digits):
+    torch.manual_seed(0)
+    bundle = build_biased_mnist(embedded_digits, rho=0.9, seed=0, max_samples=300, clean_split=True)
+    model = build_backbone("simple_convnet", 10, width=0.25)
+    fit(model, bundle["train"], epochs=1, batch_size=50, lr=0.05, seed=0)
+    return bundle, freeze(model)
+
+
+def _search(tiny, gate_init=0.5, val=True, **options):
+    bundle, model = tiny
+    gates = GateSet(model.gate_points(), init=gate_init).attach(model)
+    settings = SearchSettings(head_pretrain_epochs=1, head_refine_epochs=1, batch_size=100, gate_init=gate_init,
+                              **options)
+    weights = sample_weights("nominal_rho", bundle["search"].y, bundle["search"].b, 10, 10, (0.9,))
+    try:
+        result = run_search(model, gates, bundle["search"], bundle["val"] if val else None, None, num_classes=10,
+                            num_bias=10, weights=weights, settings=settings, seed=0)
+        return result, gates
+    finally:
+        gates.detach()
+
+
+def test_defaults_are_the_papers():
+    s = SearchSettings()
+    assert (s.tau_floor, s.gate_noise, s.sparsity_weight, s.restarts, s.stop_when_frozen) == (0.0, 0.0, 0.0, 1,
+                                                                                                False)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("tau_floor", 1.0, "tau_floor"), ("tau_floor", -0.1, "tau_floor"), ("gate_noise", -1.0, "gate_noise"),
+    ("sparsity_weight", -1.0, "sparsity_weight"), ("restarts", 0, "restarts"), ("restarts", 1.5, "restarts"),
+    ("frozen_grad_margin", 0.5, "frozen_grad_margin"),
+])
+def test_bad_values_are_one_line_errors(option, value, message):
+    with pytest.raises(BiseError, match=message) as error:
+        SearchSettings(**{option: value}).validate()
+    assert "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------- gate noise
+
+def test_noisy_gate_is_hard_forward_with_shifted_straight_through_gradient():
+    gate = Gate(4, init=0.0)
+    with torch.no_grad():
+        gate.logits.copy_(torch.tensor([0.3, -0.3, 0.05, -0.05]))
+    gate.tau = 0.5
+    gate.noise = torch.tensor([-0.4, 0.4, 0.0, 0.0])
+    values = gate.values()
+    assert values.tolist() == [0.0, 1.0, 1.0, 0.0]  # 1[m + noise >= 0], exactly binary
+    values.sum().backward()
+    noisy = torch.tensor([-0.1, 0.1, 0.05, -0.05])
+    soft = torch.sigmoid(noisy / 0.5)
+    assert torch.allclose(gate.logits.grad, soft * (1 - soft) / 0.5)
+    gate.noise = None  # deterministic again: the paper's gate
+    assert gate.values().tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_sample_noise_is_logistic_seeded_and_removable():
+    gates = GateSet([GatePoint("a", "x", 20000)])
+    gates.sample_noise(0.1, torch.Generator().manual_seed(0))
+    noise = gates.gate("a").noise
+    # Logistic(0, s): mean 0, standard deviation s * pi / sqrt(3).
+    assert abs(float(noise.mean())) < 0.005 and float(noise.std()) == pytest.approx(0.1 * math.pi / 3 ** 0.5,
+                                                                                   rel=0.03)
+    gates.sample_noise(0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(gates.gate("a").noise, noise)
+    gates.sample_noise(0.0, torch.Generator())
+    assert gates.gate("a").noise is None
+
+
+def test_noisy_search_leaves_deterministic_gates(tiny):
+    result, gates = _search(tiny, tau_period=1, tau_min=0.5, gate_noise=0.5)
+    assert len(result.history) == 1 and all(gates.gate(p.name).noise is None for p in gates.points)
+
+
+# ------------------------------------------------------------------------------------------- tau floor, L0
+
+def test_tau_floor_bounds_the_gates_temperature_not_the_schedule(tiny):
+    result, gates = _search(tiny, tau_period=1, tau_min=0.2, tau_floor=0.4)
+    assert len(result.history) == SearchSettings(tau_period=1, tau_min=0.2).num_epochs == 3
+    assert [row["tau"] for row in result.history] == [1.0, 0.5, 0.25]
+    assert all(gates.gate(p.name).tau == 0.4 for p in gates.points)  # max(0.125, floor)
+
+
+def test_soft_fraction_is_the_mean_sigmoid_and_differentiable():
+    gates = GateSet([GatePoint("a", "x", 2), GatePoint("b", "y", 2)])
+    with torch.no_grad():
+        gates.gate("a").logits.copy_(torch.tensor([0.0, 1.0]))
+        gates.gate("b").logits.copy_(torch.tensor([-1.0, 2.0]))
+    gates.set_tau(0.5)
+    value = gates.soft_fraction()
+    expected = torch.sigmoid(torch.tensor([0.0, 2.0, -2.0, 4.0]))
+    assert float(value.detach()) == pytest.approx(float(expected.mean()))
+    value.backward()
+    assert torch.allclose(gates.gate("a").logits.grad, (expected * (1 - expected))[:2] / 0.5 / 4)
+
+
+# ------------------------------------------------------------------------------------------- restarts
+
+def test_restarts_keep_the_best_validation_run(tiny):
+    result, _ = _search(tiny, gate_init=0.0, tau_period=1, tau_min=0.5, restarts=2, mask_lr=0.5)
+    assert [row["restart"] for row in result.history] == [0, 1]
+    values = [row["val_acc"] for row in result.history]  # one epoch per run: its value is the run's selection
+    assert result.best_value == max(values) and result.restart == values.index(max(values))  # ties: earlier run
+
+
+def test_restarts_need_validation(tiny):
+    with pytest.raises(BiseError, match="val_holdout"):
+        _search(tiny, val=False, tau_period=1, tau_min=0.5, restarts=2)
+
+
+# ------------------------------------------------------------------------------------------- frozen masks
+
+def _gate_with(m: list[float], v: list[float] | None, settings: SearchSettings):
+    gates = GateSet([GatePoint("a", "x", len(m))])
+    with torch.no_grad():
+        gates.gate("a").logits.copy_(torch.tensor(m))
+    opt = make_mask_optimizer(gates.parameters(), settings)
+    if v is not None:
+        opt.state[gates.gate("a").logits]["momentum_buffer"] = torch.tensor(v)
+    return gates, opt
+
+
+def _worst_case(m0: float, v0: float, tau: float, bound: float, steps: int, settings: SearchSettings) -> float:
+    """The logit after `steps` SGD steps whose gradient always pushes toward zero as hard as the bound allows."""
+    m, v = torch.tensor(m0, dtype=torch.float64), torch.tensor(v0, dtype=torch.float64)
+    sign = 1.0 if m0 > 0 else -1.0
+    for _ in range(steps):
+        soft = torch.sigmoid(m / tau)
+        grad = sign * bound * soft * (1 - soft) / tau
+        v = settings.mask_momentum * v + grad + settings.mask_weight_decay * m
+        m = m - settings.mask_lr * v
+    return float(m)
+
+
+def test_frozen_criterion_is_sound_against_the_worst_case_gradient():
+    settings = SearchSettings()
+    tau, bound, steps = 0.01, 5.0, 2000
+    for m0, v0 in ((0.4, 0.0), (-0.4, 0.0), (0.4, 0.3), (-0.5, -0.2)):
+        gates, opt = _gate_with([m0], [v0], settings)
+        if masks_frozen(gates, opt, settings, tau, steps, bound):
+            assert math.copysign(1, _worst_case(m0, v0, tau, bound, steps, settings)) == math.copysign(1, m0)
+    # The criterion fires for a gate far from 0 and not for one near it (or one carried toward 0 by momentum).
+    assert masks_frozen(*_gate_with([0.4, -0.4], [0.0, 0.0], settings), settings, tau, steps, bound)
+    assert not masks_frozen(*_gate_with([0.4, -0.02], [0.0, 0.0], settings), settings, tau, steps, bound)
+    assert not masks_frozen(*_gate_with([0.4], [40.0], settings), settings, tau, steps, bound)
+    # A gate near 0 does flip under that gradient: the criterion is not vacuous.
+    assert _worst_case(0.02, 0.0, tau, bound, steps, settings) < 0
+    # Adam and noisy gates never qualify.
+    for other in (SearchSettings(mask_optimizer="adam"), SearchSettings(gate_noise=0.1)):
+        assert not masks_frozen(*_gate_with([5.0], None, other), other, tau, steps, bound)
+
+
+def test_saturated_gates_are_frozen_whatever_the_gradient():
+    # sigmoid(m / tau) is exactly 1 (or 0) in float32: the straight-through gradient is exactly zero, so no
+    # gradient bound is needed; a gate merely far from 0 (sigmoid 1e-13, not 0) needs one.
+    settings, huge = SearchSettings(), 1e30
+    assert masks_frozen(*_gate_with([0.5, -1.0], [0.0, 0.0], settings), settings, 0.01, 2000, huge)
+    assert not masks_frozen(*_gate_with([0.5, -0.3], [0.0, 0.0], settings), settings, 0.01, 2000, huge)
+    assert torch.sigmoid(torch.tensor(-30.0)) > 0 and torch.sigmoid(torch.tensor(-100.0)) == 0
+    # Momentum carrying the gate back toward the unsaturated zone defeats the exact branch.
+    assert not masks_frozen(*_gate_with([0.5], [-300.0], settings), settings, 0.01, 2000, huge)
+
+
+def test_stop_when_frozen_gives_the_full_schedules_masks(tiny):
+    options = dict(gate_init=3.0, tau_period=1, tau_min=0.05, mask_lr=0.05)
+    full, _ = _search(tiny, **options)
+    stopped, _ = _search(tiny, stop_when_frozen=True, **options)
+    assert len(full.history) == 5 and len(stopped.history) < 5 and stopped.history[-1]["stopped_frozen"]
+    for name, mask in full.masks.items():
+        assert torch.equal(mask, stopped.masks[name]) and torch.equal(full.last_masks[name],
+                                                                      stopped.last_masks[name])
+    assert all(row["upstream_grad_max"] > 0 for row in stopped.history)

@@ -164,7 +164,8 @@ def _run_on_meta(overrides: list[str], tmp_path) -> tuple[list[dict], dict, list
     run_dir = RunDir(tmp_path / "run")
     with warnings.catch_warnings(), meta_device() as mode:
         warnings.simplefilter("ignore")  # load_state_dict into meta parameters warns per tensor
-        pipeline.recipe(cfg, META, run_dir)
+        bundle = pipeline.load_data(cfg)
+        pipeline.recipe(cfg, META, run_dir, bundle, pipeline.fingerprint_bundle(bundle))
     return run_dir.records, cfg, mode.where()
 
 

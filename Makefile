@@ -26,8 +26,8 @@ example-own-model: $(STAMP)  ## your model + your data: PNG manifest, a user-tra
 	$(BIN)/bise run experiment=example/own_model
 	$(BIN)/bise export outputs/runs/experiment=example_own_model --format onnx
 
-test: $(STAMP)  ## the test suite (CPU, no network, no ../shared)
-	$(BIN)/python -m pytest tests
+test: $(STAMP)  ## the test suite (CPU, no network, no ../shared), one worker per core
+	$(BIN)/python -m pytest -n auto --dist loadfile tests
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check bise_cli tests benchmarks

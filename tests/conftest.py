@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,15 @@ def embedded_digits() -> Digits:
     return load_embedded()
 
 
+# `make test` runs one pytest worker per core (pytest-xdist): each worker and the `bise` subprocesses it starts
+# get an equal share of the cores, so that workers do not oversubscribe the machine.
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)  # torch's default thread count in subprocesses
+
+
 @pytest.fixture(autouse=True)
 def _threads():
-    # Two cores: keep torch from oversubscribing when pytest runs subprocesses too.
-    torch.set_num_threads(2)
+    torch.set_num_threads(min(2, THREADS))
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:

@@ -79,11 +79,12 @@ def test_two_seed_sweep_then_table_then_rerun_skips(tmp_path):
     assert (sweep / "table.md").is_file() and (sweep / "table.csv").is_file()
     assert (sweep / "accuracy_vs_sparsity.png").stat().st_size > 2000
     before = [read_jsonl(sweep / r / "metrics.jsonl") for r in runs]
-    start = time.perf_counter()
+    written = [(sweep / r / "metrics.jsonl").stat().st_mtime_ns for r in runs]
     rerun = bise(*args, cwd=tmp_path)
-    assert "already done" in rerun.stderr + rerun.stdout
+    assert (rerun.stderr + rerun.stdout).count("already done") >= 2  # one per job
     assert [read_jsonl(sweep / r / "metrics.jsonl") for r in runs] == before
-    assert time.perf_counter() - start < 60  # generous: only imports and reading status files
+    # Skipped, not recomputed to the same values: the records were not even rewritten.
+    assert [(sweep / r / "metrics.jsonl").stat().st_mtime_ns for r in runs] == written
 
 
 def test_killed_run_resumes_to_the_same_records(tmp_path):

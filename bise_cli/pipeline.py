@@ -122,8 +122,8 @@ def recipe(cfg: dict, device: torch.device, run_dir: RunDir, bundle: DatasetBund
 
     # 1. Data, fingerprinted once (by `run`): every cache key below includes what was actually loaded.
     summary = summarize_bundle(bundle)  # read on the host, before the data move
-    ctx = stages.Context(cfg, bundle, device, StageCache(stages.cache_root(cfg), cfg["cache"]), run_dir,
-                         fingerprint["sha256"])
+    cache = StageCache(stages.cache_root(cfg), cfg["cache"], cfg["cache_wait_minutes"])
+    ctx = stages.Context(cfg, bundle, device, cache, run_dir, fingerprint["sha256"])
     # The data move to the device once (each distinct split once), or stay in host memory when they would
     # crowd out training; batches are then gathered where the data live.
     placement = place_data(ctx)

@@ -10,8 +10,10 @@ Guarantees:
 - values are loaded with `torch.load(weights_only=True)`, so a planted file cannot run code when read, and only
   plain data (tensors, str, int, float, bool, None in dicts, lists and tuples) may be saved;
 - files are written atomically, the .pt before its sidecar: a run killed in between leaves a .pt without a
-  matching sidecar, which is recomputed. Two runs writing the same entry at once can at worst leave a sidecar
-  that does not match the .pt, which again is recomputed.
+  matching sidecar, which is recomputed;
+- one job computes an entry, the others wait for it (`bise_cli.locking`: an OS lock per entry, released when
+  its holder exits or dies) and then read what it wrote, so jobs of a sweep that start together and share a
+  vanilla model train it once.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from bise_cli.locking import DEFAULT_WAIT_MINUTES, compute_lock
 from bise_cli.records import _atomic_write, _clean, config_hash, write_json
 
 log = logging.getLogger(__name__)
@@ -64,9 +67,10 @@ def _canonical(key: dict) -> Any:
 class StageCache:
     """Verified cache of stage results under `<root>/<stage>/`, keyed by the settings and data they depend on."""
 
-    def __init__(self, root: str | Path, enabled: bool = True):
+    def __init__(self, root: str | Path, enabled: bool = True, wait_minutes: float = DEFAULT_WAIT_MINUTES):
         self.root = Path(root)
         self.enabled = enabled
+        self.wait_minutes = wait_minutes  # how long a job waits for another job computing the same entry
 
     def key_path(self, stage: str, key: dict) -> Path:
         """Path of the .pt file of the entry for (`stage`, `key`)."""
@@ -121,13 +125,25 @@ class StageCache:
         return path
 
     def get_or_compute(self, stage: str, key: dict, compute: Callable[[], T], *, describe: str | None = None) -> T:
-        """The cached value for (`stage`, `key`) if a verified entry exists, else `compute()` (then cached)."""
+        """The cached value for (`stage`, `key`) if a verified entry exists, else `compute()` (then cached).
+
+        The entry is computed under its lock: a job that finds another job computing it waits, then reuses the
+        entry that job wrote (or computes it itself when the other job died or failed before writing it)."""
         if not self.enabled:
             return compute()
+        path = self.key_path(stage, key)
         value = self._load(stage, key)
         if value is not _MISS:  # a cached None is a hit too
-            log.info("%s from cache (%s)", describe or stage, self.key_path(stage, key))
+            log.info("%s from cache (%s)", describe or stage, path)
             return value
-        value = compute()  # an exception here propagates before anything is written
-        self.save(stage, key, value)
+        with compute_lock(path, describe or stage, self.wait_minutes) as waited:
+            if waited:  # the holder may have written the entry meanwhile
+                value = self._load(stage, key)
+                if value is not _MISS:
+                    log.info("%s from cache: reused the result another job computed (%s)", describe or stage, path)
+                    return value
+                log.info("%s: the other job left no result (it failed or was killed); computing it here",
+                         describe or stage)
+            value = compute()  # an exception here propagates before anything is written
+            self.save(stage, key, value)
         return value

@@ -14,6 +14,7 @@ import logging
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -155,6 +156,19 @@ class OutputFolderCheck:
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self._check(config, "hydra.sweep.dir")
+        self._started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        """Jobs of a parallel launcher (joblib, submitit) fail in other processes: their status.json tells."""
+        sweep = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        for path in sorted(sweep.glob("*/status.json")):
+            if path.stat().st_mtime >= getattr(self, "_started", 0) - 1 and str(path.parent) not in FAILED_JOBS:
+                try:
+                    failed = json.loads(path.read_text()).get("state") == "failed"
+                except (OSError, ValueError, AttributeError):
+                    failed = False
+                if failed:
+                    FAILED_JOBS.append(str(path.parent))
 
     def __getattr__(self, name: str):
         if name.startswith("on_"):   # Hydra's other hooks (job start and end, ...): nothing to check
@@ -175,6 +189,15 @@ class OutputFolderCheck:
             sys.exit(2)
 
 
+def _mark_failed(error: BaseException) -> None:
+    """Count a failed sweep job and say so in its status.json, now (a job that failed before the pipeline marked it
+    running has none, or an old one): how a parallel launcher's jobs report back (OutputFolderCheck.on_multirun_end)."""
+    from bise_cli.records import RunDir
+
+    FAILED_JOBS.append(str(_output_dir()))
+    RunDir(_output_dir()).fail(error)
+
+
 def _guarded(task):
     """Run a task; user errors, file-system errors and interrupts become one-line messages on stderr (rc 2, 1,
     143/130). In a sweep a failed job never stops the others (an interrupt stops the sweep)."""
@@ -186,13 +209,13 @@ def _guarded(task):
         except (BiseError, OSError) as error:
             if _is_multirun():
                 log.error("error: %s (job %s)", error, _output_dir())
-                FAILED_JOBS.append(str(_output_dir()))
+                _mark_failed(error)
                 return None
             _fail(f"error: {error}", 2 if isinstance(error, BiseError) else 1)
-        except Exception:
+        except Exception as error:
             if _is_multirun():
                 log.exception("job failed (traceback also in %s/status.json)", _output_dir())
-                FAILED_JOBS.append(str(_output_dir()))
+                _mark_failed(error)
                 return None
             raise
     return wrapper

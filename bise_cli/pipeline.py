@@ -24,6 +24,7 @@ from bise_cli.data import build_dataset, summarize_bundle
 from bise_cli.data.base import DatasetBundle, Split, place_splits
 from bise_cli.data.noise import flip_labels
 from bise_cli.errors import BiseError
+from bise_cli.estimate import log_estimate
 from bise_cli.fingerprint import fingerprint_bundle
 from bise_cli.precision import (
     configure_backends,
@@ -95,7 +96,9 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
     if cfg["cache"]:
         check_writable(stages.cache_root(cfg))
     write_text(run_dir.file("config.yaml"), OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    run_dir.set_status("running", config_hash=identity, data_sha256=fingerprint["sha256"])
+    # What the run will cost on this device, before any long stage (the log's first lines, status.json).
+    estimate = log_estimate(cfg, bundle, device)["estimated_seconds"]
+    run_dir.set_status("running", config_hash=identity, data_sha256=fingerprint["sha256"], estimated_seconds=estimate)
     started = time.perf_counter()
     try:
         recipe(cfg, device, run_dir, bundle, fingerprint)
@@ -108,7 +111,8 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
         raise
     write_report(run_dir.path, cfg, run_dir.records, cfg.get("note", ""))
     write_run_card(run_dir.path, cfg, run_dir.records)
-    run_dir.finish(identity, data_sha256=fingerprint["sha256"], seconds=round(time.perf_counter() - started, 1))
+    run_dir.finish(identity, data_sha256=fingerprint["sha256"], seconds=round(time.perf_counter() - started, 1),
+                   estimated_seconds=estimate)
     track_run(cfg.get("logger"), run_dir.path, cfg, run_dir.records)
     return run_dir.records
 
@@ -122,8 +126,8 @@ def recipe(cfg: dict, device: torch.device, run_dir: RunDir, bundle: DatasetBund
 
     # 1. Data, fingerprinted once (by `run`): every cache key below includes what was actually loaded.
     summary = summarize_bundle(bundle)  # read on the host, before the data move
-    ctx = stages.Context(cfg, bundle, device, StageCache(stages.cache_root(cfg), cfg["cache"]), run_dir,
-                         fingerprint["sha256"])
+    cache = StageCache(stages.cache_root(cfg), cfg["cache"], cfg["cache_wait_minutes"])
+    ctx = stages.Context(cfg, bundle, device, cache, run_dir, fingerprint["sha256"])
     # The data move to the device once (each distinct split once), or stay in host memory when they would
     # crowd out training; batches are then gathered where the data live.
     placement = place_data(ctx)

@@ -96,7 +96,8 @@ RESERVED_FIELDS = ("stage", "keys", "run_dir", "data_sha256", "data_train_size",
                    "peak_gpu_memory_mb")
 # Config entries that never change a result: left out of a run's identity (the pipeline adds the resolved device
 # itself) and of records.
-NOT_RESULT_SETTINGS = ("hydra", "device", "output_root", "name", "note", "cache", "threads", "logger")
+NOT_RESULT_SETTINGS = ("hydra", "device", "output_root", "name", "note", "cache", "cache_wait_minutes", "threads",
+                       "logger", "gpu_work")
 # Records also leave out the stage list and record_keys (a record is one stage; record_keys are merged in).
 NOT_RECORD_SETTINGS = (*NOT_RESULT_SETTINGS, "stages", "record_keys")
 

@@ -239,6 +239,8 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
 
     _choice(cfg, "data_on_device", DATA_PLACEMENTS)
     _bool(cfg, "cache")
+    _bool(cfg, "gpu_work")
+    _positive(cfg, "cache_wait_minutes")
     _bool(cfg, "deterministic")
     for key in ("output_root", "name"):
         value = _get(cfg, key)

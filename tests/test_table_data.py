@@ -385,3 +385,47 @@ def test_waterbirds_paper_plus_preset_runs_on_the_release_layout(tmp_path):
     assert [r["stage"] for r in records] == ["vanilla", "bise", "bise", "bise_ft", "dfr_val"]
     assert [r.get("selection") for r in records if r["stage"] == "bise"] == ["acc_worst_group", "acc_avg_group"]
     assert all(0.0 <= r["acc_worst_group"] <= 1.0 for r in records)
+
+
+BUILDER = """
+import json, sys, time
+from pathlib import Path
+from bise_cli.data.table import build
+from bise_cli.fingerprint import fingerprint_bundle
+manifest, cache, ready, go = sys.argv[1:5]
+Path(ready).write_text("ready")
+while not Path(go).exists():
+    time.sleep(0.005)
+import logging
+logging.basicConfig(level=logging.INFO)  # on stderr: the test shows it when an assertion fails
+bundle = build("files", None, 0, None, manifest=manifest, bias_columns=["place"], cache_dir=cache, workers=1)
+print(json.dumps({"hit": bundle.info["image_cache_hit"], "sha": fingerprint_bundle(bundle)["sha256"]}))
+"""
+
+
+def test_two_processes_building_the_image_cache_at_once_build_it_once(table, tmp_path):
+    """Both processes start building the same image cache at the same moment: one decodes the images, the other
+    waits for its lock and reads what it built; one intact cache, the same data in both."""
+    import subprocess
+    import sys
+    import time
+
+    from bise_cli.fingerprint import fingerprint_bundle
+
+    folder, _ = table
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    readies = [tmp_path / f"ready{i}" for i in range(2)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    builders = [subprocess.Popen([sys.executable, "-c", BUILDER, str(folder / "manifest.csv"), str(cache), str(ready),
+                                  str(go)], env=env, stdout=subprocess.PIPE, text=True) for ready in readies]
+    while not all(ready.exists() for ready in readies):  # both imported everything: start them together
+        assert all(b.poll() is None for b in builders)
+        time.sleep(0.01)
+    go.write_text("go")
+    results = [json.loads(b.communicate(timeout=120)[0].splitlines()[-1]) for b in builders]
+    assert all(b.returncode == 0 for b in builders)
+    assert sorted(r["hit"] for r in results) == [False, True]  # decoded once
+    assert len(list(cache.glob("table*.npy"))) == 1 and not list(cache.glob("*.partial-*"))
+    again = load(folder, tmp_path)  # the cache verifies (else this would rebuild) and holds the same data
+    assert again.info["image_cache_hit"] is True
+    assert results[0]["sha"] == results[1]["sha"] == fingerprint_bundle(again)["sha256"]

@@ -4,7 +4,9 @@
 .npz under the cache folder with a SHA-256 of the array bytes beside it (checked on every load; a mismatch
 rebuilds); `cached_memmap` fills a memory-mapped .npy chunk by chunk (resumable: the filled prefix is recorded)
 for sets too large for memory (CelebA at 224 px), with the SHA-256 of its bytes beside it (checked on every load,
-i.e. when a run starts; a mismatch rebuilds). Writes are atomic (temporary name, then os.replace).
+i.e. when a run starts; a mismatch rebuilds). Writes are atomic (temporary name, then os.replace). A cache is
+built under its lock (`bise_cli.locking`): jobs that need it at the same time wait for the one building it and
+then read what it built, so it is built once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bise_cli.locking import compute_lock
 from bise_cli.progress import progress_bar
 
 log = logging.getLogger("bise")
@@ -57,16 +60,32 @@ def cached_arrays(cache_dir: str | Path | None, kind: str, key: str,
     folder = Path(cache_dir or DEFAULT_CACHE_DIR)
     path = folder / f"{kind}-{key[:20]}.npz"
     sidecar = path.with_suffix(".json")
+    arrays = _load_arrays(path, sidecar)
+    if arrays is not None:
+        return arrays, True
+    with compute_lock(path, f"the {kind} data cache") as waited:
+        arrays = _load_arrays(path, sidecar) if waited else None  # what the job we waited for built
+        if arrays is not None:
+            return arrays, True
+        return _store_arrays(path, sidecar, key, build()), False
+
+
+def _load_arrays(path: Path, sidecar: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of a cached_arrays entry when it is present and matches its checksum, else None."""
     if path.is_file() and sidecar.is_file():
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
             if json.loads(sidecar.read_text()).get("sha256") == arrays_sha(arrays):
-                return arrays, True
+                return arrays
             log.warning("data cache %s fails its checksum; rebuilding", path)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
             log.warning("data cache %s unreadable (%s); rebuilding", path, error)
-    arrays = build()
+    return None
+
+
+def _store_arrays(path: Path, sidecar: Path, key: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
     np.savez(tmp, **arrays)
@@ -75,7 +94,7 @@ def cached_arrays(cache_dir: str | Path | None, kind: str, key: str,
     tmp_side.write_text(json.dumps({"key": key, "sha256": arrays_sha(arrays),
                                     "shapes": {k: list(v.shape) for k, v in arrays.items()}}))
     os.replace(tmp_side, sidecar)
-    return arrays, False
+    return arrays
 
 
 def _host() -> str:
@@ -193,8 +212,7 @@ def cached_memmap(cache_dir: str | Path | None, kind: str, key: str, shape: tupl
 
     Each process fills its own `.partial-<host>-<pid>` file and records its progress beside it; a fill killed
     midway is resumed by the next process on the same machine (`_adopt`). Two processes building the same cache
-    at once each fill their own file and atomically rename it into place (the contents are the same), so neither
-    fails and nothing is left behind."""
+    at once: one fills it (under the cache's lock), the others wait and then read it."""
     folder = Path(cache_dir or DEFAULT_CACHE_DIR)
     path = folder / f"{kind}-{key[:20]}.npy"
     sidecar = path.with_suffix(".json")
@@ -202,6 +220,17 @@ def cached_memmap(cache_dir: str | Path | None, kind: str, key: str, shape: tupl
         array = _verified(path, sidecar, shape)
         if array is not None:
             return array, True
+    with compute_lock(path, f"the {kind} data cache") as waited:
+        array = _verified(path, sidecar, shape) if waited and path.is_file() else None
+        if array is not None:  # built by the job we waited for
+            return array, True
+        return _fill_memmap(path, sidecar, key, shape, fill, chunk, description), False
+
+
+def _fill_memmap(path: Path, sidecar: Path, key: str, shape: tuple[int, ...],
+                 fill: Callable[[int, int], np.ndarray], chunk: int, description: str) -> np.ndarray:
+    """Fill the cache at `path` (resuming an interrupted fill of this machine) and move it into place."""
+    folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     token = f"{_host()}-{os.getpid()}"
     partial = path.with_name(f"{path.name}.partial-{token}")
@@ -230,4 +259,4 @@ def cached_memmap(cache_dir: str | Path | None, kind: str, key: str, shape: tupl
     os.replace(tmp, sidecar)
     os.replace(partial, path)
     state.unlink(missing_ok=True)
-    return np.load(path, mmap_mode="r"), False
+    return np.load(path, mmap_mode="r")

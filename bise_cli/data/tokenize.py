@@ -25,6 +25,7 @@ import torch
 from rich.progress import Progress
 
 from bise_cli.errors import BiseError
+from bise_cli.locking import compute_lock
 from bise_cli.progress import console
 from bise_cli.records import save_torch
 
@@ -151,11 +152,15 @@ def tokenize_texts(texts: list[str], tokenizer: str, max_length: int, cache_dir:
     if cached is not None:
         log.debug("token cache hit %s", path)
         return cached, 0.0
-    if len(texts) >= PROGRESS_FROM:
-        log.info("tokenising %d texts (max_length %d, %s)", len(texts), max_length, tokenizer)
-    started = time.perf_counter()
-    tokens = _tokenize(texts, tokenizer, max_length)
-    seconds = time.perf_counter() - started
-    log.info("tokenised %d texts in %.1f s (cached in %s)", len(texts), seconds, path)
-    save_torch(path, tokens)  # atomic: temporary file in the same folder, then os.replace
+    with compute_lock(path, "the token cache") as waited:  # parallel jobs tokenise the same texts once
+        cached = _read_cache(path, len(texts), max_length) if waited else None
+        if cached is not None:
+            return cached, 0.0
+        if len(texts) >= PROGRESS_FROM:
+            log.info("tokenising %d texts (max_length %d, %s)", len(texts), max_length, tokenizer)
+        started = time.perf_counter()
+        tokens = _tokenize(texts, tokenizer, max_length)
+        seconds = time.perf_counter() - started
+        log.info("tokenised %d texts in %.1f s (cached in %s)", len(texts), seconds, path)
+        save_torch(path, tokens)  # atomic: temporary file in the same folder, then os.replace
     return tokens, seconds

@@ -1,0 +1,42 @@
+"""The run-level cost estimate: positive figures per stage from timed batches, the global RNG untouched (a run
+draws the same numbers with it), and the one-line GPU-work notice on a CPU with the alternatives."""
+
+from __future__ import annotations
+
+import torch
+
+from bise_cli import pipeline
+from bise_cli.estimate import estimate_run, report
+
+from conftest import TINY_OVERRIDES, compose_config
+
+
+def test_estimate_is_positive_per_stage_and_leaves_the_rng_alone():
+    cfg = compose_config(TINY_OVERRIDES)
+    bundle = pipeline.load_data(cfg)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    estimate = estimate_run(cfg, bundle, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert estimate["estimated_seconds"] > 0 and estimate["seconds_per_sample"] > 0
+    # The smoke preset's stages: vanilla, the search (for the mask stages), both fine-tunings, every evaluation.
+    assert set(estimate["per_stage"]) == {"vanilla", "bise", "bise_ft", "reweighted_ft", "evaluation"}
+    assert all(seconds > 0 for seconds in estimate["per_stage"].values())
+    assert abs(sum(estimate["per_stage"].values()) - estimate["estimated_seconds"]) < 0.5
+    # Scaling: twice the vanilla epochs is twice the vanilla estimate for the same measured speed.
+    longer = {**cfg, "train": {**cfg["train"], "epochs": 2 * cfg["train"]["epochs"]}}
+    assert estimate_run(longer, bundle, torch.device("cpu"))["per_stage"]["vanilla"] > \
+        estimate["per_stage"]["vanilla"] * 1.2
+
+
+def test_gpu_work_on_a_cpu_is_said_in_one_line_with_the_alternatives():
+    estimate = {"estimated_seconds": 69000.0, "per_stage": {"vanilla": 62000.0, "bise": 7000.0},
+                "seconds_per_sample": 0.0129, "timed_batch_size": 256}
+    lines = report(estimate, {"gpu_work": True}, torch.device("cpu"))
+    assert lines[0].startswith("estimated wall time of this run on cpu: 19.2 h (vanilla 17.2 h, bise 1.9 h;")
+    assert lines[1] == ("this is GPU work running on a CPU: about 19.2 h; on a machine with a GPU use device=cuda, "
+                        "or try experiment=quickstart (a reduced run of about 2 minutes)")
+    assert len(report({**estimate, "estimated_seconds": 60.0}, {"gpu_work": False}, torch.device("cpu"))) == 1
+    assert len(report(estimate, {"gpu_work": True}, torch.device("cuda"))) == 1
+    # Unmarked but far beyond a CPU's reach: said too.
+    assert len(report(estimate, {"gpu_work": False}, torch.device("cpu"))) == 2

@@ -226,11 +226,19 @@ def _run_pipeline(cfg: DictConfig) -> None:
         log.info(plain["note"])
     records = pipeline.run(plain, _output_dir())
     print_run_summary(records, note=plain.get("note", ""), out_dir=_output_dir())
+    objective = (plain.get("tune") or {}).get("objective")
+    if objective:  # the value a sweeper (experiment=tune/*) maximises: one validation metric
+        from bise_cli.tuning import objective_value
+
+        value = objective_value(records, objective)
+        log.info("tune.objective %s = %.6g", objective, value)
+        return value
+    return None
 
 
 @_guarded
 def run_task(cfg: DictConfig):
-    _run_pipeline(cfg)
+    return _run_pipeline(cfg)
 
 
 @_guarded

@@ -230,7 +230,13 @@ def _run_pipeline(cfg: DictConfig) -> None:
     if objective:  # the value a sweeper (experiment=tune/*) maximises: one validation metric
         from bise_cli.tuning import objective_value
 
-        value = objective_value(records, objective)
+        try:
+            value = objective_value(records, objective)
+        except BiseError as error:
+            if _is_multirun():
+                raise  # a failed trial (the sweeper gets no number)
+            log.warning("%s", error)  # a single run: nothing consumes the objective
+            return None
         log.info("tune.objective %s = %.6g", objective, value)
         return value
     return None

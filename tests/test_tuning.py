@@ -140,7 +140,8 @@ def test_tuning_presets_compose_and_are_checked_before_running():
         control = _with_hydra([f"experiment=tune/{preset}_control"])
         # Same number of trials for BISE and its control; the control searches only its own (fine-tuning) settings.
         assert bise_cfg["tune"]["objective"].startswith("bise_ft.val_")
-        assert control["tune"]["objective"].startswith("reweighted_ft.val_") and control["stages"][-1] == "reweighted_ft"
+        assert control["tune"]["objective"].startswith("reweighted_ft.val_")
+        assert control["stages"] == ["vanilla", "reweighted_ft"]
         assert {k.split(".")[0] for k in control["hydra"]["sweeper"]["params"]} == {"finetune"}
         assert bise_cfg["hydra"]["sweeper"]["n_trials"] == control["hydra"]["sweeper"]["n_trials"]
         assert bise_cfg["hydra"]["sweeper"]["direction"] == "maximize"

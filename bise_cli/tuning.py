@@ -73,7 +73,7 @@ def best_trials(df):
         # The first record of the stage in each trial (an `also_select_by` alternative carries `selection`).
         scored = trials[trials["stage"] == stage].groupby("run_dir", sort=True).head(1)
         values = pd.to_numeric(scored.get(metric), errors="coerce") if metric in scored else pd.Series(dtype=float)
-        finite = scored[values.notna() & values.map(lambda v: math.isfinite(v) if v == v else False)]
+        finite = scored[values.map(lambda v: not pd.isna(v) and math.isfinite(v)).astype(bool)]
         row = {"study": Path(study).name, "objective": objective, "trials": trials["run_dir"].nunique(),
                "completed": len(finite)}
         if len(finite):

@@ -149,3 +149,26 @@ def test_tuning_presets_compose_and_are_checked_before_running():
     cfg = compose_config(["experiment=tune/multicolor_mnist", "tune.objective=bise_ft.acc_unbiased"])
     with pytest.raises(BiseError, match="test metrics are never read"):
         validate_config(cfg)
+
+
+def test_best_trial_of_each_study_by_validation_with_failed_trials_counted():
+    import pandas as pd
+
+    from bise_cli.tuning import best_trials
+
+    def trial(study, name, objective, stage, val, test):
+        run = f"out/sweeps/{study}/{name}"
+        return [{"stage": "vanilla", "run_dir": run, "tune.objective": objective, "acc_unbiased": 0.5},
+                *([{"stage": stage, "run_dir": run, "tune.objective": objective, "val_acc_unbiased": val,
+                    "acc_unbiased": test}] if val is not None else [])]
+
+    df = pd.DataFrame([*trial("t", "a", "bise_ft.val_acc_unbiased", "bise_ft", 0.61, 0.70),
+                       *trial("t", "b", "bise_ft.val_acc_unbiased", "bise_ft", 0.64, 0.60),  # best by val
+                       *trial("t", "c", "bise_ft.val_acc_unbiased", "bise_ft", None, None),  # failed trial
+                       *trial("c", "a", "reweighted_ft.val_acc_unbiased", "reweighted_ft", 0.63, 0.66),
+                       {"stage": "vanilla", "run_dir": "out/runs/x", "tune.objective": None}])  # not tuning
+    studies = best_trials(df).set_index("study")
+    assert studies.loc["t", "trials"] == 3 and studies.loc["t", "completed"] == 2
+    # The best trial is chosen by validation (0.64), not by its test value (0.60 < 0.70).
+    assert studies.loc["t", "best_trial"] == "b" and studies.loc["t", "acc_unbiased"] == 0.60
+    assert studies.loc["c", "best_val"] == 0.63 and len(studies) == 2

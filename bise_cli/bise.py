@@ -27,8 +27,14 @@ Variants of our own (issue 22's study, benchmarks/results/variant_study; every d
 - `sparsity_weight`: + lambda * mean_units sigmoid(m/tau), the expected-L0 penalty of Louizos et al. per unit;
 - `restarts`: k searches from the same start with different batch orders (seed + 1000 k), the one whose
   selected masks score best on validation is kept (needs a validation split);
-- `stop_when_frozen`: stop once no gate can change sign any more (`masks_frozen`); the selected masks are the
-  same as with the full schedule under the criterion's gradient bound, the heads get fewer refinements.
+- `stop_when_frozen` (on by default: the results are identical by construction): once no gate can change any
+  more (`masks_frozen`, exact branch), the remaining epochs of the schedule run forward-only: no backward pass
+  through the model and no validation pass (the masks, hence the validation metrics, are those of the epoch that
+  froze), while everything that does not depend on the gates' learning is reproduced step for step: the same
+  batches from the same generator, the bias heads' per-batch steps and refinement rounds, the gate optimiser's
+  weight-decay and momentum steps (the gates' gradient is exactly zero then), the temperature and learning-rate
+  schedules, best-epoch selection and every history row. `frozen_grad_margin` (opt-in) adds the bounded branch,
+  which relies on an observed gradient bound: the masks are then final only under that assumption.
 """
 
 from __future__ import annotations
@@ -99,8 +105,8 @@ class SearchSettings(HeadOptimiser):
     gate_noise: float = 0.0
     sparsity_weight: float = 0.0
     restarts: int = 1
-    stop_when_frozen: bool = False
-    frozen_grad_margin: float = 10.0
+    stop_when_frozen: bool = True   # identical results by construction (module docstring)
+    frozen_grad_margin: float | None = None  # None: the exact criterion only; a number: also the bounded branch
 
     def validate(self) -> SearchSettings:
         check_precision(self.precision)
@@ -127,10 +133,13 @@ class SearchSettings(HeadOptimiser):
             raise BiseError("pruning.batch_size must be >= 1 and the head epoch counts >= 0")
         if not 0 <= self.tau_floor < self.tau0:
             raise BiseError(f"pruning.tau_floor must be in [0, tau0) (got {self.tau_floor})")
-        if self.gate_noise < 0 or self.sparsity_weight < 0 or self.frozen_grad_margin < 1:
-            raise BiseError("pruning.gate_noise and pruning.sparsity_weight must be >= 0 and "
-                            f"pruning.frozen_grad_margin >= 1 (got {self.gate_noise}, {self.sparsity_weight}, "
-                            f"{self.frozen_grad_margin})")
+        if self.gate_noise < 0 or self.sparsity_weight < 0:
+            raise BiseError("pruning.gate_noise and pruning.sparsity_weight must be >= 0 (got "
+                            f"{self.gate_noise}, {self.sparsity_weight})")
+        if self.frozen_grad_margin is not None and (isinstance(self.frozen_grad_margin, bool)
+                                                    or not self.frozen_grad_margin >= 1):
+            raise BiseError("pruning.frozen_grad_margin must be null (exact criterion only) or a number >= 1 "
+                            f"(got {self.frozen_grad_margin!r})")
         if isinstance(self.restarts, bool) or not isinstance(self.restarts, int) or self.restarts < 1:
             raise BiseError(f"pruning.restarts must be an integer >= 1 (got {self.restarts!r})")
         return self
@@ -170,6 +179,7 @@ class SearchResult:
     # The validation metric of the selected masks (what `restarts` compares); -inf without validation.
     best_value: float = -math.inf
     restart: int = 0  # which of the `restarts` searches was kept
+    frozen_epoch: int | None = None  # the epoch after which no gate could change any more (None: never)
 
 
 # --------------------------------------------------------------------------------------------- MI estimator
@@ -263,44 +273,56 @@ class _Heads:
 
 def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, weights: SampleWeights,
                 settings: SearchSettings, num_bias: int, generator, device, epoch: int, bar,
-                tap) -> tuple[dict, dict[str, torch.Tensor]]:
+                tap, frozen: bool = False) -> tuple[dict, dict[str, torch.Tensor], float]:
     """One pass of the gates over the search split; returns the epoch's mean losses, head accuracy and unit
-    sparsity, and the binary masks after it (on the device).
+    sparsity, the binary masks after it (on the device) and the largest |dJ/dg| seen (0 unless the bounded
+    criterion of `stop_when_frozen` needs it).
+
+    `frozen` (after `masks_frozen` held): the forward pass runs without autograd and the gates step on an exact
+    zero gradient (what the backward pass would give them, see masks_frozen), so everything else (batches,
+    heads, optimiser state, the row) is what the full pass gives, at the cost of the forward pass alone.
 
     The MI subsets weight the samples instead of selecting them, and every sum stays on the device (float64):
     the host reads the device once per epoch, after the last batch."""
     zero = torch.zeros((), dtype=torch.float64, device=device)
     sums = {"loss_ce": zero.clone(), "mi": zero.clone(), "mi_batches": zero.clone(), "head_hits": zero.clone(),
             "finite": zero.clone()}
-    upstream = zero.clone()  # the largest |dJ/dg| seen (stop_when_frozen's gradient bound)
+    bounded = settings.stop_when_frozen and settings.frozen_grad_margin is not None and not frozen
+    upstream = zero.clone()  # the largest |dJ/dg| seen (the bounded criterion's gradient bound)
     n = 0
     for x, y, b in search.batches(settings.batch_size, shuffle=True, generator=generator, device=device,
                                   augment=settings.augment):
         if settings.gate_noise > 0:
             gates.sample_noise(settings.gate_noise, generator)
-        with autocast(settings.precision, device):
+        # Frozen: the same forward values (masked gates are exactly hard), no graph.
+        with torch.set_grad_enabled(not frozen), autocast(settings.precision, device):
             logits = model(x)
         logits, z = logits.float(), tap["z"].float()
-        loss_ce = weighted_cross_entropy(logits, y, weights(y, b))
-        objective = settings.alpha * loss_ce
-        if settings.gamma > 0:
-            mi_total, present = None, None
-            for (head, _), column in zip(heads.pairs, bias_columns(b), strict=True):
-                subset = mi_subset_mask(column, y, settings, generator)
-                # The head's weights are detached here: the MI gradient reaches the gates only.
-                q = F.softmax(F.linear(z, head.weight.detach(), head.bias.detach()), dim=1)
-                mi = normalized_mutual_information(column, q, num_bias, subset)
-                mi_total = mi if mi_total is None else mi_total + mi
-                present = subset.any() if present is None else present | subset.any()
-            # A batch without any subset sample adds 0 (as skipping the MI would) and is not averaged over.
-            objective = objective + settings.gamma * mi_total
-            sums["mi"] += mi_total.detach()
-            sums["mi_batches"] += present
-        if settings.sparsity_weight > 0:
-            objective = objective + settings.sparsity_weight * gates.soft_fraction()
+        with torch.set_grad_enabled(not frozen):
+            loss_ce = weighted_cross_entropy(logits, y, weights(y, b))
+            objective = settings.alpha * loss_ce
+            if settings.gamma > 0:
+                mi_total, present = None, None
+                for (head, _), column in zip(heads.pairs, bias_columns(b), strict=True):
+                    subset = mi_subset_mask(column, y, settings, generator)
+                    # The head's weights are detached here: the MI gradient reaches the gates only.
+                    q = F.softmax(F.linear(z, head.weight.detach(), head.bias.detach()), dim=1)
+                    mi = normalized_mutual_information(column, q, num_bias, subset)
+                    mi_total = mi if mi_total is None else mi_total + mi
+                    present = subset.any() if present is None else present | subset.any()
+                # A batch without any subset sample adds 0 (as skipping the MI would) and is not averaged over.
+                objective = objective + settings.gamma * mi_total
+                sums["mi"] += mi_total.detach()
+                sums["mi_batches"] += present
+            if settings.sparsity_weight > 0:
+                objective = objective + settings.sparsity_weight * gates.soft_fraction()
         mask_opt.zero_grad(set_to_none=True)
-        objective.backward()
-        if settings.stop_when_frozen:
+        if frozen:
+            for param in gates.parameters():
+                param.grad = torch.zeros_like(param)
+        else:
+            objective.backward()
+        if bounded:
             upstream = torch.maximum(upstream, _upstream_gradient(gates).to(upstream.device))
         # Each head steps on its own CE over the detached features (after the gates' backward pass).
         for (head, opt), column in zip(heads.pairs, bias_columns(b), strict=True):
@@ -328,9 +350,7 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
     units = sum(m.numel() for m in masks.values())
     row = {"loss_ce": loss_ce / n, "mi": mi / mi_batches if mi_batches else None, "head_acc": head_hits / n,
            "sparsity_units": 1.0 - kept / units}
-    if settings.stop_when_frozen:
-        row["upstream_grad_max"] = upstream
-    return row, masks
+    return row, masks, upstream
 
 
 def _slope(logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -352,20 +372,22 @@ def _upstream_gradient(gates: GateSet) -> torch.Tensor:
 
 
 def masks_frozen(gates: GateSet, mask_opt: torch.optim.Optimizer, settings: SearchSettings, tau: float,
-                 steps_left: int, grad_bound: float) -> bool:
-    """True when no gate can change sign in the `steps_left` remaining SGD steps (the criterion of
-    `stop_when_frozen`); tau <= `tau` from now on (the schedule only lowers it). A gate is final when either:
+                 steps_left: int, grad_bound: float | None = None) -> bool:
+    """True when no gate can change in the `steps_left` remaining SGD steps (the criterion of
+    `stop_when_frozen`); tau <= `tau` from now on (both schedules only lower it, `tau_floor` included) and the
+    mask learning rate never rises (constant or cosine). With SGD, v <- mu v + dJ/dm + wd m, m <- m - lr v, so
+    over T steps |m_T - m_0| <= lr / (1 - mu) (mu |v_0| + sum_t |dJ/dm_t + wd m_t|). A gate is final when:
 
-    - its gradient is exactly zero for good: the float32 sigmoid(m/tau) of the gate is exactly 1 (m/tau >~ 17)
-      or exactly 0 (m/tau <~ -89), so sigma(1 - sigma)/tau = 0 whatever dJ/dg is, and weight decay plus the
-      momentum left can move m by at most D0 = lr / (1 - mu) * (mu |v_0| + T 1.5 wd |m_0|) (SGD with momentum:
-      v <- mu v + dJ/dm + wd m, m <- m - lr v, so |m_T - m_0| <= lr / (1 - mu) (mu |v_0| + sum_t |dJ/dm_t +
-      wd m_t|)), which the check applies before testing the sigmoid (exact, no assumption); or
-    - under the gradient bound |dJ/dg| <= U = `grad_bound`: while |m| stays in [|m_0|/2, 3|m_0|/2],
-      |dJ/dm| <= U s with s = sigma'(|m_0| / (2 tau)) / tau (which falls as tau falls once |m_0|/(2 tau) >= 2.4),
-      so D = lr / (1 - mu) * (mu |v_0| + T (U s + 1.5 wd |m_0|)) < |m_0| / 2 keeps the gate away from zero, by
-      induction over the steps. U is an assumption: the run passes the largest |dJ/dg| it has seen times
-      `frozen_grad_margin`.
+    - exact branch (always): its gradient is exactly zero for good. With no gradient, the drift is at most
+      D0 = lr / (1 - mu) (mu |v_0| + T 1.5 wd |m_0|) (while |m| <= 1.5 |m_0|, which D0 <= |m_0| / 2 keeps). If
+      D0 <= |m_0| / 2 and the float32 sigmoid of (|m_0| - D0) / tau is exactly 1 (or of -(|m_0| - D0) / tau
+      exactly 0: m/tau below about -104), then sigmoid(m_t / tau_t) stays exactly 1 (0) at every later step, so
+      the straight-through gradient sigma (1 - sigma) / tau of the gate is exactly 0 whatever dJ/dg is, by
+      induction over the steps. No assumption: the masks are final and the gates' gradient is exactly zero.
+    - bounded branch (only with `grad_bound` U, an assumption: the run passes the largest |dJ/dg| it has seen
+      times `frozen_grad_margin`): while |m| stays in [|m_0|/2, 3|m_0|/2], |dJ/dm| <= U s with
+      s = sigma'(|m_0| / (2 tau)) / tau (which falls as tau falls once |m_0|/(2 tau) >= 2.4), so
+      D = lr / (1 - mu) (mu |v_0| + T (U s + 1.5 wd |m_0|)) < |m_0| / 2 keeps the gate's sign.
 
     Only plain SGD without gate noise qualifies."""
     if settings.mask_optimizer != "sgd" or settings.gate_noise > 0:
@@ -384,12 +406,13 @@ def masks_frozen(gates: GateSet, mask_opt: torch.optim.Optimizer, settings: Sear
         # The closest m can come to zero without gradient, as the float32 sigmoid of the gate would see it.
         # (x 0.999: a margin for the rounding of m / tau in float32 near the saturation thresholds)
         nearest = (torch.sign(signed) * 0.999 * (m - drift).clamp(min=0) / tau).float()
-        exact = (drift < m) & ((torch.sigmoid(nearest) == 1) | (torch.sigmoid(nearest) == 0))
-        half = m / 2
-        slope = _slope(half, tau)
-        reach = lr / (1 - mu) * (mu * v + steps_left * (grad_bound * slope + 1.5 * wd * m))
-        bounded = (half / tau >= 2.4) & (reach < half)
-        if not bool((exact | bounded).all()):
+        soft = torch.sigmoid(nearest)
+        final = (drift <= m / 2) & ((soft == 1) | (soft == 0))
+        if grad_bound is not None:
+            half = m / 2
+            reach = lr / (1 - mu) * (mu * v + steps_left * (grad_bound * _slope(half, tau) + 1.5 * wd * m))
+            final |= (half / tau >= 2.4) & (reach < half)
+        if not bool(final.all()):
             return False
     return True
 
@@ -466,7 +489,7 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
                   if settings.mask_lr_schedule == "cosine" else None)
     tau = settings.tau0
     history: list[dict] = []
-    grad_bound = 0.0
+    grad_bound, frozen_epoch, frozen_val = 0.0, None, None
     tracked = [settings.selection_metric, *[m for m in settings.also_select_by if m != settings.selection_metric]]
     bests = {m: {"value": -math.inf, "epoch": 0, "masks": gates.binary_masks()} for m in tracked}
     epochs = settings.num_epochs
@@ -475,15 +498,20 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
     with progress_bar("BISE search", epochs, search.num_batches(settings.batch_size)) as bar, \
             capture_input(model.classifier) as tap:
         for epoch in range(1, epochs + 1):
-            stats, masks = _mask_epoch(model, gates, heads, mask_opt, search, weights, settings, num_bias, generator,
-                                       device, epoch, bar, tap)
+            frozen = frozen_epoch is not None and settings.stop_when_frozen
+            stats, masks, upstream = _mask_epoch(model, gates, heads, mask_opt, search, weights, settings, num_bias,
+                                                 generator, device, epoch, bar, tap, frozen=frozen)
             row = {"epoch": epoch, "tau": tau, **stats}
-            with gates.mode("fixed"):
-                # group_weights (the training split's group shares) make acc_weighted_avg_group selectable.
-                val_metrics = _evaluate(model, val, num_classes, num_bias, bias_names, settings.eval_batch_size,
-                                        device, group_weights)
-                test_metrics = (_evaluate(model, test, num_classes, num_bias, bias_names,
-                                          settings.eval_batch_size, device) if settings.track_test else None)
+            if frozen:
+                # The masks are those of the epoch that froze: so are the evaluation's metrics (same computation).
+                val_metrics, test_metrics = frozen_val
+            else:
+                with gates.mode("fixed"):
+                    # group_weights (the training split's group shares) make acc_weighted_avg_group selectable.
+                    val_metrics = _evaluate(model, val, num_classes, num_bias, bias_names, settings.eval_batch_size,
+                                            device, group_weights)
+                    test_metrics = (_evaluate(model, test, num_classes, num_bias, bias_names,
+                                              settings.eval_batch_size, device) if settings.track_test else None)
             row.update(val_acc=val_metrics[settings.selection_metric] if val_metrics else None,
                        test_acc=test_metrics["acc"] if test_metrics else None,
                        test_acc_unbiased=test_metrics["acc_unbiased"] if test_metrics else None)
@@ -501,19 +529,25 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
             gates.set_tau(max(tau, settings.tau_floor))
             history.append(row)
             val_text = f"val {row['val_acc']:.3f} " if row["val_acc"] is not None else ""
-            bar.advance_epoch(f"{val_text}sparsity {row['sparsity_units']:.2f} tau {tau:.2g}")
+            bar.advance_epoch(f"{val_text}sparsity {row['sparsity_units']:.2f} tau {tau:.2g}"
+                              f"{' (masks frozen)' if frozen else ''}")
             if tau <= settings.tau_min:
                 break
-            if settings.stop_when_frozen:
-                grad_bound = max(grad_bound, row["upstream_grad_max"])
+            if frozen_epoch is None:
+                # The criterion is checked whether or not the option is on, so both record the same epoch.
+                grad_bound = max(grad_bound, upstream)
                 steps_left = (epochs - epoch) * search.num_batches(settings.batch_size)
+                margin = settings.frozen_grad_margin if settings.stop_when_frozen else None
                 if masks_frozen(gates, mask_opt, settings, tau, steps_left,
-                                settings.frozen_grad_margin * grad_bound):
-                    row["stopped_frozen"] = True
-                    log.info("masks frozen after epoch %d of %d: stopping the search", epoch, epochs)
-                    break
-    return _select(gates, bests, history, heads, pretrain_states, settings, val is not None, use_cache,
-                   approximate)
+                                None if margin is None else margin * grad_bound):
+                    frozen_epoch, frozen_val = epoch, (val_metrics, test_metrics)
+                    log.info("masks frozen after epoch %d of %d%s", epoch, epochs,
+                             ": the remaining epochs run forward-only (pruning.stop_when_frozen)"
+                             if settings.stop_when_frozen else "")
+    result = _select(gates, bests, history, heads, pretrain_states, settings, val is not None, use_cache,
+                     approximate)
+    result.frozen_epoch = frozen_epoch
+    return result
 
 
 def _on_host(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

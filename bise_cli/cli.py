@@ -249,11 +249,25 @@ def _run_pipeline(cfg: DictConfig) -> None:
         log.info(plain["note"])
     records = pipeline.run(plain, _output_dir())
     print_run_summary(records, note=plain.get("note", ""), out_dir=_output_dir())
+    objective = (plain.get("tune") or {}).get("objective")
+    if objective:  # the value a sweeper (experiment=tune/*) maximises: one validation metric
+        from bise_cli.tuning import objective_value
+
+        try:
+            value = objective_value(records, objective)
+        except BiseError as error:
+            if _is_multirun():
+                raise  # a failed trial (the sweeper gets no number)
+            log.warning("%s", error)  # a single run: nothing consumes the objective
+            return None
+        log.info("tune.objective %s = %.6g", objective, value)
+        return value
+    return None
 
 
 @_guarded
 def run_task(cfg: DictConfig):
-    _run_pipeline(cfg)
+    return _run_pipeline(cfg)
 
 
 @_guarded

@@ -240,7 +240,8 @@ def bise_search(ctx: Context, model, parent_key: dict) -> dict:
         metrics = ctx.evaluate(prune_model(model, result.masks), dense=model, masks=result.masks)
         metrics.update(leakage_head=mean_over_attributes(after), leakage_head_vanilla=mean_over_attributes(before),
                        best_epoch=result.best_epoch, search_epochs=len(result.history),
-                       cached_features=result.cached_features, approximate_cache=result.approximate_cache,
+                       masks_frozen_epoch=result.frozen_epoch, cached_features=result.cached_features,
+                       approximate_cache=result.approximate_cache,
                        rho_reweighting=list(rho) if rho else None, reweighting_used=ctx.reweighting())
         alternatives = {metric: {**ctx.evaluate(prune_model(model, alt["masks"]), dense=model, masks=alt["masks"]),
                                  "best_epoch": alt["epoch"]} for metric, alt in result.alternatives.items()}

@@ -15,35 +15,47 @@ from rich.table import Table
 from bise_cli.data import summarize_bundle
 from bise_cli.data.base import DatasetBundle
 from bise_cli.escape import console as escape
-from bise_cli.names import format_value, heading
+from bise_cli.names import format_value, heading, metric, stage
 from bise_cli.records import write_json
 
-# Logs and CI capture output without a terminal: give tables room instead of rich's 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 160)
+# Logs, pipes and CI capture output without a terminal: 120 columns, the width the headline table is made for.
+TABLE_WIDTH = 120
+console = Console(width=None if sys.stdout.isatty() else TABLE_WIDTH)
 
-# The compact terminal table: a selection of the metrics declared in bise_cli.names (titles, units, formats).
-RUN_METRICS = ("acc", "acc_unbiased", "acc_aligned", "acc_conflicting", "acc_worst_group", "acc_both_aligned",
-               "acc_left_aligned_right_conflicting", "acc_left_conflicting_right_aligned", "acc_both_conflicting",
-               "dp_diff", "sparsity_units", "sparsity_weights", "macs", "latency_ms_b1", "leakage", "leakage_head")
+# The terminal table a newcomer reads: the stage by its full title and the headline metrics, each with its full
+# declared title (bise_cli.names), in at most TABLE_WIDTH columns. Every other metric is in report.md,
+# MODEL_CARD.md, metrics.jsonl and `bise table`.
+HEADLINE_METRICS = ("acc_unbiased", "acc_worst_group", "acc_conflicting", "sparsity_units", "macs", "leakage")
 
 
-def print_run_summary(records: list[dict], note: str = "", out_dir: str | Path | None = None) -> None:
-    """One row per stage, units as declared in bise_cli.names (accuracies and sparsities in %, MACs in millions)."""
-    columns = [k for k in RUN_METRICS if any(r.get(k) is not None for r in records)]
+def _stage_label(record: dict) -> str:
+    """The stage's title (BISE+FT, Reweighted FT, ...), with the validation metric that selected the masks when a
+    run records several selections of one search (`pruning.also_select_by`)."""
+    label = stage(record["stage"]).title
+    return f"{label}, val {metric(record['selection']).title}" if record.get("selection") else label
+
+
+def print_run_summary(records: list[dict], note: str = "", out_dir: str | Path | None = None,
+                      out: Console | None = None) -> None:
+    """One row per stage with the headline metrics, units as declared in bise_cli.names (accuracies and sparsities
+    in %, MACs in millions); never truncated in a 120-column terminal or a pipe."""
+    out = out or console
+    columns = [k for k in HEADLINE_METRICS if any(r.get(k) is not None for r in records)]
     title = "bise run: test metrics" + (f"\n{escape(note)}" if note else "")
     if records and records[0].get("data_source"):
         first = records[0]
         title += (f"\ndata: {escape(first.get('dataset'))} built from {escape(first['data_source'])} "
                   f"({escape(first.get('data_train_size'))} training samples)")
     table = Table(title=title)
-    table.add_column("stage")
+    table.add_column("stage")  # the only column that may wrap (a long selection label), never truncated
     for key in columns:
-        table.add_column(heading(key), justify="right")
+        table.add_column(heading(key), justify="right", no_wrap=True)
     for record in records:
-        table.add_row(escape(record["stage"]), *[escape(format_value(k, record.get(k))) for k in columns])
-    console.print(table)
+        table.add_row(escape(_stage_label(record)), *[escape(format_value(k, record.get(k))) for k in columns])
+    out.print(table)
     if out_dir is not None:
-        console.print(f"records: {escape(Path(out_dir) / 'metrics.jsonl')}")
+        out.print(f"every metric: {escape(Path(out_dir) / 'report.md')}, MODEL_CARD.md and metrics.jsonl there; "
+                  "`bise table DIR` over several runs")
 
 
 def save_sample_grid(bundle: DatasetBundle, path: str | Path, per_class: int = 8) -> Path | None:

@@ -71,6 +71,7 @@ def load_records(root: str | Path) -> pd.DataFrame:
             if not isinstance(record, dict) or "stage" not in record:
                 skipped.append(f"{path}:{number} (not a record: no stage)")
                 continue
+            record.setdefault("run_dir", str(path.parent))  # which run (a tuning study's trials are runs)
             rows.append(record)
     if skipped:
         listed = ", ".join(skipped[:MAX_LISTED]) + (f", and {len(skipped) - MAX_LISTED} more"
@@ -440,6 +441,39 @@ def _write(path: Path, text: str) -> None:
         raise BiseError(f"cannot write {path}: {error.strerror or error}") from None
 
 
+def _tuning_table(df: pd.DataFrame, out: Path) -> None:
+    """Tuning studies among the records (experiment=tune/*): the best trial of each by validation, with its test
+    metrics and the number of trials; printed and written to tuning.md / tuning.csv."""
+    from bise_cli.tuning import BEST_TRIAL_METRICS, best_trials
+
+    studies = best_trials(df)
+    if studies is None:
+        return
+    columns = ["study", "objective", "trials", "best val (%)", *[heading(m) for m in BEST_TRIAL_METRICS],
+               "best trial"]
+    rows = []
+    for _, row in studies.iterrows():
+        found = not is_missing(row.get("best_val"))
+        rows.append([str(row["study"]), str(row["objective"]), f"{row['completed']} of {row['trials']}",
+                     format_value("acc", row.get("best_val")) if found else MISSING,
+                     *[format_value(m, row.get(m)) if found else MISSING for m in BEST_TRIAL_METRICS],
+                     str(row.get("best_trial")) if found else MISSING])
+    table = Table(title="tuning: the best trial of each study by its validation objective; test metrics of that "
+                        "trial (trials: completed of run)")
+    for column in columns[:-1]:  # the trial folder names are long: listed below the table
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*[escape.console(cell) for cell in row[:-1]])
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # as print_rich
+    for row in rows:
+        print(f"best trial of {row[0]}: {row[-1]}")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+             *["| " + " | ".join(escape.markdown(cell) for cell in row) + " |" for row in rows]]
+    _write(out / "tuning.md", "\n".join(lines) + "\n")
+    _write(out / "tuning.csv", studies.to_csv(index=False))
+    print(f"tuning studies written to {out}/tuning.{{md,csv}}")
+
+
 def table_command(argv: list[str]) -> int:
     """`bise table DIR [--by K ...] [--metrics M ...] [--format md|tex|csv] [--reference] [--compare A B]
     [--out DIR]`."""
@@ -483,6 +517,7 @@ def table_command(argv: list[str]) -> int:
             if fmt == "md":
                 print(text)
         print(f"comparison written to {out}/{stem}.{{md,csv}}")
+    _tuning_table(df, out)
     try:  # sweep plots are a convenience: a plotting problem must not cost the tables
         from bise_cli.plots import plot_sweep
 

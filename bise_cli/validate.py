@@ -268,6 +268,11 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
     if record_keys is not _MISSING and record_keys is not None and not isinstance(record_keys, dict):
         raise BiseError(f"record_keys must be a mapping, e.g. record_keys={{ablation:ce}}, got {record_keys!r}")
     _check_checkpoint(cfg.get("vanilla_checkpoint"))
+    objective = _get(cfg, "tune.objective")
+    if objective is not _MISSING and objective is not None:
+        from bise_cli.tuning import parse_objective
+
+        parse_objective(objective, chosen)
     dfr_settings = _get(cfg, "baselines.dfr")
     if dfr_settings is not _MISSING:
         from bise_cli.dfr import dfr_options  # lazy: scikit-learn

@@ -26,6 +26,15 @@ def tiny(embedded_digits):
     return bundle, freeze(model)
 
 
+@pytest.fixture(scope="module")
+def tiny_mlp(tiny):
+    """The same data with the Multi-Color MNIST MLP: a search of 7 epochs takes well under a second."""
+    torch.manual_seed(0)
+    model = build_backbone("mlp", 10)
+    fit(model, tiny[0]["train"], epochs=1, batch_size=50, lr=0.05, seed=0)
+    return tiny[0], freeze(model)
+
+
 def _search(tiny, gate_init=0.5, val=True, **options):
     bundle, model = tiny
     gates = GateSet(model.gate_points(), init=gate_init).attach(model)
@@ -42,14 +51,15 @@ def _search(tiny, gate_init=0.5, val=True, **options):
 
 def test_defaults_are_the_papers():
     s = SearchSettings()
-    assert (s.tau_floor, s.gate_noise, s.sparsity_weight, s.restarts, s.stop_when_frozen) == (0.0, 0.0, 0.0, 1,
-                                                                                                False)
+    assert (s.tau_floor, s.gate_noise, s.sparsity_weight, s.restarts) == (0.0, 0.0, 0.0, 1)
+    # On by default: it changes no result (test_stop_when_frozen_changes_no_result); the bounded branch is opt-in.
+    assert s.stop_when_frozen and s.frozen_grad_margin is None
 
 
 @pytest.mark.parametrize("option, value, message", [
     ("tau_floor", 1.0, "tau_floor"), ("tau_floor", -0.1, "tau_floor"), ("gate_noise", -1.0, "gate_noise"),
     ("sparsity_weight", -1.0, "sparsity_weight"), ("restarts", 0, "restarts"), ("restarts", 1.5, "restarts"),
-    ("frozen_grad_margin", 0.5, "frozen_grad_margin"),
+    ("frozen_grad_margin", 0.5, "frozen_grad_margin"), ("frozen_grad_margin", True, "frozen_grad_margin"),
 ])
 def test_bad_values_are_one_line_errors(option, value, message):
     with pytest.raises(BiseError, match=message) as error:
@@ -182,12 +192,42 @@ def test_saturated_gates_are_frozen_whatever_the_gradient():
     assert not masks_frozen(*_gate_with([0.5], [-300.0], settings), settings, 0.01, 2000, huge)
 
 
-def test_stop_when_frozen_gives_the_full_schedules_masks(tiny):
-    options = dict(gate_init=3.0, tau_period=1, tau_min=0.05, mask_lr=0.05)
-    full, _ = _search(tiny, **options)
-    stopped, _ = _search(tiny, stop_when_frozen=True, **options)
-    assert len(full.history) == 5 and len(stopped.history) < 5 and stopped.history[-1]["stopped_frozen"]
+def test_exact_branch_needs_no_bound_and_the_bounded_branch_is_opt_in():
+    settings = SearchSettings()
+    # 0.4 / 0.01 = 40: float32 sigmoid exactly 1, frozen without any bound; 0.1 / 0.01 = 10 is not saturated.
+    assert masks_frozen(*_gate_with([0.4, -1.5], [0.0, 0.0], settings), settings, 0.01, 2000)
+    assert not masks_frozen(*_gate_with([0.4, 0.1], [0.0, 0.0], settings), settings, 0.01, 2000)
+    # The same unsaturated gate passes the bounded branch under a small enough gradient bound.
+    assert masks_frozen(*_gate_with([0.4, 0.1], [0.0, 0.0], settings), settings, 0.01, 2000, 1e-5)
+    # Weight decay over many steps can bring a saturated gate back to the live zone: not final.
+    assert not masks_frozen(*_gate_with([0.4], [0.0], settings), settings, 0.01, 10**6)
+
+
+FROZEN_EARLY = dict(gate_init=3.0, tau_period=1, tau_min=0.01, mask_lr=0.002)  # 7 epochs, saturated after 3
+
+
+def test_stop_when_frozen_changes_no_result(tiny_mlp):
+    full, _ = _search(tiny_mlp, stop_when_frozen=False, **FROZEN_EARLY)
+    fast, _ = _search(tiny_mlp, **FROZEN_EARLY)
+    assert len(full.history) == len(fast.history) == 7
+    # The masks froze early, so most epochs of the second search ran forward-only ...
+    assert fast.frozen_epoch is not None and fast.frozen_epoch <= 4 and fast.frozen_epoch == full.frozen_epoch
+    # ... and every result is bit for bit that of the full schedule: masks, history rows (losses, MI, head
+    # accuracies, validation values), the selected epoch, the bias heads (their leakage metric) and the gates.
+    assert fast.history == full.history and fast.best_epoch == full.best_epoch
+    for a, b in ((full.masks, fast.masks), (full.last_masks, fast.last_masks)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for a, b in zip(full.head_states, fast.head_states, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(full.unrounded_masks[k], fast.unrounded_masks[k]) for k in full.masks)
+
+
+def test_bounded_branch_is_opt_in_and_keeps_the_masks(tiny_mlp):
+    options = dict(gate_init=1.0, tau_period=1, tau_min=0.01, mask_lr=0.05)
+    full, _ = _search(tiny_mlp, stop_when_frozen=False, **options)
+    bounded, _ = _search(tiny_mlp, frozen_grad_margin=10.0, **options)
+    # The bounded branch fires before the exact one could (an unsaturated gate), and the masks agree here.
+    assert bounded.frozen_epoch is not None and bounded.frozen_epoch < (full.frozen_epoch or len(full.history))
     for name, mask in full.masks.items():
-        assert torch.equal(mask, stopped.masks[name]) and torch.equal(full.last_masks[name],
-                                                                      stopped.last_masks[name])
-    assert all(row["upstream_grad_max"] > 0 for row in stopped.history)
+        assert torch.equal(mask, bounded.masks[name]) and torch.equal(full.last_masks[name],
+                                                                      bounded.last_masks[name])

@@ -387,6 +387,11 @@ def check_table(outcome: Outcome, ws: Workspace) -> None:
     assert "paper" in outcome.result.stdout.lower()  # --reference: the paper's values beside the columns
 
 
+def check_table_of_all_sweeps(outcome: Outcome, ws: Workspace) -> None:
+    assert "BISE+FT" in outcome.result.stdout or "bise_ft" in outcome.result.stdout
+    assert (ws.root / "outputs" / "sweeps" / "table.md").is_file()
+
+
 def check_compare(outcome: Outcome, ws: Workspace) -> None:
     sweep = ws.root / "outputs" / "sweeps" / "paper_multicolor_mnist"
     assert "acc_unbiased" in (sweep / "compare_bise_ft_vs_reweighted_ft.md").read_text()
@@ -497,6 +502,19 @@ PLAN: dict[str, Plan] = {
         "run", "the quickstart run above, found done: only sent to MLflow", tuple(TINY), needs=(QUICKSTART,),
         check=check_mlflow),
     "bise run --cfg job": Plan("run", "prints the composed config", check=check_cfg_job),
+    # Sweeps on a cluster and tuning
+    "bise run -m hydra/launcher=slurm hydra.launcher.partition=gpu output_root=/shared/bise "
+    "experiment=paper/ablation dataset.root=/shared/data/mnist": Plan(
+        "compose", "needs a SLURM cluster (tests/test_launchers.py runs the same submitit path with its local "
+        "executor)", check=check_composed_sweep(1)),
+    "bise run -m hydra/sweeper=optuna experiment=tune/multicolor_mnist hydra.sweeper.n_trials=20": Plan(
+        "compose", "20 trials of the quickstart (tests/test_tuning.py runs a 2-trial Optuna sweep end to end)",
+        check=check_composed_sweep(1)),
+    "bise run -m hydra/sweeper=optuna experiment=tune/multicolor_mnist_control hydra.sweeper.n_trials=20": Plan(
+        "compose", "20 trials of the control (tests/test_tuning.py runs a 2-trial Optuna sweep end to end)",
+        check=check_composed_sweep(1)),
+    "bise table outputs/sweeps": Plan("run", "every sweep above, at smoke size", needs=(PAPER_SWEEP,),
+                                      check=check_table_of_all_sweeps),
     "bise run --help": Plan("run", "prints every config group", check=check_run_help),
     # Your own model and data
     OWN_DATA: Plan("run", "a generated manifest and checkpoint, smoke size (a resnet18)", tuple(OWN_DATA_TINY),

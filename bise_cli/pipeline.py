@@ -98,9 +98,12 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
     write_text(run_dir.file("config.yaml"), OmegaConf.to_yaml(OmegaConf.create(cfg)))
     # What the run will cost on this device, before any long stage (the log's first lines, status.json).
     estimate = log_estimate(cfg, bundle, device)["estimated_seconds"]
-    run_dir.set_status("running", config_hash=identity, data_sha256=fingerprint["sha256"], estimated_seconds=estimate)
     started = time.perf_counter()
     try:
+        # Inside the try: a signal that arrives once the status reads "running" (even before this call returns)
+        # still marks the run failed.
+        run_dir.set_status("running", config_hash=identity, data_sha256=fingerprint["sha256"],
+                           estimated_seconds=estimate)
         recipe(cfg, device, run_dir, bundle, fingerprint)
     except BaseException as error:
         run_dir.fail(error)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bise_cli.progress import progress_bar
+from bise_cli.records import atomic_write, write_text
 
 log = logging.getLogger("bise")
 DEFAULT_CACHE_DIR = "outputs/cache/data"
@@ -67,14 +68,9 @@ def cached_arrays(cache_dir: str | Path | None, kind: str, key: str,
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
             log.warning("data cache %s unreadable (%s); rebuilding", path, error)
     arrays = build()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    tmp_side = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
-    tmp_side.write_text(json.dumps({"key": key, "sha256": arrays_sha(arrays),
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
+    write_text(sidecar, json.dumps({"key": key, "sha256": arrays_sha(arrays),
                                     "shapes": {k: list(v.shape) for k, v in arrays.items()}}))
-    os.replace(tmp_side, sidecar)
     return arrays, False
 
 
@@ -224,10 +220,8 @@ def cached_memmap(cache_dir: str | Path | None, kind: str, key: str, shape: tupl
     del out
     # The checksums before the array: a reader never sees a new array with no (or an old) checksum file; a kill in
     # between leaves the partial file, which the next process resumes (all rows done) and finishes.
-    tmp = sidecar.with_name(f"{sidecar.name}.tmp-{token}")
-    tmp.write_text(json.dumps({"key": key, "shape": list(shape), "size": partial.stat().st_size,
-                               "block": CHECKSUM_BLOCK, "sha256": block_digests(partial)}))
-    os.replace(tmp, sidecar)
-    os.replace(partial, path)
+    write_text(sidecar, json.dumps({"key": key, "shape": list(shape), "size": partial.stat().st_size,
+                                    "block": CHECKSUM_BLOCK, "sha256": block_digests(partial)}))
+    os.replace(partial, path)  # the filled array takes its place (a rename: atomic)
     state.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r"), False

@@ -387,13 +387,15 @@ def finetune(ctx: Context, up: Upstream) -> dict:
 
 # ----------------------------------------------------------------------------------------------- baselines
 
-def matched_baseline(ctx: Context, up: Upstream) -> dict:
-    """Random or L2-magnitude structured pruning with BISE's per-layer kept-unit counts."""
-    search, stage = up.result("bise"), ctx.stage.name
-    if stage == "random":
-        masks = baselines.random_masks(search["masks"], seed_stage(ctx.seed, stage))
-    else:
-        masks = baselines.magnitude_masks(up.model, search["masks"])
+def random_pruning(ctx: Context, up: Upstream) -> dict:
+    """Random structured pruning with BISE's per-layer kept-unit counts."""
+    masks = baselines.random_masks(up.result("bise")["masks"], seed_stage(ctx.seed, ctx.stage.name))
+    return {"metrics": ctx.evaluate(prune_model(up.model, masks), dense=up.model, masks=masks), "masks": masks}
+
+
+def magnitude_pruning(ctx: Context, up: Upstream) -> dict:
+    """L2-magnitude structured pruning (the units of largest weight norm kept) with BISE's per-layer counts."""
+    masks = baselines.magnitude_masks(up.model, up.result("bise")["masks"])
     return {"metrics": ctx.evaluate(prune_model(up.model, masks), dense=up.model, masks=masks), "masks": masks}
 
 
@@ -411,7 +413,7 @@ def ffw(ctx: Context, up: Upstream) -> dict:
     order = torch.randperm(len(val), generator=torch.Generator().manual_seed(ctx.seed))
     cut = int(len(val) * p["train_fraction"])
     result = run_ffw(up.model, val.subset(order[:cut]), val.subset(order[cut:]), num_bias=ctx.bundle.num_bias,
-                     settings=pruning_settings(p), device=ctx.device, seed=seed_stage(ctx.seed, "ffw"))
+                     settings=pruning_settings(p), device=ctx.device, seed=seed_stage(ctx.seed, ctx.stage.name))
     metrics = ctx.evaluate(apply_weight_masks(up.model, result.weight_masks))
     # Unstructured pruning keeps every shape: count the zeroed weights instead of the removed ones.
     metrics.update(sparsity_weights=weight_sparsity(result.weight_masks), sparsity_units=None,
@@ -465,7 +467,7 @@ def lff(ctx: Context, up: Upstream) -> dict:
                                momentum=t["momentum"], weight_decay=t["weight_decay"], scheduler=t["scheduler"],
                                milestones=milestones(ctx.cfg), gamma=t["gamma"], q=lff_cfg["q"],
                                ema_alpha=lff_cfg["ema_alpha"], num_classes=ctx.bundle.num_classes,
-                               device=ctx.device, seed=seed_stage(ctx.seed, "lff"))
+                               device=ctx.device, seed=seed_stage(ctx.seed, ctx.stage.name))
     return {"metrics": ctx.evaluate(freeze(model)), "history": history}
 
 

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import torch
 
 from bise_cli.locking import DEFAULT_WAIT_MINUTES, compute_lock
-from bise_cli.records import _atomic_write, _clean, config_hash, write_json
+from bise_cli.records import _clean, atomic_write, config_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class StageCache:
         torch.save(value, buffer)
         data = buffer.getbuffer()
         path = self.key_path(stage, key)
-        _atomic_write(path, lambda handle: handle.write(data))
+        atomic_write(path, lambda handle: handle.write(data))
         write_json(path.with_suffix(".json"), {
             "stage": stage, "key": _canonical(key), "sha256": hashlib.sha256(data).hexdigest(),
             "bise_cache_format": CACHE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})

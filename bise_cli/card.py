@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bise_cli import __version__
+from bise_cli import __version__, registry
 from bise_cli.errors import BiseError
 from bise_cli.escape import markdown, plot_label
 from bise_cli.names import format_value, heading
@@ -37,7 +37,8 @@ from bise_cli.records import read_jsonl, write_json, write_text
 
 log = logging.getLogger(__name__)
 
-CARD_STAGES = ("vanilla", "bise", "bise_ft")   # before, and after BISE (with its fine-tuning when run)
+# Before, and after BISE (with its fine-tuning when run): the stages whose StageSpec has `card` set.
+CARD_STAGES = tuple(spec.name for spec in registry.SPECS if spec.card)
 ACCURACY_ROWS = ("acc", "acc_unbiased", "acc_aligned", "acc_conflicting", "acc_worst_group")
 PATTERN_ROWS = ("acc_both_aligned", "acc_left_aligned_right_conflicting", "acc_left_conflicting_right_aligned",
                 "acc_both_conflicting")
@@ -238,20 +239,12 @@ def _limitations(cfg: dict, records: list[dict], data: dict, performance: dict, 
 
 
 def _unused_settings(cfg: dict, records: list[dict]) -> tuple[str, ...]:
-    """Config sections no stage of the run read (an audit never reads `pruning`): left out of the deviations."""
-    ran = {r.get("stage") for r in records}
-    unused = []
-    if not ran & {"bise", "bise_ft", "random", "magnitude", "ffw"}:
-        unused.append("pruning.")
-    if not ran & {"bise_ft", "reweighted_ft"}:
-        unused.append("finetune.")
-    if cfg.get("vanilla_checkpoint") and "lff" not in ran:
-        unused.append("train.")
-    if not ran & {"dfr_train", "dfr_val"}:
-        unused.append("baselines.dfr.")
-    if "lff" not in ran:
-        unused.append("baselines.lff.")
-    return tuple(unused)
+    """Config sections that some stage reads but no stage of this run did (an audit never reads `pruning`), as
+    prefixes ("pruning."): left out of the deviations. What each stage reads is its StageSpec's (registry.py)."""
+    ran = {r.get("stage") for r in records} & set(registry.RUNNABLE)
+    read = {section for name in ran for section in registry.visible_sections(name, cfg)}
+    readable = {section for name in registry.RUNNABLE for section in registry.visible_sections(name, cfg)}
+    return tuple(f"{section}." for section in sorted(readable - read))
 
 
 def _what_bise_did(cfg: dict, bise: dict) -> str:

@@ -20,11 +20,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bise_cli import __version__
+from bise_cli.defaults import CONF_DIR, NOT_RECORD_SETTINGS
 from bise_cli.errors import BiseError, Terminated
 
 log = logging.getLogger("bise")
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package; the top-level conf/ links here
 USAGE = f"""bise {__version__}: Bias-Invariant Subnetwork Extraction experiment runner
 
 usage: bise <command> [arguments]
@@ -85,7 +85,7 @@ def _override_keys(plain: dict) -> dict:
     record keys either: the composed config shows what is left."""
     from hydra.core.hydra_config import HydraConfig
 
-    from bise_cli.records import NOT_RECORD_SETTINGS, flatten_config
+    from bise_cli.records import flatten_config
 
     hydra_cfg = HydraConfig.get()
     fields = flatten_config(plain)
@@ -314,14 +314,9 @@ def _compose(overrides: list[str]) -> dict:
 
 def _gate_rows(model) -> list[dict]:
     """One row per gate, then one per channel group left ungated: `describe_gates` (bise_cli.models.auto_gates;
-    keys name, module, units, where, removable, status, reason, ...), or the same rows from `gate_points()`."""
-    try:
-        from bise_cli.models.auto_gates import describe_gates
-    except ImportError:  # an older tree without automatic gates
-        return [{"name": p.name, "module": p.module, "units": p.units, "where": p.where,
-                 "producer": p.producer or p.module, "removable": p.removable,
-                 "status": "removed" if p.removable else "masked-not-removed", "reason": ""}
-                for p in model.gate_points()]
+    keys name, module, units, where, removable, status, reason, ...)."""
+    from bise_cli.models.auto_gates import describe_gates
+
     return [dict(row) for row in describe_gates(model)]
 
 
@@ -422,6 +417,13 @@ def _hydra_app(task, argv: list[str], program: str, extra: list[str] = ()) -> No
     app()
 
 
+def _exit_if_jobs_failed() -> None:
+    """After a sweep: exit 1 naming the jobs that failed (each job's error is in its status.json)."""
+    if FAILED_JOBS:
+        print(f"{len(FAILED_JOBS)} job(s) failed; see status.json in: {', '.join(FAILED_JOBS)}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -431,10 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if command == "run":
             _hydra_app(run_task, rest, "bise run")
-            if FAILED_JOBS:
-                print(f"{len(FAILED_JOBS)} job(s) failed; see status.json in: {', '.join(FAILED_JOBS)}",
-                      file=sys.stderr)
-                sys.exit(1)
+            _exit_if_jobs_failed()
         elif command == "audit":  # default folder outputs/audits/<overrides>, unless the user chose one
             if any(arg.lstrip("+~").startswith("stages=") or arg.lstrip("~") == "stages" for arg in rest):
                 raise BiseError("bise audit evaluates the model as given: its stages are always [vanilla] "
@@ -442,10 +441,7 @@ def main(argv: list[str] | None = None) -> None:
             chosen = any(arg.lstrip("+").startswith("hydra.run.dir=") for arg in rest)
             _hydra_app(audit_task, rest, "bise audit", [] if chosen else
                        ["hydra.run.dir='${output_root}/audits/${bise.dirname:${hydra:job.override_dirname}}'"])
-            if FAILED_JOBS:
-                print(f"{len(FAILED_JOBS)} job(s) failed; see status.json in: {', '.join(FAILED_JOBS)}",
-                      file=sys.stderr)
-                sys.exit(1)
+            _exit_if_jobs_failed()
         elif command == "gates":
             sys.exit(gates_command(rest))
         elif command == "export":

@@ -1,8 +1,13 @@
-"""The packaged defaults of a dataset x backbone x pruning choice: the paper's protocol, read from `conf/`.
+"""Where the config lives, which settings never change a result, and the packaged defaults of a choice.
 
-The YAML files are the one home of every default (they hold the paper's values), so the per-run report finds
-the settings that deviate from the paper by comparing a run's config with these, instead of keeping a second
-copy of the protocol in code.
+`CONF_DIR` is the config tree shipped in the package. `SETTING_ROLES` declares, once, every setting that does
+not change a result, by role; every other setting is results-relevant. From it derive a run's identity (the
+pipeline), the config fields of its records (`records.flatten_config`), the cache keys (`stages.section_value`)
+and the run folder names (Hydra's `exclude_keys` in conf/config.yaml, checked against it by the tests).
+
+`packaged_defaults` gives the config of a dataset x backbone x pruning choice: the YAML files are the one home of
+every default (they hold the paper's values), so the per-run report finds the settings that deviate from the
+paper by comparing a run's config with these, instead of keeping a second copy of the protocol in code.
 """
 
 from __future__ import annotations
@@ -12,7 +17,29 @@ from pathlib import Path
 
 import yaml
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package; the top-level conf/ links here
+
+# Settings (dotted names) that never change a result, by role.
+SETTING_ROLES = {
+    # Where files are: in no identity, record, folder name or cache key.
+    "paths": ("output_root", "dataset.root", "dataset.cache_dir"),
+    # How a run is executed, logged or labelled: in no identity (the pipeline adds the kind of device the run
+    # resolves `device` to), record, folder name or cache key.
+    "execution": ("device", "data_on_device", "threads", "cache", "cache_wait_minutes", "logger", "name", "note",
+                  "hydra", "gpu_work", "tune"),
+    # What a run does and how its records are labelled: in its identity (another stage list is another run)
+    # but not among a record's config fields (a record is one stage; record_keys are merged into the fields).
+    "plan": ("stages", "record_keys"),
+}
+PATH_SETTINGS = SETTING_ROLES["paths"]
+NOT_RESULT_SETTINGS = (*SETTING_ROLES["paths"], *SETTING_ROLES["execution"])  # out of identities and cache keys
+NOT_RECORD_SETTINGS = (*NOT_RESULT_SETTINGS, *SETTING_ROLES["plan"])            # out of records' config fields
+
+
+def drop_settings(cfg: dict, names, prefix: str = "") -> dict:
+    """`cfg` without the dotted settings `names` (e.g. `dataset.root`), at any depth."""
+    return {key: drop_settings(value, names, f"{prefix}{key}.") if isinstance(value, dict) else value
+            for key, value in cfg.items() if f"{prefix}{key}" not in names}
 
 
 def _load(path: Path) -> dict:

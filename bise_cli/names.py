@@ -1,8 +1,9 @@
-"""One home for every stage name and metric name, with how each is displayed.
+"""One home for every metric name, with how each is displayed; the stages' display names, re-exported.
 
-This module is the bottom of the package's import graph: it imports nothing from `bise_cli`. The pipeline takes
-its stage names from `STAGE_NAMES`; tables, the terminal summary, the per-run report and the plots take titles,
-colours, units and number formats from `STAGES`, `METRICS` and `format_value`.
+This module sits at the bottom of the package's import graph: it imports only `bise_cli.registry` (which imports
+nothing from `bise_cli`), where each stage is declared once with its title and colour; `STAGES`, `STAGE_NAMES`,
+`stage` and `stage_rank` here are that registry's. Tables, the terminal summary, the model card and the plots take
+titles, colours, units and number formats from `STAGES`, `METRICS` and `format_value`.
 
 Records store metrics in natural units (accuracies and sparsities as fractions, MACs and parameters as counts,
 latency in milliseconds); `Metric.scale` turns a stored value into the displayed one, `Metric.unit` names the
@@ -16,13 +17,12 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from bise_cli.registry import SPECS as STAGES
+from bise_cli.registry import STAGE_NAMES, stage_rank
+from bise_cli.registry import spec as stage
 
-@dataclass(frozen=True)
-class Stage:
-    name: str         # as in `stages=[...]` and in every record's `stage`
-    title: str        # for people: legends, report headings
-    colour: str       # matplotlib colour in every plot
-    description: str
+__all__ = ["STAGES", "STAGE_NAMES", "stage", "stage_rank", "METRICS", "METRIC_NAMES", "metric", "heading",
+           "format_value", "is_missing", "MISSING"]
 
 
 @dataclass(frozen=True)
@@ -35,31 +35,6 @@ class Metric:
     description: str
     decimals: int | None = 1        # displayed precision; None: general format (4 significant digits)
 
-
-STAGES: tuple[Stage, ...] = (
-    Stage("vanilla", "Vanilla", "black", "the model trained plainly on the biased training split"),
-    Stage("bise", "BISE", "tab:blue", "BISE mask search on the frozen vanilla model, then physical pruning"),
-    Stage("bise_ft", "BISE+FT", "tab:cyan", "BISE's subnetwork fine-tuned (masks frozen) with the reweighted loss"),
-    Stage("reweighted_ft", "Reweighted FT", "tab:purple",
-          "the unpruned vanilla model fine-tuned with the same reweighted loss (control for BISE+FT)"),
-    Stage("random", "Random pruning", "tab:orange", "random units removed with BISE's per-layer kept-unit counts"),
-    Stage("magnitude", "Magnitude pruning", "tab:green",
-          "the units of largest weight L2 norm kept, with BISE's per-layer kept-unit counts"),
-    Stage("ffw", "FFW", "tab:red", "FFW baseline: unstructured soft weight gates trained on a small unbiased set"),
-    Stage("dfr_train", "DFR (train)", "tab:brown",
-          "deep feature reweighting: last layer retrained on group-balanced training data"),
-    Stage("dfr_val", "DFR (val)", "tab:olive",
-          "deep feature reweighting: last layer retrained on the unbiased validation data"),
-    Stage("lff", "LfF", "tab:pink", "Learning from Failure, debiased training from scratch"),
-    Stage("softcon", "SoftCon", "tab:gray",
-          "paper reference only: Hong & Yang, NeurIPS 2021 (the BISE paper's number, probably from Barbano et al.'s "
-          "ICLR 2023 table); not run by bise"),
-    Stage("bcon_bbal", "BCon+BBal", "gold",
-          "paper reference only: Hong & Yang, NeurIPS 2021 (the BISE paper's number, probably from Barbano et al.'s "
-          "ICLR 2023 table); not run by bise"),
-)
-STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
-_STAGES = {stage.name: stage for stage in STAGES}
 
 # name | title | scale | unit | higher is better (+, -, or . for no direction) | decimals (g: 4 significant digits) |
 # description. One row per metric: the table is parsed once below, so adding a metric is adding a line.
@@ -109,16 +84,6 @@ _METRICS = {m.name: m for m in METRICS}
 DERIVED_PREFIXES = ("val_", "test_conflicting_", "test_", "wilds_", "coarse_")
 DERIVED_SUFFIXES = ("_dense", "_unrounded")
 MISSING = "–"
-
-
-def stage(name: str) -> Stage:
-    """The declared stage, or an undeclared one shown by its name in grey."""
-    return _STAGES.get(name) or Stage(name, name, "grey", "undeclared stage")
-
-
-def stage_rank(name: str) -> tuple[int, str]:
-    """Sort key: declared stages in declaration order, then undeclared ones alphabetically."""
-    return (STAGE_NAMES.index(name), "") if name in _STAGES else (len(STAGE_NAMES), str(name))
 
 
 def metric(name: str | Metric) -> Metric:

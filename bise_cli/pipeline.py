@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from bise_cli import stages
+from bise_cli import registry, stages
 from bise_cli.cache import StageCache
 from bise_cli.card import write_run_card
 from bise_cli.data import build_dataset, summarize_bundle
 from bise_cli.data.base import DatasetBundle, Split, place_splits
 from bise_cli.data.noise import flip_labels
+from bise_cli.defaults import NOT_RESULT_SETTINGS, drop_settings
 from bise_cli.errors import BiseError
 from bise_cli.estimate import log_estimate
 from bise_cli.fingerprint import fingerprint_bundle
@@ -37,7 +38,6 @@ from bise_cli.precision import (
     training_memory_bytes,
 )
 from bise_cli.records import (
-    NOT_RESULT_SETTINGS,
     RunDir,
     check_record_keys,
     config_hash,
@@ -50,9 +50,8 @@ from bise_cli.tracking import check_tracker, track_run
 
 log = logging.getLogger(__name__)
 
-# The stages this runner implements, in the order they print (names and titles are declared in names.py).
-STAGES = ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude", "ffw", "dfr_train", "dfr_val", "lff")
-MASK_STAGES = ("bise", "bise_ft", "random", "magnitude")  # need BISE's structured masks
+# The stages this runner implements, in the order they print (each is declared once, in registry.py).
+STAGES = registry.RUNNABLE
 
 
 def resolve_device(device: str) -> torch.device:
@@ -82,7 +81,7 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
     run_dir = RunDir(out_dir)
     # The run's identity: every setting that can change a result, plus the device that measures latency, and the
     # data actually loaded (fingerprinted once, before the done check: a changed image or label is a new run).
-    identity = config_hash({**{k: v for k, v in cfg.items() if k not in NOT_RESULT_SETTINGS}, "device": device.type})
+    identity = config_hash({**drop_settings(cfg, NOT_RESULT_SETTINGS), "device": device.type})
     bundle = load_data(cfg)
     fingerprint = fingerprint_bundle(bundle)
     records = run_dir.finished_records(identity, fingerprint["sha256"])
@@ -155,32 +154,22 @@ def recipe(cfg: dict, device: torch.device, run_dir: RunDir, bundle: DatasetBund
         log.info("stage %s recorded: %.1f s since the previous record", stage, now - last[0])
         last[0] = now
 
-    # 2. The vanilla model: what BISE prunes, so it always runs first.
-    model, metrics, vanilla_key = stages.vanilla(ctx)
-    record("vanilla", metrics)
+    # 2. The root stage, the vanilla model: what every other stage builds on, so it always runs first.
+    root = registry.spec("vanilla")
+    model, metrics, vanilla_key = root.function()(ctx.for_stage(root))
+    record(root.name, metrics)
+    up = stages.Upstream(model, keys={root.name: vanilla_key})
 
-    # 3. The BISE search, when a stage needs its masks.
-    search = stages.bise_search(ctx, model, vanilla_key) if set(MASK_STAGES) & set(chosen) else None
-
-    # 4. Everything else, in the order asked for.
-    for stage in [s for s in chosen if s != "vanilla"]:
-        if stage == "bise":
-            selection = cfg["pruning"]["selection_metric"] if search["alternatives"] else None
-            record("bise", search["metrics"], {"selection": selection} if selection else None)
-            for metric, alternative in search["alternatives"].items():
-                record("bise", alternative, {"selection": metric})
-        elif stage == "bise_ft":
-            record(stage, stages.finetune(ctx, model, search["masks"], stage, search["key"]))
-        elif stage == "reweighted_ft":
-            record(stage, stages.finetune(ctx, model, None, stage, vanilla_key))
-        elif stage in ("random", "magnitude"):
-            record(stage, stages.matched_baseline(ctx, model, search, stage))
-        elif stage == "ffw":
-            record(stage, stages.ffw(ctx, model, vanilla_key))
-        elif stage in ("dfr_train", "dfr_val"):
-            record(stage, stages.dfr(ctx, model, vanilla_key, stage))
-        elif stage == "lff":
-            record(stage, stages.lff(ctx))
+    # 3. The stages others build on (the BISE search, when a stage needs its masks), then every chosen stage in
+    # the order asked for; a stage computed as a parent is recorded where it was chosen, from the same result.
+    rows = {}
+    for name in registry.parents(chosen):
+        rows[name] = stages.compute(ctx, registry.spec(name), up)
+    for name in [c for c in chosen if c != root.name]:
+        if name not in rows:
+            rows[name] = stages.compute(ctx, registry.spec(name), up)
+        for metrics, extra in rows[name]:
+            record(name, metrics, extra)
 
 
 def place_data(ctx: stages.Context) -> dict:
@@ -198,7 +187,8 @@ def place_data(ctx: stages.Context) -> dict:
                     int(cfg["pruning"].get("batch_size", 1)))
         example = bundle["train"].encode(bundle["train"].x[:1])
         training = training_memory_bytes(ctx.new_backbone(), example.expand(batch, *example.shape[1:]))
-    on_device, reason = data_placement(mode, device, data_bytes, memory, training, lff="lff" in cfg["stages"])
+    two_models = any(registry.spec(name).models_trained > 1 for name in cfg["stages"])
+    on_device, reason = data_placement(mode, device, data_bytes, memory, training, two_models=two_models)
     log.info("data: %s", reason)
     if on_device:
         bundle.splits = place_splits(bundle.splits, device)
@@ -208,12 +198,18 @@ def place_data(ctx: stages.Context) -> dict:
 
 
 def check_stage_combination(chosen: list[str], method: str) -> None:
-    """FFW and BISE's mask stages need different `pruning` configs."""
-    if method == "ffw" and set(MASK_STAGES) & set(chosen):
-        raise BiseError(f"pruning=ffw runs the ffw stage; stages {sorted(set(MASK_STAGES) & set(chosen))} need "
-                        "pruning=bise (e.g. bise run pruning=ffw stages=[vanilla,ffw])")
-    if "ffw" in chosen and method != "ffw":
-        raise BiseError("the ffw stage needs pruning=ffw (e.g. bise run pruning=ffw stages=[vanilla,ffw])")
+    """Each chosen stage that needs a `pruning` config (its own or its parent's, see registry.py) needs the
+    chosen one: FFW and BISE's mask stages need different ones."""
+    wrong: dict[str, list[str]] = {}
+    for name in chosen:
+        need = registry.required_pruning(name)
+        if need is not None and need != method:
+            wrong.setdefault(need, []).append(name)
+    for need, names in wrong.items():
+        family = [name for name in registry.RUNNABLE if registry.required_pruning(name) == need]
+        what = f"the {names[0]} stage needs" if len(family) == 1 else f"stages {names} need"
+        raise BiseError(f"{what} pruning={need}, not pruning={method} (e.g. bise run pruning={need} "
+                        f"stages=[vanilla,{names[0]}])")
 
 
 def load_data(cfg: dict) -> DatasetBundle:

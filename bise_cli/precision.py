@@ -127,11 +127,11 @@ def training_memory_bytes(model: nn.Module, example: torch.Tensor) -> int | None
 
 
 def data_placement(mode: str, device, data_bytes: int, memory: tuple[int, int] | None, training_bytes: int | None,
-                   lff: bool) -> tuple[bool, str]:
+                   two_models: bool) -> tuple[bool, str]:
     """Whether the data go onto `device` (True) or stay in host memory, with pinned, non-blocking batch copies
     (False), and why. `always` and `never` decide by themselves; on the CPU the data stay where they are. `auto`
     on an accelerator with `memory` = (free, total) bytes: on the device when data_bytes + room <= free, where
-    room = the training memory of one model (two with LfF, which trains a biased and a debiased model at once)
+    room = the training memory of one model (two when `two_models`: LfF trains a biased and a debiased model at once)
     + max(DEVICE_MARGIN_BYTES, DEVICE_MARGIN_SHARE x total). Without a memory figure `auto` puts the data on the
     device; without a training estimate it counts a quarter of the free memory per model."""
     check_choice("data_on_device", mode, DATA_PLACEMENTS)
@@ -144,7 +144,7 @@ def data_placement(mode: str, device, data_bytes: int, memory: tuple[int, int] |
     if memory is None:
         return True, "data_on_device=auto: no memory figure for this device, the data go onto it"
     free, total = memory
-    models = 2 if lff else 1
+    models = 2 if two_models else 1
     training = training_bytes if training_bytes is not None else free // 4
     margin = max(DEVICE_MARGIN_BYTES, int(DEVICE_MARGIN_SHARE * total))
     room = models * training + margin

@@ -23,13 +23,18 @@ from typing import Any
 
 import torch
 
+from bise_cli.defaults import NOT_RECORD_SETTINGS
+
 # The process umask, read once at import (os.umask can only be read by setting it, which must not race with
 # threads creating files).
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def _atomic_write(path: Path, write) -> Path:
+def atomic_write(path: str | Path, write) -> Path:
+    """Write `path` atomically: `write(handle)` fills a temporary file (binary) in the same folder, which then
+    replaces `path`; a kill at any point leaves the old file or the new one, never half of one. The one atomic
+    write of the package (text, JSON, torch files, numpy archives, cache entries all go through it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -50,7 +55,7 @@ def _atomic_write(path: Path, write) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     """Atomically write `text` to `path`."""
-    return _atomic_write(Path(path), lambda handle: handle.write(text.encode()))
+    return atomic_write(Path(path), lambda handle: handle.write(text.encode()))
 
 
 def _clean(value: Any) -> Any:
@@ -94,12 +99,6 @@ def file_sha256(path: str | Path) -> str | None:
 # Fields every record sets itself; `record_keys` may not override them.
 RESERVED_FIELDS = ("stage", "keys", "run_dir", "data_sha256", "data_train_size", "data_source", "selection",
                    "peak_gpu_memory_mb")
-# Config entries that never change a result: left out of a run's identity (the pipeline adds the resolved device
-# itself) and of records.
-NOT_RESULT_SETTINGS = ("hydra", "device", "output_root", "name", "note", "cache", "cache_wait_minutes", "threads",
-                       "logger", "gpu_work")
-# Records also leave out the stage list and record_keys (a record is one stage; record_keys are merged in).
-NOT_RECORD_SETTINGS = (*NOT_RESULT_SETTINGS, "stages", "record_keys")
 
 
 # The files of a run folder that `bise export` hands on, checksummed when the run finishes (status.json's
@@ -115,14 +114,13 @@ def record_value(value: Any) -> Any:
 
 
 def flatten_config(cfg: dict, prefix: str = "") -> dict:
-    """{dotted.name: record_value} for every leaf of `cfg`; `dataset.name` and `backbone.name` are shortened to
-    `dataset` and `backbone`."""
+    """{dotted.name: record_value} for every leaf of `cfg` but the settings that are no record field
+    (`defaults.NOT_RECORD_SETTINGS`); `dataset.name` and `backbone.name` are shortened to `dataset` and
+    `backbone`."""
     flat = {}
     for key, value in cfg.items():
         name = f"{prefix}{key}"
-        if not prefix and key in NOT_RECORD_SETTINGS:
-            continue
-        if name in ("dataset.root", "dataset.cache_dir"):  # where files are, not what they hold
+        if name in NOT_RECORD_SETTINGS:
             continue
         if isinstance(value, dict):
             flat.update(flatten_config(value, f"{name}."))
@@ -135,7 +133,7 @@ def _extra_fields(cfg: dict) -> dict:
     """`record_keys` flattened like the config (settings that never change a result left out, e.g. a
     `logger=mlflow` choice)."""
     return flatten_config({str(k): v for k, v in (cfg.get("record_keys") or {}).items()
-                           if str(k).split(".")[0] not in NOT_RECORD_SETTINGS})
+                           if str(k) not in NOT_RECORD_SETTINGS and str(k).split(".")[0] not in NOT_RECORD_SETTINGS})
 
 
 def record_fields(cfg: dict) -> dict:
@@ -174,7 +172,7 @@ def make_record(stage: str, metrics: dict, cfg: dict, extra: dict | None = None)
 
 def save_torch(path: str | Path, obj: Any) -> Path:
     """Atomically torch.save `obj`."""
-    return _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
+    return atomic_write(Path(path), lambda handle: torch.save(obj, handle))
 
 
 def config_hash(settings: dict) -> str:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from bise_cli import baselines
+from bise_cli import baselines, registry
 from bise_cli.bise import SearchSettings, run_search
 from bise_cli.cache import StageCache
 from bise_cli.checkpoints import load_into, read_state_dict
 from bise_cli.data.base import DatasetBundle
+from bise_cli.defaults import PATH_SETTINGS
 from bise_cli.efficiency import efficiency_report
 from bise_cli.errors import BiseError, check_choice
 from bise_cli.evaluate import evaluate_model, train_group_weights
@@ -33,14 +34,81 @@ from bise_cli.models import build_backbone
 from bise_cli.probe import head_leakage, mean_over_attributes
 from bise_cli.prune import prune_model, save_pruned
 from bise_cli.records import RunDir, config_hash, save_torch, write_json
+from bise_cli.registry import StageSpec
 from bise_cli.reweighting import resolve, sample_weights
 from bise_cli.train import fit, freeze, predict
 
 log = logging.getLogger(__name__)
 
-# Bump a stage's version when its computation changes, so stale cache entries are not reused.
-STAGE_VERSIONS = {"vanilla": 2, "vanilla_metrics": 2, "identification": 2, "bise": 3, "bise_ft": 2,
-                  "reweighted_ft": 2, "random": 2, "magnitude": 2, "ffw": 2, "dfr_train": 3, "dfr_val": 3, "lff": 1}
+# Versions of the cached computations that are not stages of their own (a stage's version is in its StageSpec).
+VANILLA_METRICS_VERSION = 2
+IDENTIFICATION_VERSION = 2
+
+
+class UndeclaredSetting(KeyError):
+    """A stage read a config section its StageSpec does not declare: its cache key would not hold it."""
+
+
+class StageConfig(dict):
+    """A stage's view of the config: the sections it (and its ancestors) declare in `reads`, and nothing else,
+    so that every setting a stage's result depends on is in its cache key. Reading another section raises
+    UndeclaredSetting instead of returning a value the key leaves out."""
+
+    def __init__(self, visible: dict, full: dict, stage: str, prefix: str = ""):
+        super().__init__(visible)
+        self._full, self._stage, self._prefix = full, stage, prefix
+
+    def _check(self, key) -> None:
+        if key not in self and key in self._full:
+            raise UndeclaredSetting(f"stage {self._stage} reads {self._prefix}{key}, which its StageSpec does not "
+                                    "declare in `reads` (bise_cli/registry.py): its cache key would not hold it")
+
+    def __getitem__(self, key):
+        self._check(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._check(key)
+        return super().get(key, default)
+
+
+def config_view(cfg: dict, sections, stage: str) -> StageConfig:
+    """The part of `cfg` named by dotted `sections` (a section `baselines.lff` shows `baselines` with only `lff`)."""
+    visible: dict = {}
+    partial: dict[str, list[str]] = {}
+    for section in sections:
+        head, _, rest = section.partition(".")
+        if head not in cfg:
+            continue
+        if rest:
+            partial.setdefault(head, []).append(rest)
+        else:
+            visible[head] = cfg[head]
+    for head, rests in partial.items():
+        if head not in visible and isinstance(cfg[head], dict):
+            visible[head] = config_view(cfg[head], rests, stage)
+            visible[head]._prefix = f"{head}."
+    return StageConfig(visible, cfg, stage)
+
+
+def section_value(cfg: dict, section: str):
+    """A config section's value as a cache key holds it: settings that only say where files are left out, and a
+    checkpoint by its content (another file at the same path is another model)."""
+    value = cfg
+    for part in section.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if section == "vanilla_checkpoint":
+        return fingerprint_file(value) if value else None
+    paths = [p.removeprefix(f"{section}.") for p in PATH_SETTINGS if p.startswith(f"{section}.")]
+    if paths and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in paths}
+    return value
+
+
+def stage_key(stage: StageSpec, cfg: dict, parent_key: dict) -> dict:
+    """A stage's cache key: its parent's key, its name and version, and every section it reads."""
+    return {**parent_key, "stage": stage.name, "version": stage.version,
+            **{section: section_value(cfg, section) for section in registry.effective_reads(stage, cfg)}}
 
 
 def pruning_settings(options: dict):
@@ -67,7 +135,8 @@ def seed_stage(seed: int, stage: str) -> int:
 
 @dataclass
 class Context:
-    """What every stage needs: the resolved config, the data, where to run and where to cache and write."""
+    """What every stage needs: the resolved config, the data, where to run and where to cache and write. A
+    stage's run function gets `for_stage(spec)`: the same context with `cfg` restricted to what it reads."""
 
     cfg: dict
     bundle: DatasetBundle
@@ -75,29 +144,31 @@ class Context:
     cache: StageCache
     run_dir: RunDir
     data_fingerprint: str
+    stage: StageSpec | None = None
 
     @property
     def seed(self) -> int:
         return int(self.cfg["seed"])
 
+    def for_stage(self, stage: StageSpec) -> Context:
+        """This context for one stage: `cfg` shows only the sections the stage and its ancestors read."""
+        view = config_view(self.cfg, registry.visible_sections(stage.name, self.cfg), stage.name)
+        return dataclasses.replace(self, cfg=view, stage=stage)
+
     def train_key(self) -> dict:
-        """What the vanilla weights depend on: the data (by content), the backbone, the recipe, the seed and the
-        kind of device that trained them (CPU and GPU kernels round differently, so a GPU run never reuses
-        weights a CPU run trained, and the same command gives the same numbers whatever the cache held)."""
-        cfg = self.cfg
-        dataset = {k: v for k, v in cfg["dataset"].items() if k not in ("root", "cache_dir")}
-        key = {"stage": "vanilla", "version": STAGE_VERSIONS["vanilla"], "data": self.data_fingerprint,
-               "dataset": dataset, "rho": cfg["rho"], "seed": self.seed, "backbone": cfg["backbone"],
-               "train": cfg["train"], "deterministic": cfg["deterministic"], "precision": cfg["precision"],
-               "train_device": self.device.type}
-        if cfg.get("vanilla_checkpoint"):
-            # The file's content, not its path or size: another checkpoint at the same path is another model.
-            key = {**key, "train": None, "vanilla_checkpoint": fingerprint_file(cfg["vanilla_checkpoint"])}
-        return key
+        """What the vanilla weights depend on: the data (by content), every root section the vanilla stage reads
+        but the evaluation settings, the seed and the kind of device that trained them (CPU and GPU kernels
+        round differently, so a GPU run never reuses weights a CPU run trained, and the same command gives the
+        same numbers whatever the cache held). With a `vanilla_checkpoint` the training recipe is left out."""
+        root = registry.spec("vanilla")
+        sections = [s for s in registry.effective_reads(root, self.cfg) if s not in registry.EVALUATION_SECTIONS]
+        return {"stage": root.name, "version": root.version, "data": self.data_fingerprint,
+                **{section: section_value(self.cfg, section) for section in sections},
+                "train_device": self.device.type}
 
     def eval_key(self, parent: dict) -> dict:
         """`parent` plus how results are measured: cached metrics depend on it (latency on the device)."""
-        evaluation = {k: self.cfg[k] for k in ("leakage_probe", "latency", "eval_batch_size", "bootstrap")}
+        evaluation = {k: self.cfg[k] for k in registry.EVALUATION_SECTIONS}
         return {**parent, "evaluation": {**evaluation, "metrics_version": METRICS_VERSION}, "device": self.device.type}
 
     def reweighting(self) -> str:
@@ -119,11 +190,25 @@ class Context:
         return metrics
 
 
+@dataclass
+class Upstream:
+    """What the stages before a stage produced: the frozen vanilla model, and each computed stage's cache key
+    and (cached) result."""
+
+    model: torch.nn.Module
+    keys: dict[str, dict]
+    results: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    def result(self, name: str) -> dict:
+        return self.results[name]
+
+
 # --------------------------------------------------------------------------------------------------- vanilla
 
 def vanilla(ctx: Context):
-    """The frozen vanilla model and its metrics: trained on the biased training split (weights cached by the
-    training settings), or read from `vanilla_checkpoint` and only evaluated."""
+    """The root stage: the frozen vanilla model, its metrics and its key (the parent key of every other stage),
+    trained on the biased training split (weights cached by the training settings), or read from
+    `vanilla_checkpoint` and only evaluated."""
     seed = seed_stage(ctx.seed, "vanilla")  # before construction: the initialisation is part of the stage
     model = ctx.new_backbone().to(ctx.device)
     key = ctx.train_key()
@@ -132,8 +217,8 @@ def vanilla(ctx: Context):
         load_checkpoint(model, ctx.cfg["vanilla_checkpoint"], ctx)
     else:
         def train() -> dict:
-            t = ctx.cfg["train"]
             started = time.perf_counter()
+            t = ctx.cfg["train"]
             history = fit(model, ctx.bundle["train"], epochs=t["epochs"], batch_size=t["batch_size"],
                           optimizer=t["optimizer"], lr=t["lr"], momentum=t["momentum"],
                           weight_decay=t["weight_decay"], scheduler=t["scheduler"], milestones=milestones(ctx.cfg),
@@ -147,7 +232,7 @@ def vanilla(ctx: Context):
         write_json(ctx.run_dir.file("vanilla_history.json"), trained["history"])
     freeze(model)
     metrics = ctx.cache.get_or_compute(
-        "vanilla_metrics", {**ctx.eval_key(key), "stage": "vanilla_metrics"},
+        "vanilla_metrics", {**ctx.eval_key(key), "stage": "vanilla_metrics", "version": VANILLA_METRICS_VERSION},
         lambda: {**ctx.evaluate(model), **{k: v for k, v in trained.items() if k == "train_seconds"}})
     return model, metrics, ctx.eval_key(key)
 
@@ -189,9 +274,10 @@ def bias_labels(ctx: Context):
 
 
 def identification_model(ctx: Context):
-    """A briefly trained vanilla model whose predictions serve as pseudo bias labels (the unsupervised variant)."""
-    key = {**ctx.train_key(), "stage": "identification", "version": STAGE_VERSIONS["identification"],
-           "epochs": ctx.cfg["identification"]["epochs"]}
+    """A briefly trained vanilla model whose predictions serve as pseudo bias labels (the unsupervised variant),
+    trained with the `train` recipe for `identification.epochs` (both in its key, also with a checkpoint)."""
+    key = {**ctx.train_key(), "stage": "identification", "version": IDENTIFICATION_VERSION,
+           "train": ctx.cfg["train"], "epochs": ctx.cfg["identification"]["epochs"]}
     model = ctx.new_backbone().to(ctx.device)
 
     def train() -> dict:
@@ -209,47 +295,45 @@ def identification_model(ctx: Context):
 
 # ----------------------------------------------------------------------------------------------------- BISE
 
-def bise_search(ctx: Context, model, parent_key: dict) -> dict:
-    """The BISE search on the frozen vanilla model, physical pruning and the `bise` metrics; writes the masks,
-    the pruned model and the search curves into the run folder."""
+def bise_search(ctx: Context, up: Upstream) -> dict:
+    """The BISE search on the frozen vanilla model, physical pruning and the `bise` metrics (with those of the
+    masks chosen by each alternative selection metric)."""
+    model, p = up.model, ctx.cfg["pruning"]
+    split, rho = bias_labels(ctx)
+    settings = dataclasses.replace(pruning_settings(p), precision=ctx.cfg["precision"])
+    weights = sample_weights(ctx.reweighting(), split.y, split.b, ctx.bundle.num_classes, ctx.bundle.num_bias, rho)
+    gates = GateSet(model.gate_points(), init=settings.gate_init).to(ctx.device).attach(model)
+    try:
+        result = run_search(model, gates, split, ctx.bundle.get("val"), ctx.bundle["test"],
+                            num_classes=ctx.bundle.num_classes, num_bias=ctx.bundle.num_bias, weights=weights,
+                            settings=settings, bias_names=ctx.bundle.bias_names, device=ctx.device,
+                            seed=seed_stage(ctx.seed, "bise"), group_weights=train_group_weights(ctx.bundle))
+        # The heads read the full-width bottleneck, so they are scored on the gated model (pruned units are
+        # zeros there), before and after the search.
+        gates.load_binary_masks(result.masks)
+        with gates.mode("fixed"):
+            after = head_leakage(result.head_states, model, ctx.bundle["test"], ctx.device)
+        with gates.mode("vanilla"):
+            before = head_leakage(result.pretrain_head_states, model, ctx.bundle["test"], ctx.device)
+    finally:
+        gates.detach()
+    metrics = ctx.evaluate(prune_model(model, result.masks), dense=model, masks=result.masks)
+    metrics.update(leakage_head=mean_over_attributes(after), leakage_head_vanilla=mean_over_attributes(before),
+                   best_epoch=result.best_epoch, search_epochs=len(result.history),
+                   masks_frozen_epoch=result.frozen_epoch, cached_features=result.cached_features,
+                   approximate_cache=result.approximate_cache,
+                   rho_reweighting=list(rho) if rho else None, reweighting_used=ctx.reweighting())
+    alternatives = {metric: {**ctx.evaluate(prune_model(model, alt["masks"]), dense=model, masks=alt["masks"]),
+                             "best_epoch": alt["epoch"]} for metric, alt in result.alternatives.items()}
+    return {"masks": result.masks, "last_masks": result.last_masks, "history": result.history,
+            "head_states": result.head_states, "metrics": metrics, "alternatives": alternatives,
+            "unrounded_masks": result.unrounded_masks}
+
+
+def write_search(ctx: Context, up: Upstream, result: dict) -> list[tuple[dict, dict | None]]:
+    """The search's files in the run folder (masks, the pruned model, the curves, the kept units) and the `bise`
+    records: the masks of `pruning.selection_metric`, then those of each alternative selection metric."""
     p = ctx.cfg["pruning"]
-    key = {**parent_key, "stage": "bise", "version": STAGE_VERSIONS["bise"], "pruning": p,
-           "bias_labels": ctx.cfg["bias_labels"], "identification": ctx.cfg["identification"],
-           "reweighting": ctx.reweighting()}
-
-    def search() -> dict:
-        split, rho = bias_labels(ctx)
-        settings = dataclasses.replace(pruning_settings(p), precision=ctx.cfg["precision"])
-        weights = sample_weights(ctx.reweighting(), split.y, split.b, ctx.bundle.num_classes, ctx.bundle.num_bias,
-                                 rho)
-        gates = GateSet(model.gate_points(), init=settings.gate_init).to(ctx.device).attach(model)
-        try:
-            result = run_search(model, gates, split, ctx.bundle.get("val"), ctx.bundle["test"],
-                                num_classes=ctx.bundle.num_classes, num_bias=ctx.bundle.num_bias, weights=weights,
-                                settings=settings, bias_names=ctx.bundle.bias_names, device=ctx.device,
-                                seed=seed_stage(ctx.seed, "bise"), group_weights=train_group_weights(ctx.bundle))
-            # The heads read the full-width bottleneck, so they are scored on the gated model (pruned units are
-            # zeros there), before and after the search.
-            gates.load_binary_masks(result.masks)
-            with gates.mode("fixed"):
-                after = head_leakage(result.head_states, model, ctx.bundle["test"], ctx.device)
-            with gates.mode("vanilla"):
-                before = head_leakage(result.pretrain_head_states, model, ctx.bundle["test"], ctx.device)
-        finally:
-            gates.detach()
-        metrics = ctx.evaluate(prune_model(model, result.masks), dense=model, masks=result.masks)
-        metrics.update(leakage_head=mean_over_attributes(after), leakage_head_vanilla=mean_over_attributes(before),
-                       best_epoch=result.best_epoch, search_epochs=len(result.history),
-                       masks_frozen_epoch=result.frozen_epoch, cached_features=result.cached_features,
-                       approximate_cache=result.approximate_cache,
-                       rho_reweighting=list(rho) if rho else None, reweighting_used=ctx.reweighting())
-        alternatives = {metric: {**ctx.evaluate(prune_model(model, alt["masks"]), dense=model, masks=alt["masks"]),
-                                 "best_epoch": alt["epoch"]} for metric, alt in result.alternatives.items()}
-        return {"masks": result.masks, "last_masks": result.last_masks, "history": result.history,
-                "head_states": result.head_states, "metrics": metrics, "alternatives": alternatives,
-                "unrounded_masks": result.unrounded_masks}
-
-    result = ctx.cache.get_or_compute("bise", key, search)
     # Units off before and after pruning.round_to, in the record (and a warning when rounding undoes most of the
     # search), also for a cached search; an entry from before this was kept knows them only without rounding.
     unrounded = result.get("unrounded_masks") or (result["masks"] if p.get("round_to", 1) == 1 else None)
@@ -257,104 +341,90 @@ def bise_search(ctx: Context, model, parent_key: dict) -> dict:
         effect = rounding_effect(unrounded, result["masks"], int(p.get("round_to", 1)))
         result["metrics"] = {**result["metrics"], "sparsity_units_unrounded": effect["sparsity_units_unrounded"]}
     save_torch(ctx.run_dir.file("masks.pt"), {"masks": result["masks"], "last_masks": result["last_masks"]})
-    save_pruned(prune_model(model, result["masks"]), ctx.run_dir.file("pruned_bise.pt"))
+    save_pruned(prune_model(up.model, result["masks"]), ctx.run_dir.file("pruned_bise.pt"))
     write_json(ctx.run_dir.file("search_history.json"), result["history"])
     write_json(ctx.run_dir.file("kept_units.json"), kept_units(result["masks"]))
-    return {**result, "key": key}
+    selection = p["selection_metric"] if result["alternatives"] else None
+    return [(result["metrics"], {"selection": selection} if selection else None),
+            *[(alternative, {"selection": metric}) for metric, alternative in result["alternatives"].items()]]
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuning
 
-def finetune(ctx: Context, vanilla_model, masks, stage: str, parent_key: dict) -> dict:
-    """Fine-tune the surviving weights (masks frozen) with the reweighted loss; `masks=None` keeps every unit
-    (the reweighted-FT control)."""
-    f = ctx.cfg["finetune"]
-    key = {**parent_key, "stage": stage, "version": STAGE_VERSIONS[stage], "finetune": f,
-           "reweighting": ctx.reweighting(), "bias_labels": ctx.cfg["bias_labels"]}
-
-    def train() -> dict:
-        model = copy.deepcopy(vanilla_model)
-        for param in model.parameters():
-            param.requires_grad_(True)
-        gates = None
-        if masks is not None:
-            # Fixed (detached) binary gates: pruned units stay exactly zero while the surviving weights train.
-            gates = GateSet(model.gate_points()).to(ctx.device).attach(model)
-            gates.load_binary_masks(masks)
-            gates.set_mode("fixed")
-        split, rho = bias_labels(ctx)
-        weights = sample_weights(ctx.reweighting(), split.y, split.b, ctx.bundle.num_classes, ctx.bundle.num_bias,
-                                 rho).to(ctx.device)
-        best = baselines.BestState(model, ctx.bundle.get("val"), ctx.bundle.num_classes, ctx.bundle.num_bias,
-                                   batch_size=ctx.cfg["eval_batch_size"], device=ctx.device,
-                                   metric=f["selection_metric"], group_weights=train_group_weights(ctx.bundle))
-        history = fit(model, split, epochs=f["epochs"], batch_size=f["batch_size"], optimizer=f["optimizer"],
-                      lr=f["lr"], momentum=f["momentum"], weight_decay=f["weight_decay"], scheduler=f["scheduler"],
-                      milestones=f.get("milestones"), sample_weights=weights, device=ctx.device,
-                      seed=seed_stage(ctx.seed, stage), description=stage,
-                      after_epoch=best.update if f["select_best"] else None, precision=ctx.cfg["precision"])
-        best.restore()
-        freeze(model)
-        if gates is None:
-            return {"metrics": {**ctx.evaluate(model), "best_epoch": best.epoch}, "history": history}
-        gates.detach()
-        return {"metrics": {**ctx.evaluate(prune_model(model, masks), dense=vanilla_model, masks=masks),
-                            "best_epoch": best.epoch}, "history": history}
-
-    result = ctx.cache.get_or_compute(stage, key, train)
-    if "history" in result:  # entries cached before curves were kept have none
-        write_json(ctx.run_dir.file(f"{stage}_history.json"), result["history"])
-    return result["metrics"]
+def finetune(ctx: Context, up: Upstream) -> dict:
+    """Fine-tune the surviving weights (masks frozen) with the reweighted loss: BISE's subnetwork when the
+    stage's parent is bise, else every unit (the reweighted-FT control)."""
+    f, stage = ctx.cfg["finetune"], ctx.stage.name
+    vanilla_model = up.model
+    masks = up.result("bise")["masks"] if ctx.stage.parent == "bise" else None
+    model = copy.deepcopy(vanilla_model)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    gates = None
+    if masks is not None:
+        # Fixed (detached) binary gates: pruned units stay exactly zero while the surviving weights train.
+        gates = GateSet(model.gate_points()).to(ctx.device).attach(model)
+        gates.load_binary_masks(masks)
+        gates.set_mode("fixed")
+    split, rho = bias_labels(ctx)
+    weights = sample_weights(ctx.reweighting(), split.y, split.b, ctx.bundle.num_classes, ctx.bundle.num_bias,
+                             rho).to(ctx.device)
+    best = baselines.BestState(model, ctx.bundle.get("val"), ctx.bundle.num_classes, ctx.bundle.num_bias,
+                               batch_size=ctx.cfg["eval_batch_size"], device=ctx.device,
+                               metric=f["selection_metric"], group_weights=train_group_weights(ctx.bundle))
+    history = fit(model, split, epochs=f["epochs"], batch_size=f["batch_size"], optimizer=f["optimizer"],
+                  lr=f["lr"], momentum=f["momentum"], weight_decay=f["weight_decay"], scheduler=f["scheduler"],
+                  milestones=f.get("milestones"), sample_weights=weights, device=ctx.device,
+                  seed=seed_stage(ctx.seed, stage), description=stage,
+                  after_epoch=best.update if f["select_best"] else None, precision=ctx.cfg["precision"])
+    best.restore()
+    freeze(model)
+    if gates is None:
+        return {"metrics": {**ctx.evaluate(model), "best_epoch": best.epoch}, "history": history}
+    gates.detach()
+    return {"metrics": {**ctx.evaluate(prune_model(model, masks), dense=vanilla_model, masks=masks),
+                        "best_epoch": best.epoch}, "history": history}
 
 
 # ----------------------------------------------------------------------------------------------- baselines
 
-def matched_baseline(ctx: Context, model, search: dict, stage: str) -> dict:
-    """Random or L2-magnitude structured pruning with BISE's per-layer kept-unit counts."""
-    key = {**search["key"], "stage": stage, "version": STAGE_VERSIONS[stage]}
-
-    def compute() -> dict:
-        if stage == "random":
-            masks = baselines.random_masks(search["masks"], seed_stage(ctx.seed, stage))
-        else:
-            masks = baselines.magnitude_masks(model, search["masks"])
-        return {"metrics": ctx.evaluate(prune_model(model, masks), dense=model, masks=masks), "masks": masks}
-
-    return ctx.cache.get_or_compute(stage, key, compute)["metrics"]
+def random_pruning(ctx: Context, up: Upstream) -> dict:
+    """Random structured pruning with BISE's per-layer kept-unit counts."""
+    masks = baselines.random_masks(up.result("bise")["masks"], seed_stage(ctx.seed, ctx.stage.name))
+    return {"metrics": ctx.evaluate(prune_model(up.model, masks), dense=up.model, masks=masks), "masks": masks}
 
 
-def ffw(ctx: Context, model, parent_key: dict) -> dict:
+def magnitude_pruning(ctx: Context, up: Upstream) -> dict:
+    """L2-magnitude structured pruning (the units of largest weight norm kept) with BISE's per-layer counts."""
+    masks = baselines.magnitude_masks(up.model, up.result("bise")["masks"])
+    return {"metrics": ctx.evaluate(prune_model(up.model, masks), dense=up.model, masks=masks), "masks": masks}
+
+
+def ffw(ctx: Context, up: Upstream) -> dict:
     """The FFW baseline (Debiasing Surgeon, ECCV 2024): unstructured gates trained on part of the unbiased val
     split."""
     from bise_cli.ffw import apply_weight_masks, run_ffw, weight_sparsity
 
     p = ctx.cfg["pruning"]
-    key = {**parent_key, "stage": "ffw", "version": STAGE_VERSIONS["ffw"], "pruning": p}
     val = ctx.bundle.get("val")
     if val is None:
         raise BiseError(f"FFW trains on an unbiased split: dataset {ctx.bundle.name} has no val split")
     if ctx.bundle.num_attributes > 1:
         raise BiseError(f"FFW supports one bias attribute; {ctx.bundle.name} has {ctx.bundle.num_attributes}")
-
-    def compute() -> dict:
-        order = torch.randperm(len(val), generator=torch.Generator().manual_seed(ctx.seed))
-        cut = int(len(val) * p["train_fraction"])
-        result = run_ffw(model, val.subset(order[:cut]), val.subset(order[cut:]), num_bias=ctx.bundle.num_bias,
-                         settings=pruning_settings(p), device=ctx.device, seed=seed_stage(ctx.seed, "ffw"))
-        metrics = ctx.evaluate(apply_weight_masks(model, result.weight_masks))
-        # Unstructured pruning keeps every shape: count the zeroed weights instead of the removed ones.
-        metrics.update(sparsity_weights=weight_sparsity(result.weight_masks), sparsity_units=None,
-                       best_epoch=result.best_epoch, search_epochs=len(result.history))
-        return {"metrics": metrics, "masks": result.weight_masks, "history": result.history}
-
-    result = ctx.cache.get_or_compute("ffw", key, compute)
-    write_json(ctx.run_dir.file("ffw_history.json"), result["history"])
-    return result["metrics"]
+    order = torch.randperm(len(val), generator=torch.Generator().manual_seed(ctx.seed))
+    cut = int(len(val) * p["train_fraction"])
+    result = run_ffw(up.model, val.subset(order[:cut]), val.subset(order[cut:]), num_bias=ctx.bundle.num_bias,
+                     settings=pruning_settings(p), device=ctx.device, seed=seed_stage(ctx.seed, ctx.stage.name))
+    metrics = ctx.evaluate(apply_weight_masks(up.model, result.weight_masks))
+    # Unstructured pruning keeps every shape: count the zeroed weights instead of the removed ones.
+    metrics.update(sparsity_weights=weight_sparsity(result.weight_masks), sparsity_units=None,
+                   best_epoch=result.best_epoch, search_epochs=len(result.history))
+    return {"metrics": metrics, "masks": result.weight_masks, "history": result.history}
 
 
 # ------------------------------------------------------------------------------------ DFR and LfF baselines
 
-def dfr(ctx: Context, model, parent_key: dict, stage: str) -> dict:
+def dfr(ctx: Context, up: Upstream) -> dict:
     """DFR (Kirichenko et al., ICLR 2023), in the order of DFR's code: the frozen vanilla backbone with its last
     layer refitted as an L1 logistic regression on group-balanced bottleneck features: of the biased training
     split with its bias labels (`dfr_train`, BISE's supervision) or of the unbiased validation split (`dfr_val`,
@@ -362,60 +432,60 @@ def dfr(ctx: Context, model, parent_key: dict, stage: str) -> dict:
     number of balanced subsamples averaged (`dfr_subsamples`)."""
     from bise_cli.dfr import apply_dfr, dfr_options, dfr_train, dfr_val
 
+    stage, model = ctx.stage.name, up.model
     options = dfr_options(ctx.cfg["baselines"]["dfr"], stage)
     val = ctx.bundle.get("val")
-    if stage == "dfr_val" and val is None:
-        raise BiseError(f"dfr_val fits on the unbiased validation split: dataset {ctx.bundle.name} has none "
+    if ctx.stage.needs_val and val is None:
+        raise BiseError(f"{stage} fits on the unbiased validation split: dataset {ctx.bundle.name} has none "
                         "(use dfr_train)")
-    key = {**parent_key, "stage": stage, "version": STAGE_VERSIONS[stage], "dfr": options,
-           "bias_labels": ctx.cfg["bias_labels"]}
 
     def features(split):
         return predict(model, split, ctx.cfg["eval_batch_size"], ctx.device, features=True)["z"]
 
-    def compute() -> dict:
-        kwargs = dict(num_classes=ctx.bundle.num_classes, num_bias=ctx.bundle.num_bias,
-                     seed=seed_stage(ctx.seed, stage), **options)
-        if stage == "dfr_train":
-            # The training split's bias labels, or the identification model's pseudo labels when unsupervised.
-            train = ctx.bundle["train"] if ctx.cfg["bias_labels"] == "ground_truth" else \
-                ctx.bundle["train"].with_bias(predict(identification_model(ctx), ctx.bundle["train"],
-                                                      ctx.cfg["eval_batch_size"], ctx.device)["pred"])
-            extra = (features(val), val.y, val.b) if val is not None else ()
-            result = dfr_train(features(train), train.y, train.b, *extra, **kwargs)
-        else:
-            result = dfr_val(features(val), val.y, val.b, features(ctx.bundle["train"]), **kwargs)
-        metrics = {**ctx.evaluate(apply_dfr(model, result)), "dfr_c": result.c,
-                   "dfr_subsamples": result.n_subsamples}
-        return {"metrics": metrics, "history": result.history}
-
-    result = ctx.cache.get_or_compute(stage, key, compute)
-    write_json(ctx.run_dir.file(f"{stage}_history.json"), result["history"])
-    return result["metrics"]
+    kwargs = dict(num_classes=ctx.bundle.num_classes, num_bias=ctx.bundle.num_bias,
+                  seed=seed_stage(ctx.seed, stage), **options)
+    if not ctx.stage.needs_val:
+        # The training split's bias labels, or the identification model's pseudo labels when unsupervised.
+        train = ctx.bundle["train"] if ctx.cfg["bias_labels"] == "ground_truth" else \
+            ctx.bundle["train"].with_bias(predict(identification_model(ctx), ctx.bundle["train"],
+                                                  ctx.cfg["eval_batch_size"], ctx.device)["pred"])
+        extra = (features(val), val.y, val.b) if val is not None else ()
+        result = dfr_train(features(train), train.y, train.b, *extra, **kwargs)
+    else:
+        result = dfr_val(features(val), val.y, val.b, features(ctx.bundle["train"]), **kwargs)
+    metrics = {**ctx.evaluate(apply_dfr(model, result)), "dfr_c": result.c, "dfr_subsamples": result.n_subsamples}
+    return {"metrics": metrics, "history": result.history}
 
 
-def lff(ctx: Context) -> dict:
+def lff(ctx: Context, up: Upstream) -> dict:
     """LfF (Nam et al., NeurIPS 2020): a biased and a debiased model trained from scratch with the vanilla
     recipe's budget; no bias labels."""
     from bise_cli.lff import train_lff
 
     lff_cfg, t = ctx.cfg["baselines"]["lff"], ctx.cfg["train"]
-    # The recipe explicitly: train_key() leaves it out when a vanilla_checkpoint replaces training.
-    key = {**ctx.eval_key(ctx.train_key()), "train": t, "stage": "lff", "version": STAGE_VERSIONS["lff"],
-           "lff": lff_cfg}
+    model, history = train_lff(ctx.new_backbone, ctx.bundle["train"], epochs=t["epochs"],
+                               batch_size=t["batch_size"], optimizer=t["optimizer"], lr=t["lr"],
+                               momentum=t["momentum"], weight_decay=t["weight_decay"], scheduler=t["scheduler"],
+                               milestones=milestones(ctx.cfg), gamma=t["gamma"], q=lff_cfg["q"],
+                               ema_alpha=lff_cfg["ema_alpha"], num_classes=ctx.bundle.num_classes,
+                               device=ctx.device, seed=seed_stage(ctx.seed, ctx.stage.name))
+    return {"metrics": ctx.evaluate(freeze(model)), "history": history}
 
-    def compute() -> dict:
-        model, history = train_lff(ctx.new_backbone, ctx.bundle["train"], epochs=t["epochs"],
-                                   batch_size=t["batch_size"], optimizer=t["optimizer"], lr=t["lr"],
-                                   momentum=t["momentum"], weight_decay=t["weight_decay"], scheduler=t["scheduler"],
-                                   milestones=milestones(ctx.cfg), gamma=t["gamma"], q=lff_cfg["q"],
-                                   ema_alpha=lff_cfg["ema_alpha"], num_classes=ctx.bundle.num_classes,
-                                   device=ctx.device, seed=seed_stage(ctx.seed, "lff"))
-        return {"metrics": ctx.evaluate(freeze(model)), "history": history}
 
-    result = ctx.cache.get_or_compute("lff", key, compute)
-    write_json(ctx.run_dir.file("lff_history.json"), result["history"])
-    return result["metrics"]
+# --------------------------------------------------------------------------------------------- running them
+
+def compute(ctx: Context, stage: StageSpec, up: Upstream) -> list[tuple[dict, dict | None]]:
+    """Run one (non-root) stage through the cache under `stage_key` and return its records' (metrics, extra):
+    the cached result is kept in `up` for the stages that build on it, its curves written to the run folder."""
+    key = stage_key(stage, ctx.cfg, up.keys[stage.parent])
+    view = ctx.for_stage(stage)
+    result = ctx.cache.get_or_compute(stage.name, key, lambda: stage.function()(view, up))
+    up.keys[stage.name], up.results[stage.name] = key, result
+    if stage.history and "history" in result:  # entries cached before curves were kept have none
+        write_json(ctx.run_dir.file(f"{stage.name}_history.json"), result["history"])
+    if stage.finish:
+        return stage.function("finish")(view, up, result)
+    return [(result["metrics"], None)]
 
 
 def cache_root(cfg: dict) -> Path:

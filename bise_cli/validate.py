@@ -17,23 +17,18 @@ from pathlib import Path
 
 import yaml
 
+from bise_cli import registry
+from bise_cli.defaults import CONF_DIR
 from bise_cli.errors import BiseError
 
 DEVICES = ("auto", "cpu", "cuda")
 BIAS_LABELS = ("ground_truth", "identification")
-FINETUNE_STAGES = ("bise_ft", "reweighted_ft")
 # Top-level YAML entries that are not settings of the task config.
 NOT_SETTINGS = ("defaults", "hydra")
 
 # A key tree: {key: subtree or None}; None means "any value" (a leaf, or a free-form mapping such as
 # record_keys: {}), a dict means a mapping whose keys are checked too.
 KeyTree = dict
-
-
-def _conf_dir() -> Path:
-    from bise_cli.cli import CONF_DIR  # cli imports nothing heavy at module level; lazy to avoid a cycle
-
-    return CONF_DIR
 
 
 def _tree(mapping: dict) -> KeyTree:
@@ -110,7 +105,7 @@ def _check_tree(values: dict, allowed: KeyTree, prefix: str, where: str) -> None
 
 def check_known_keys(cfg: dict, conf_dir: str | Path | None = None) -> None:
     """Reject any key that no YAML file of the config tree declares, naming the closest allowed one."""
-    top, groups = declared_keys(str(conf_dir or _conf_dir()))
+    top, groups = declared_keys(str(conf_dir or CONF_DIR))
     _unknown([k for k in cfg if k not in NOT_SETTINGS], top, "", "not in config.yaml")
     for key, value in cfg.items():
         if key in NOT_SETTINGS or not isinstance(value, dict):
@@ -218,10 +213,10 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
     """Check every setting the pipeline reads; raise BiseError (one line: key, value, what is allowed) on the
     first bad one and return warnings (settings that are legal but probably not meant).
 
-    `stages` are the known stage names (default: bise_cli.pipeline.STAGES); `conf_dir` the config tree whose
-    YAML files declare the allowed keys (default: the package's)."""
+    `stages` are the known stage names (default: the runnable stages of bise_cli.registry); `conf_dir` the
+    config tree whose YAML files declare the allowed keys (default: the package's)."""
     if stages is None:
-        from bise_cli.pipeline import STAGES as stages  # lazy: pipeline imports torch and every stage
+        stages = registry.RUNNABLE
     warnings: list[str] = []
     _check_device(cfg.get("device", "auto"))  # first: a GPU run on a machine without one must not start at all
     check_known_keys(cfg, conf_dir)
@@ -277,13 +272,15 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
     if dfr_settings is not _MISSING:
         from bise_cli.dfr import dfr_options  # lazy: scikit-learn
 
-        for stage in sorted({"dfr_train", "dfr_val"} & set(chosen)):
-            dfr_options(dfr_settings, stage)
+        for stage in chosen:
+            if "baselines.dfr" in registry.spec(stage).reads:
+                dfr_options(dfr_settings, stage)
 
     if _get(cfg, "train.epochs") == 0 and not cfg.get("vanilla_checkpoint"):
         warnings.append("train.epochs=0: the vanilla model keeps its random initial weights")
-    if _get(cfg, "finetune.epochs") == 0 and set(FINETUNE_STAGES) & set(chosen):
-        warnings.append("finetune.epochs=0: bise_ft and reweighted_ft evaluate their starting models unchanged")
+    finetuned = [stage for stage in chosen if "finetune" in registry.spec(stage).reads]
+    if _get(cfg, "finetune.epochs") == 0 and finetuned:
+        warnings.append(f"finetune.epochs=0: {' and '.join(finetuned)} evaluate their starting models unchanged")
     return warnings
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from bise_cli.locking import compute_lock
 from bise_cli.progress import progress_bar
+from bise_cli.records import atomic_write, write_text
 
 log = logging.getLogger("bise")
 DEFAULT_CACHE_DIR = "outputs/cache/data"
@@ -85,15 +86,9 @@ def _load_arrays(path: Path, sidecar: Path) -> dict[str, np.ndarray] | None:
 
 
 def _store_arrays(path: Path, sidecar: Path, key: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    tmp_side = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
-    tmp_side.write_text(json.dumps({"key": key, "sha256": arrays_sha(arrays),
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
+    write_text(sidecar, json.dumps({"key": key, "sha256": arrays_sha(arrays),
                                     "shapes": {k: list(v.shape) for k, v in arrays.items()}}))
-    os.replace(tmp_side, sidecar)
     return arrays
 
 
@@ -253,10 +248,8 @@ def _fill_memmap(path: Path, sidecar: Path, key: str, shape: tuple[int, ...],
     del out
     # The checksums before the array: a reader never sees a new array with no (or an old) checksum file; a kill in
     # between leaves the partial file, which the next process resumes (all rows done) and finishes.
-    tmp = sidecar.with_name(f"{sidecar.name}.tmp-{token}")
-    tmp.write_text(json.dumps({"key": key, "shape": list(shape), "size": partial.stat().st_size,
-                               "block": CHECKSUM_BLOCK, "sha256": block_digests(partial)}))
-    os.replace(tmp, sidecar)
-    os.replace(partial, path)
+    write_text(sidecar, json.dumps({"key": key, "shape": list(shape), "size": partial.stat().st_size,
+                                    "block": CHECKSUM_BLOCK, "sha256": block_digests(partial)}))
+    os.replace(partial, path)  # the filled array takes its place (a rename: atomic)
     state.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r")

@@ -61,6 +61,7 @@ from bise_cli.data.image_cache import DEFAULT_CACHE_DIR, cached_memmap, digest
 from bise_cli.data.tokenize import OFFLINE_MODEL, tokenize_texts
 from bise_cli.errors import BiseError, check_choice
 from bise_cli.progress import progress_bar
+from bise_cli.records import write_text
 
 log = logging.getLogger(__name__)
 
@@ -372,12 +373,8 @@ def read_undecodable(cache_dir) -> dict[str, str]:
 
 def _remember_undecodable(cache_dir, found: dict[str, str]) -> None:
     """Add `found` to the memo (read again first: a parallel run may have added entries), written atomically."""
-    path = _undecodable_path(cache_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     merged = {**read_undecodable(cache_dir), **found}
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(merged, indent=0, sort_keys=True))
-    os.replace(tmp, path)
+    write_text(_undecodable_path(cache_dir), json.dumps(merged, indent=0, sort_keys=True))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

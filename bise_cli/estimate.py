@@ -21,13 +21,13 @@ import torch.nn.functional as F
 
 from bise_cli.data.base import DatasetBundle
 from bise_cli.models import build_backbone
+from bise_cli.registry import required_pruning
 
 log = logging.getLogger(__name__)
 
 TIMED_BATCHES = 2        # training steps timed after one warm-up step
 FORWARD_SHARE = 1 / 3    # an evaluation (forward) pass costs about a third of a training step per sample
 CPU_WARNING_HOURS = 2.0  # a CPU run estimated longer than this is called GPU work even without the preset's mark
-MASK_STAGES = ("bise", "bise_ft", "random", "magnitude")
 
 
 def seconds_per_sample(cfg: dict, bundle: DatasetBundle, device: torch.device) -> tuple[float, int]:
@@ -83,7 +83,8 @@ def estimate_run(cfg: dict, bundle: DatasetBundle, device: torch.device) -> dict
     samples = {"vanilla": vanilla_epochs * n_train}
     if cfg.get("bias_labels") == "identification":
         samples["vanilla"] += int(cfg["identification"]["epochs"]) * n_train
-    if set(MASK_STAGES) & set(chosen) and cfg["pruning"]["name"] == "bise":
+    # The search runs once for every chosen stage that builds on its masks (the registry says which).
+    if any(required_pruning(stage) == "bise" for stage in chosen) and cfg["pruning"]["name"] == "bise":
         samples["bise"] = search_epochs(cfg["pruning"]) * n_search
     for stage in ("bise_ft", "reweighted_ft"):
         if stage in chosen:

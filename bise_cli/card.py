@@ -32,8 +32,8 @@ from bise_cli.errors import BiseError
 from bise_cli.escape import markdown, plot_label
 from bise_cli.names import format_value, heading
 from bise_cli.names import metric as declared_metric
-from bise_cli.names import stage as declared_stage
 from bise_cli.records import read_jsonl, write_json, write_text
+from bise_cli.registry import spec as declared_stage
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,8 @@
-"""One home for every metric name, with how each is displayed; the stages' display names, re-exported.
+"""One home for every metric name, with how each is displayed.
 
-This module sits at the bottom of the package's import graph: it imports only `bise_cli.registry` (which imports
-nothing from `bise_cli`), where each stage is declared once with its title and colour; `STAGES`, `STAGE_NAMES`,
-`stage` and `stage_rank` here are that registry's. Tables, the terminal summary, the model card and the plots take
-titles, colours, units and number formats from `STAGES`, `METRICS` and `format_value`.
+This module is the bottom of the package's import graph: it imports nothing from `bise_cli`. Stages are declared
+(with their titles and colours) in `bise_cli.registry`, the other bottom module; tables, the terminal summary,
+the model card and the plots take units and number formats from `METRICS` and `format_value` here.
 
 Records store metrics in natural units (accuracies and sparsities as fractions, MACs and parameters as counts,
 latency in milliseconds); `Metric.scale` turns a stored value into the displayed one, `Metric.unit` names the
@@ -16,13 +15,6 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-
-from bise_cli.registry import SPECS as STAGES
-from bise_cli.registry import STAGE_NAMES, stage_rank
-from bise_cli.registry import spec as stage
-
-__all__ = ["STAGES", "STAGE_NAMES", "stage", "stage_rank", "METRICS", "METRIC_NAMES", "metric", "heading",
-           "format_value", "is_missing", "MISSING"]
 
 
 @dataclass(frozen=True)

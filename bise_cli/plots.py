@@ -14,8 +14,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import pandas as pd  # noqa: E402
 
-from bise_cli.names import heading, stage, stage_rank  # noqa: E402
+from bise_cli.names import heading  # noqa: E402
 from bise_cli.names import metric as declared_metric  # noqa: E402
+from bise_cli.registry import spec as stage  # noqa: E402
+from bise_cli.registry import stage_rank  # noqa: E402
 
 
 def _save(fig, path) -> Path:

@@ -26,9 +26,10 @@ from rich.table import Table
 
 from bise_cli import escape
 from bise_cli.errors import BiseError
-from bise_cli.names import MISSING, format_value, heading, is_missing, stage_rank
+from bise_cli.names import MISSING, format_value, heading, is_missing
 from bise_cli.names import metric as declared_metric
 from bise_cli.paper_reference import PAPER_METRIC_MEANING, Reference, reference, reference_metrics
+from bise_cli.registry import stage_rank
 
 log = logging.getLogger(__name__)
 

@@ -173,7 +173,7 @@ def test_disparity_agrees_with_fairlearn_on_random_cases_with_empty_cells():
 def test_biased_mnist_baselines_are_attributed_to_their_methods_in_the_reference_footer(tmp_path):
     import json
 
-    from bise_cli.names import stage
+    from bise_cli.registry import spec as stage
     from bise_cli.tables import constant_context, format_table, load_records, summarize
 
     records = [{"stage": name, "keys": ["dataset", "rho", "seed"], "dataset": "biased_mnist", "rho": 0.99,

@@ -8,8 +8,10 @@ import json
 import pytest
 
 from bise_cli.errors import BiseError
-from bise_cli.names import METRIC_NAMES, METRICS, STAGE_NAMES, STAGES, format_value, heading, metric, stage_rank
+from bise_cli.names import METRIC_NAMES, METRICS, format_value, heading, metric
 from bise_cli.paper_reference import REFERENCES, reference, reference_value
+from bise_cli.registry import SPECS as STAGES
+from bise_cli.registry import STAGE_NAMES, stage_rank
 from bise_cli.tables import (
     compare_stages,
     constant_context,

@@ -26,7 +26,7 @@ SETTING_ROLES = {
     # How a run is executed, logged or labelled: in no identity (the pipeline adds the kind of device the run
     # resolves `device` to), record, folder name or cache key.
     "execution": ("device", "data_on_device", "threads", "cache", "cache_wait_minutes", "logger", "name", "note",
-                  "hydra", "gpu_work", "tune"),
+                  "hydra", "gpu_work", "tune.objective"),
     # What a run does and how its records are labelled: in its identity (another stage list is another run)
     # but not among a record's config fields (a record is one stage; record_keys are merged into the fields).
     "plan": ("stages", "record_keys"),

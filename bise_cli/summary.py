@@ -15,8 +15,9 @@ from rich.table import Table
 from bise_cli.data import summarize_bundle
 from bise_cli.data.base import DatasetBundle
 from bise_cli.escape import console as escape
-from bise_cli.names import format_value, heading, metric, stage
+from bise_cli.names import format_value, heading, metric
 from bise_cli.records import write_json
+from bise_cli.registry import spec as stage
 
 # Logs, pipes and CI capture output without a terminal: 120 columns, the width the headline table is made for.
 TABLE_WIDTH = 120

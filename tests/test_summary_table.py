@@ -8,7 +8,8 @@ import io
 from rich.console import Console
 
 from bise_cli import summary
-from bise_cli.names import heading, stage
+from bise_cli.names import heading
+from bise_cli.registry import spec as stage
 
 
 def _records() -> list[dict]:

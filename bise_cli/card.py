@@ -251,6 +251,7 @@ def _unused_settings(cfg: dict, records: list[dict]) -> tuple[str, ...]:
         unused.append("baselines.dfr.")
     if "lff" not in ran:
         unused.append("baselines.lff.")
+    unused += [f"baselines.{stage}." for stage in ("softcon", "bcon_bbal") if stage not in ran]
     return tuple(unused)
 
 

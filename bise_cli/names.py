@@ -52,11 +52,11 @@ STAGES: tuple[Stage, ...] = (
           "deep feature reweighting: last layer retrained on the unbiased validation data"),
     Stage("lff", "LfF", "tab:pink", "Learning from Failure, debiased training from scratch"),
     Stage("softcon", "SoftCon", "tab:gray",
-          "paper reference only: Hong & Yang, NeurIPS 2021 (the BISE paper's number, probably from Barbano et al.'s "
-          "ICLR 2023 table); not run by bise"),
+          "soft bias-contrastive learning from scratch, pairs weighted by the vanilla model's features (Hong & Yang, "
+          "NeurIPS 2021; the paper's number probably from Barbano et al.'s ICLR 2023 table)"),
     Stage("bcon_bbal", "BCon+BBal", "gold",
-          "paper reference only: Hong & Yang, NeurIPS 2021 (the BISE paper's number, probably from Barbano et al.'s "
-          "ICLR 2023 table); not run by bise"),
+          "bias-contrastive + bias-balanced learning from scratch with bias labels (Hong & Yang, NeurIPS 2021; the "
+          "paper's number probably from Barbano et al.'s ICLR 2023 table)"),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 _STAGES = {stage.name: stage for stage in STAGES}

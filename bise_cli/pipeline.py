@@ -50,7 +50,8 @@ from bise_cli.tracking import check_tracker, track_run
 log = logging.getLogger(__name__)
 
 # The stages this runner implements, in the order they print (names and titles are declared in names.py).
-STAGES = ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude", "ffw", "dfr_train", "dfr_val", "lff")
+STAGES = ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude", "ffw", "dfr_train", "dfr_val", "lff",
+          "softcon", "bcon_bbal")
 MASK_STAGES = ("bise", "bise_ft", "random", "magnitude")  # need BISE's structured masks
 
 
@@ -174,6 +175,10 @@ def recipe(cfg: dict, device: torch.device, run_dir: RunDir, bundle: DatasetBund
             record(stage, stages.dfr(ctx, model, vanilla_key, stage))
         elif stage == "lff":
             record(stage, stages.lff(ctx))
+        elif stage == "softcon":
+            record(stage, stages.contrastive(ctx, stage, model, vanilla_key))
+        elif stage == "bcon_bbal":
+            record(stage, stages.contrastive(ctx, stage))
 
 
 def place_data(ctx: stages.Context) -> dict:

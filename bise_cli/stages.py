@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 # Bump a stage's version when its computation changes, so stale cache entries are not reused.
 STAGE_VERSIONS = {"vanilla": 2, "vanilla_metrics": 2, "identification": 2, "bise": 3, "bise_ft": 2,
-                  "reweighted_ft": 2, "random": 2, "magnitude": 2, "ffw": 2, "dfr_train": 3, "dfr_val": 3, "lff": 1}
+                  "reweighted_ft": 2, "random": 2, "magnitude": 2, "ffw": 2, "dfr_train": 3, "dfr_val": 3, "lff": 1,
+                  "softcon": 1, "bcon_bbal": 1}
 
 
 def pruning_settings(options: dict):
@@ -414,6 +415,69 @@ def lff(ctx: Context) -> dict:
 
     result = ctx.cache.get_or_compute("lff", key, compute)
     write_json(ctx.run_dir.file("lff_history.json"), result["history"])
+    return result["metrics"]
+
+
+# ------------------------------------------------------------------------- SoftCon and BiasCon + BiasBal
+
+def contrastive(ctx: Context, stage: str, model=None, parent_key: dict | None = None) -> dict:
+    """SoftCon (`softcon`: no bias labels; the frozen vanilla `model` is the bias-capturing model, its keyed by
+    `parent_key`) or BiasCon + BiasBal (`bcon_bbal`: the training split's bias labels, or the identification
+    model's pseudo labels when bias_labels=identification), trained from scratch (Hong & Yang, NeurIPS 2021)."""
+    from bise_cli import contrastive as con
+
+    options = ctx.cfg["baselines"][stage]
+    if stage == "softcon":
+        key = {**parent_key, "stage": stage, "version": STAGE_VERSIONS[stage], stage: options}
+    else:
+        # The data, backbone, seed and evaluation, not the vanilla recipe (this stage never reads it) ...
+        base = {k: v for k, v in ctx.train_key().items() if k not in ("train", "vanilla_checkpoint")}
+        key = {**ctx.eval_key(base), "stage": stage, "version": STAGE_VERSIONS[stage], stage: options,
+               "bias_labels": ctx.cfg["bias_labels"]}
+        if ctx.cfg["bias_labels"] == "identification":  # ... unless the pseudo labels come from a model it trains
+            key["identification"] = {**ctx.cfg["identification"], "train": ctx.cfg["train"]}
+
+    def compute() -> dict:
+        bundle, train = ctx.bundle, ctx.bundle["train"]
+        generator = torch.Generator().manual_seed(seed_stage(ctx.seed, f"{stage}_sampler"))
+        if stage == "softcon":
+            bias_features = predict(model, train, ctx.cfg["eval_batch_size"], ctx.device, features=True)["z"]
+            sampler = con.softcon_sampler_weights(bias_features, train.y, bundle.num_classes, generator)
+            prior = bias = None
+            bias_features = bias_features.to(ctx.device)
+
+            def pairs(index):
+                return con.softcon_pair_weights(bias_features[index.to(ctx.device)])
+        else:
+            b = train.b if ctx.cfg["bias_labels"] == "ground_truth" else \
+                predict(identification_model(ctx), train, ctx.cfg["eval_batch_size"], ctx.device)["pred"]
+            bias = con.joint_bias(b.cpu(), bundle.num_bias)
+            num_joint = bundle.num_bias ** (1 if b.dim() == 1 else b.shape[1])
+            sampler = con.biascon_sampler_weights(train.y, bias, bundle.num_classes, num_joint)
+            prior = con.class_given_bias_prior(train.y, bias, bundle.num_classes, num_joint)
+
+            def pairs(index):
+                return con.biascon_pair_weights(bias[index])
+        seed = seed_stage(ctx.seed, stage)
+        net = ctx.new_backbone().to(ctx.device)  # after seeding: the initialisation is part of the stage
+        best = baselines.BestState(net, bundle.get("val"), bundle.num_classes, bundle.num_bias,
+                                   batch_size=ctx.cfg["eval_batch_size"], device=ctx.device,
+                                   metric=options["selection_metric"], group_weights=train_group_weights(bundle))
+        milestones_ = options["milestones"]
+        history = con.train_contrastive(
+            net, train, pair_weights=pairs, sampler_weights=sampler, epochs=options["epochs"],
+            batch_size=options["batch_size"], contrastive_batch_size=options["contrastive_batch_size"],
+            lr=options["lr"], weight_decay=options["weight_decay"], gamma=options["gamma"],
+            milestones=con.default_milestones(options["epochs"]) if milestones_ == "auto" else list(milestones_),
+            ce_weight=options["ce_weight"], temperature=options["temperature"], ratio=options["ratio"],
+            prior=prior, bias=bias, device=ctx.device, seed=seed, precision=ctx.cfg["precision"],
+            description=stage, after_epoch=best.update if options["select_best"] else None)
+        best.restore()
+        return {"metrics": {**ctx.evaluate(freeze(net)), "best_epoch": best.epoch if options["select_best"] else
+                            options["epochs"]}, "history": history}
+
+    result = ctx.cache.get_or_compute(stage, key, compute)
+    write_json(ctx.run_dir.file(f"{stage}_history.json"), result["history"])
     return result["metrics"]
 
 

@@ -28,7 +28,8 @@ from conftest import compose_config, write_idx
 
 # The known stages, spelled out so these tests do not import the whole pipeline; test_known_stages_match_pipeline
 # keeps them in step with bise_cli.pipeline.STAGES.
-STAGES = ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude", "ffw", "dfr_train", "dfr_val", "lff")
+STAGES = ("vanilla", "bise", "bise_ft", "reweighted_ft", "random", "magnitude", "ffw", "dfr_train", "dfr_val", "lff",
+          "softcon", "bcon_bbal")
 
 
 def validate(overrides: list[str]) -> list[str]:

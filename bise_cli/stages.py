@@ -427,6 +427,9 @@ def contrastive(ctx: Context, stage: str, model=None, parent_key: dict | None = 
     from bise_cli import contrastive as con
 
     options = ctx.cfg["baselines"][stage]
+    if stage == "bcon_bbal" and ctx.cfg["bias_labels"] == "identification" and ctx.bundle.num_attributes > 1:
+        raise BiseError(f"bcon_bbal with bias_labels=identification needs one bias attribute (the pseudo labels are "
+                        f"one); {ctx.bundle.name} has {ctx.bundle.num_attributes}: use bias_labels=ground_truth")
     if stage == "softcon":
         key = {**parent_key, "stage": stage, "version": STAGE_VERSIONS[stage], stage: options}
     else:

@@ -66,9 +66,8 @@ REFERENCES: tuple[Reference, ...] = (
     *_bmnist("bise", 0.99, "ce", acc=96.0, sparsity_weights=18.5, macs=338.2),
     *_bmnist("bise", 0.99, "mi", acc=91.1, sparsity_weights=18.7, macs=337.3),
     *_bmnist("bise", 0.99, "ce+mi", acc=96.1, sparsity_weights=20.9, macs=328.3),
-    # Baselines in the paper's BiasedMNIST table: LfF (Nam et al.) is a stage here; SoftCon and BCon+BBal (Hong &
-    # Yang) are numbers only (their own training methods, not implemented). The values are probably copied from
-    # Barbano et al.'s table (ICLR 2023).
+    # Baselines in the paper's BiasedMNIST table, each a stage here: LfF (Nam et al.), SoftCon and BCon+BBal (Hong &
+    # Yang, stages softcon and bcon_bbal). The values are probably copied from Barbano et al.'s table (ICLR 2023).
     *_bmnist("lff", 0.99, note=NAM, acc=95.1), *_bmnist("lff", 0.995, note=NAM, acc=90.3),
     *_bmnist("lff", 0.997, note=NAM, acc=63.7),
     *_bmnist("softcon", 0.99, note=HONG_YANG, acc=95.2), *_bmnist("softcon", 0.995, note=HONG_YANG, acc=93.1),

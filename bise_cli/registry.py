@@ -105,13 +105,14 @@ SPECS: tuple[StageSpec, ...] = (
               version=3, run="bise_cli.stages:dfr", reads=("baselines.dfr",), needs_val=True),
     StageSpec("lff", "LfF", "tab:pink", "Learning from Failure, debiased training from scratch",
               version=1, run="bise_cli.stages:lff", reads=("train", "baselines.lff"), models_trained=2),
-    # Paper references only (numbers in `bise table --reference`), until the baselines are implemented.
+    # Hong & Yang, NeurIPS 2021 (their BiasedMNIST numbers in the BISE paper probably come from Barbano et al.'s
+    # ICLR 2023 table): trained from scratch with the authors' recipe (conf: baselines.softcon / bcon_bbal).
     StageSpec("softcon", "SoftCon", "tab:gray",
-              "paper reference only: Hong & Yang, NeurIPS 2021 (the BISE paper's number, probably from Barbano "
-              "et al.'s ICLR 2023 table); not run by bise"),
+              "soft bias-contrastive learning from scratch, pairs weighted by the vanilla model's features",
+              version=1, run="bise_cli.stages:contrastive", reads=("baselines.softcon",)),
     StageSpec("bcon_bbal", "BCon+BBal", "gold",
-              "paper reference only: Hong & Yang, NeurIPS 2021 (the BISE paper's number, probably from Barbano "
-              "et al.'s ICLR 2023 table); not run by bise"),
+              "bias-contrastive + bias-balanced learning from scratch with bias labels",
+              version=1, run="bise_cli.stages:contrastive", reads=("baselines.bcon_bbal",), needs_bias_labels=True),
 )
 _SPECS = {spec.name: spec for spec in SPECS}
 STAGE_NAMES: tuple[str, ...] = tuple(spec.name for spec in SPECS)

@@ -488,5 +488,58 @@ def compute(ctx: Context, stage: StageSpec, up: Upstream) -> list[tuple[dict, di
     return [(result["metrics"], None)]
 
 
+# ------------------------------------------------------------------------- SoftCon and BiasCon + BiasBal
+
+def contrastive(ctx: Context, up: Upstream) -> dict:
+    """SoftCon (`softcon`: no bias labels; the frozen vanilla model is the bias-capturing model) or BiasCon +
+    BiasBal (`bcon_bbal`: the training split's bias labels, or the identification model's pseudo labels when
+    bias_labels=identification), trained from scratch (Hong & Yang, NeurIPS 2021)."""
+    from bise_cli import contrastive as con
+
+    stage = ctx.stage.name
+    options = ctx.cfg["baselines"][stage]
+    bundle, train = ctx.bundle, ctx.bundle["train"]
+    if stage == "bcon_bbal" and ctx.cfg["bias_labels"] == "identification" and bundle.num_attributes > 1:
+        raise BiseError(f"bcon_bbal with bias_labels=identification needs one bias attribute (the pseudo labels are "
+                        f"one); {bundle.name} has {bundle.num_attributes}: use bias_labels=ground_truth")
+    generator = torch.Generator().manual_seed(seed_stage(ctx.seed, f"{stage}_sampler"))
+    if stage == "softcon":
+        bias_features = predict(up.model, train, ctx.cfg["eval_batch_size"], ctx.device, features=True)["z"]
+        sampler = con.softcon_sampler_weights(bias_features, train.y, bundle.num_classes, generator)
+        prior = bias = None
+        bias_features = bias_features.to(ctx.device)
+
+        def pairs(index):
+            return con.softcon_pair_weights(bias_features[index.to(ctx.device)])
+    else:
+        b = train.b if ctx.cfg["bias_labels"] == "ground_truth" else \
+            predict(identification_model(ctx), train, ctx.cfg["eval_batch_size"], ctx.device)["pred"]
+        bias = con.joint_bias(b.cpu(), bundle.num_bias)
+        num_joint = bundle.num_bias ** (1 if b.dim() == 1 else b.shape[1])
+        sampler = con.biascon_sampler_weights(train.y, bias, bundle.num_classes, num_joint)
+        prior = con.class_given_bias_prior(train.y, bias, bundle.num_classes, num_joint)
+
+        def pairs(index):
+            return con.biascon_pair_weights(bias[index])
+    seed = seed_stage(ctx.seed, stage)
+    net = ctx.new_backbone().to(ctx.device)  # after seeding: the initialisation is part of the stage
+    best = baselines.BestState(net, bundle.get("val"), bundle.num_classes, bundle.num_bias,
+                               batch_size=ctx.cfg["eval_batch_size"], device=ctx.device,
+                               metric=options["selection_metric"], group_weights=train_group_weights(bundle))
+    milestones_ = options["milestones"]
+    history = con.train_contrastive(
+        net, train, pair_weights=pairs, sampler_weights=sampler, epochs=options["epochs"],
+        batch_size=options["batch_size"], contrastive_batch_size=options["contrastive_batch_size"],
+        lr=options["lr"], weight_decay=options["weight_decay"], gamma=options["gamma"],
+        milestones=con.default_milestones(options["epochs"]) if milestones_ == "auto" else list(milestones_),
+        ce_weight=options["ce_weight"], temperature=options["temperature"], ratio=options["ratio"],
+        prior=prior, bias=bias, device=ctx.device, seed=seed, precision=ctx.cfg["precision"],
+        description=stage, after_epoch=best.update if options["select_best"] else None)
+    best.restore()
+    return {"metrics": {**ctx.evaluate(freeze(net)),
+                        "best_epoch": best.epoch if options["select_best"] else options["epochs"]},
+            "history": history}
+
+
 def cache_root(cfg: dict) -> Path:
     return Path(cfg["output_root"]) / "cache"

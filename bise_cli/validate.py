@@ -254,6 +254,13 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
         _int(cfg, f"{recipe}.epochs", 0)
         _int(cfg, f"{recipe}.batch_size", 1)
         _positive(cfg, f"{recipe}.lr")
+    # The contrastive baselines' sections (the ones with a contrastive batch size).
+    for stage in [name for name, options in (cfg.get("baselines") or {}).items()
+                  if isinstance(options, dict) and "contrastive_batch_size" in options]:
+        for key in ("epochs", "batch_size", "contrastive_batch_size"):
+            _int(cfg, f"baselines.{stage}.{key}", 0 if key == "epochs" else 1)
+        for key in ("lr", "temperature"):
+            _positive(cfg, f"baselines.{stage}.{key}")
     _int(cfg, "dataset.max_samples", 1, optional=True)
     noise = _get(cfg, "dataset.label_noise")
     if noise is not _MISSING and noise is not None and (not _is_number(noise) or not 0 <= noise < 1):

@@ -169,7 +169,8 @@ EVERY = set(registry.RUNNABLE)
     ("finetune.lr=0.5", {"bise_ft", "reweighted_ft"}),
     ("pruning.gamma=0.5", MASKS | {"ffw"}),
     ("reweighting=none", MASKS | {"reweighted_ft"}),
-    ("identification.epochs=3", MASKS | {"reweighted_ft", "dfr_train"}),
+    ("identification.epochs=3", MASKS | {"reweighted_ft", "dfr_train", "bcon_bbal"}),
+    ("baselines.softcon.temperature=0.2", {"softcon"}),
     ("baselines.lff.q=0.5", {"lff"}),
     ("baselines.dfr.n_subsamples=3", {"dfr_train", "dfr_val"}),
     ("dataset.root=/elsewhere", set()),
@@ -189,7 +190,7 @@ def test_pseudo_bias_labels_key_the_training_recipe_even_with_a_checkpoint(tmp_p
     checkpoint = tmp_path / "model.pt"
     torch.save({}, checkpoint)
     common = [*TINY_OVERRIDES, f"vanilla_checkpoint={checkpoint}"]
-    with_labels = MASKS | {"reweighted_ft", "dfr_train", "lff"}
+    with_labels = MASKS | {"reweighted_ft", "dfr_train", "lff", "bcon_bbal"}
     for labels, changed in (("ground_truth", {"lff"}), ("identification", with_labels)):
         base = _keys(compose_config([*common, f"bias_labels={labels}"]))
         now = _keys(compose_config([*common, f"bias_labels={labels}", "train.lr=0.05"]))

@@ -235,7 +235,8 @@ def run(protocol: str, seeds: list[int], searches: list[str], ft_searches: list[
                 rows.append({**base, "stage": "bise", "method": f"{name} masks:{selection}", **info,
                              **result[selection]["metrics"]})
         if restarts:
-            runs = [trajectories["paper"]] + [search(ctx, model, vanilla_key, {}, restart=r) for r in range(1, RESTARTS)]
+            runs = [trajectories["paper"],
+                    *[search(ctx, model, vanilla_key, {}, restart=r) for r in range(1, RESTARTS)]]
             chosen = max(range(RESTARTS), key=lambda r: (runs[r]["best_value"], -r))  # ties: the earlier run
             trajectories["restarts"] = runs[chosen]
             rows.append({**base, "stage": "bise", "method": f"restarts{RESTARTS} masks:val", "restart": chosen,

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_cli import bise
 
 from bise_cli.data.mnist_source import Digits
 from bise_cli.data.multicolor_mnist import (
@@ -23,7 +24,6 @@ from bise_cli.data.multicolor_mnist import (
 )
 from bise_cli.errors import BiseError
 from bise_cli.masking import GateSet
-from test_cli import bise
 from bise_cli.models.mlp import MLP
 
 # MNIST's class counts (train, test): the published group sizes follow from these alone.

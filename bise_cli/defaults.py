@@ -26,14 +26,18 @@ SETTING_ROLES = {
     # How a run is executed, logged or labelled: in no identity (the pipeline adds the kind of device the run
     # resolves `device` to), record, folder name or cache key.
     "execution": ("device", "data_on_device", "threads", "cache", "cache_wait_minutes", "logger", "name", "note",
-                  "hydra", "gpu_work", "tune.objective"),
+                  "hydra", "gpu_work"),
     # What a run does and how its records are labelled: in its identity (another stage list is another run)
     # but not among a record's config fields (a record is one stage; record_keys are merged into the fields).
     "plan": ("stages", "record_keys"),
+    # What a run reports, not what it computes: in no identity, folder name or cache key, but in the records
+    # (`bise table` groups tuning trials by their objective).
+    "labels": ("tune.objective",),
 }
 PATH_SETTINGS = SETTING_ROLES["paths"]
-NOT_RESULT_SETTINGS = (*SETTING_ROLES["paths"], *SETTING_ROLES["execution"])  # out of identities and cache keys
-NOT_RECORD_SETTINGS = (*NOT_RESULT_SETTINGS, *SETTING_ROLES["plan"])            # out of records' config fields
+# Out of identities and cache keys; out of records.
+NOT_RESULT_SETTINGS = (*SETTING_ROLES["paths"], *SETTING_ROLES["execution"], *SETTING_ROLES["labels"])
+NOT_RECORD_SETTINGS = (*SETTING_ROLES["paths"], *SETTING_ROLES["execution"], *SETTING_ROLES["plan"])
 
 
 def drop_settings(cfg: dict, names, prefix: str = "") -> dict:

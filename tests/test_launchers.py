@@ -28,8 +28,8 @@ def sweep(tmp_path) -> subprocess.CompletedProcess:
 def test_submitit_local_sweep_records_reruns_and_reports_a_failed_job(tmp_path):
     first = sweep(tmp_path)
     jobs = tmp_path / "out" / "sweeps" / "smoke"
-    good, bad = jobs / "bootstrap.n=0,experiment=smoke,rho=0.9,stages=_vanilla_,threads=1", \
-        jobs / "bootstrap.n=0,experiment=smoke,rho=1.5,stages=_vanilla_,threads=1"
+    good, bad = jobs / "bootstrap.n=0,experiment=smoke,rho=0.9,stages=_vanilla_", \
+        jobs / "bootstrap.n=0,experiment=smoke,rho=1.5,stages=_vanilla_"
     assert first.returncode == 1, first.stderr[-3000:]
     assert f"1 job(s) failed; see status.json in: {bad}" in first.stderr
     assert [r["stage"] for r in read_jsonl(good / "metrics.jsonl")] == ["vanilla"]

@@ -162,7 +162,6 @@ def finetune(ctx, model, masks, parent_key: dict, recipe: dict, label: str) -> d
     the last epoch and of the best validation epoch."""
     from bise_cli import baselines, stages
     from bise_cli.evaluate import train_group_weights
-    from bise_cli.masking import GateSet
     from bise_cli.prune import prune_model
     from bise_cli.reweighting import sample_weights
     from bise_cli.train import fit, freeze
@@ -172,14 +171,7 @@ def finetune(ctx, model, masks, parent_key: dict, recipe: dict, label: str) -> d
            "reweighting": ctx.reweighting()}
 
     def compute() -> dict:
-        tuned = copy.deepcopy(model)
-        for param in tuned.parameters():
-            param.requires_grad_(True)
-        gates = None
-        if masks is not None:
-            gates = GateSet(tuned.gate_points()).to(ctx.device).attach(tuned)
-            gates.load_binary_masks(masks)
-            gates.set_mode("fixed")
+        tuned, gates = stages.trainable_copy(model, masks, ctx.device)
         split = ctx.bundle["search"]
         weights = sample_weights(ctx.reweighting(), split.y, split.b, ctx.bundle.num_classes, ctx.bundle.num_bias,
                                  ctx.bundle.nominal_rho).to(ctx.device)

@@ -351,21 +351,27 @@ def write_search(ctx: Context, up: Upstream, result: dict) -> list[tuple[dict, d
 
 # ------------------------------------------------------------------------------------------------ fine-tuning
 
+def trainable_copy(model: torch.nn.Module, masks: dict | None, device) -> tuple[torch.nn.Module, GateSet | None]:
+    """A trainable copy of the frozen `model` and, when `masks` are given, its fixed (detached) binary gates:
+    pruned units stay exactly zero while the surviving weights train. Detach the gates after training."""
+    model = copy.deepcopy(model)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    if masks is None:
+        return model, None
+    gates = GateSet(model.gate_points()).to(device).attach(model)
+    gates.load_binary_masks(masks)
+    gates.set_mode("fixed")
+    return model, gates
+
+
 def finetune(ctx: Context, up: Upstream) -> dict:
     """Fine-tune the surviving weights (masks frozen) with the reweighted loss: BISE's subnetwork when the
     stage's parent is bise, else every unit (the reweighted-FT control)."""
     f, stage = ctx.cfg["finetune"], ctx.stage.name
     vanilla_model = up.model
     masks = up.result("bise")["masks"] if ctx.stage.parent == "bise" else None
-    model = copy.deepcopy(vanilla_model)
-    for param in model.parameters():
-        param.requires_grad_(True)
-    gates = None
-    if masks is not None:
-        # Fixed (detached) binary gates: pruned units stay exactly zero while the surviving weights train.
-        gates = GateSet(model.gate_points()).to(ctx.device).attach(model)
-        gates.load_binary_masks(masks)
-        gates.set_mode("fixed")
+    model, gates = trainable_copy(vanilla_model, masks, ctx.device)
     split, rho = bias_labels(ctx)
     weights = sample_weights(ctx.reweighting(), split.y, split.b, ctx.bundle.num_classes, ctx.bundle.num_bias,
                              rho).to(ctx.device)

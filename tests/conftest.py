@@ -24,6 +24,20 @@ THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKE
 os.environ["OMP_NUM_THREADS"] = str(THREADS)  # torch's default thread count in subprocesses
 
 
+@pytest.fixture(scope="module")
+def tiny(embedded_digits):
+    """A small BiasedMNIST bundle and a frozen SimpleConvNet trained on it for one epoch (the search tests)."""
+    from bise_cli.data.biased_mnist import build_biased_mnist
+    from bise_cli.models import build_backbone
+    from bise_cli.train import fit, freeze
+
+    torch.manual_seed(0)
+    bundle = build_biased_mnist(embedded_digits, rho=0.9, seed=0, max_samples=300, clean_split=True)
+    model = build_backbone("simple_convnet", 10, width=0.25)
+    fit(model, bundle["train"], epochs=1, batch_size=50, lr=0.05, seed=0)
+    return bundle, freeze(model)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(min(2, THREADS))

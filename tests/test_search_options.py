@@ -8,21 +8,9 @@ import pytest
 import torch
 
 from bise_cli.bise import SearchSettings, make_mask_optimizer, mi_subset_mask, run_search
-from bise_cli.data.biased_mnist import build_biased_mnist
 from bise_cli.errors import BiseError
 from bise_cli.masking import GateSet
-from bise_cli.models import build_backbone
 from bise_cli.reweighting import sample_weights
-from bise_cli.train import fit, freeze
-
-
-@pytest.fixture(scope="module")
-def tiny(embedded_digits):
-    torch.manual_seed(0)
-    bundle = build_biased_mnist(embedded_digits, rho=0.9, seed=0, max_samples=300, clean_split=True)
-    model = build_backbone("simple_convnet", 10, width=0.25)
-    fit(model, bundle["train"], epochs=1, batch_size=50, lr=0.05, seed=0)
-    return bundle, freeze(model)
 
 
 def _search(tiny, **options):

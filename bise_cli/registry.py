@@ -108,10 +108,11 @@ SPECS: tuple[StageSpec, ...] = (
     # Hong & Yang, NeurIPS 2021 (their BiasedMNIST numbers in the BISE paper probably come from Barbano et al.'s
     # ICLR 2023 table): trained from scratch with the authors' recipe (conf: baselines.softcon / bcon_bbal).
     StageSpec("softcon", "SoftCon", "tab:gray",
-              "soft bias-contrastive learning from scratch, pairs weighted by the vanilla model's features",
+              "soft bias-contrastive learning from scratch, pairs weighted by the vanilla model's features "
+              "(Hong & Yang, NeurIPS 2021)",
               version=1, run="bise_cli.stages:contrastive", reads=("baselines.softcon",)),
     StageSpec("bcon_bbal", "BCon+BBal", "gold",
-              "bias-contrastive + bias-balanced learning from scratch with bias labels",
+              "bias-contrastive + bias-balanced learning from scratch with bias labels (Hong & Yang, NeurIPS 2021)",
               version=1, run="bise_cli.stages:contrastive", reads=("baselines.bcon_bbal",), needs_bias_labels=True),
 )
 _SPECS = {spec.name: spec for spec in SPECS}

@@ -90,7 +90,7 @@ def test_vanilla_only_card_is_an_audit(tiny_run):
 def test_audit_command_on_a_saved_checkpoint(tmp_path):
     torch.manual_seed(0)
     torch.save(build_backbone("mlp", 10).state_dict(), tmp_path / "model.pt")
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     result = subprocess.run([sys.executable, "-m", "bise_cli", "audit", *TINY_OVERRIDES, *MLP, "bootstrap.n=0",
                              "vanilla_checkpoint=model.pt", "output_root=out"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)

@@ -18,7 +18,7 @@ from conftest import TINY_OVERRIDES, TINY_SETTINGS, without_timing
 
 
 def bise(*args: str, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     result = subprocess.run([sys.executable, "-m", "bise_cli", *args], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=timeout)
     if check and result.returncode != 0:

@@ -348,7 +348,7 @@ def test_settings_per_stage_and_bad_values():
 
 
 def _bise(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, "-m", "bise_cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 

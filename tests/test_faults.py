@@ -222,7 +222,7 @@ def test_interrupt_exit_codes():
 
 
 def _bise(*args: str, cwd: Path, **kwargs):
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     # SIGINT back to its default in the child: a shell that starts the test suite in the background (`make test &`,
     # nohup) makes it ignored, Python then keeps ignoring it, and Ctrl-C could not be tested.
     return subprocess.Popen([sys.executable, "-m", "bise_cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,

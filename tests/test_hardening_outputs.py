@@ -40,7 +40,7 @@ TINY = ["experiment=smoke", "backbone=mlp", "~backbone.width", "bootstrap.n=0"]
 TINY_TABLE = ["backbone=mlp", "train.epochs=1", "pruning.tau_period=1", "pruning.tau_min=0.3", "pruning.gate_init=1.0",
               "pruning.head_pretrain_epochs=1", "pruning.head_refine_epochs=1", "leakage_probe.epochs=1",
               "latency.repeats=1", "latency.warmup=0", "bootstrap.n=0"]
-ENV = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "2"}
+ENV = {**os.environ, "HYDRA_FULL_ERROR": "0"}
 
 
 def bise(*args: str, cwd: Path, patch: str | None = None, umask: int | None = None, timeout: int = 300):

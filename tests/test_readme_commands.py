@@ -125,7 +125,7 @@ def make_variables() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------- running
 
 def bise(argv: list[str], cwd: Path, module: str = "bise_cli", timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

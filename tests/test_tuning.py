@@ -30,7 +30,7 @@ TINY_TUNE = ["dataset.source=embedded", "dataset.max_samples=400", "dataset.val_
 
 
 def bise(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, "-m", "bise_cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 

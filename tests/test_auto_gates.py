@@ -18,13 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from bise_cli.efficiency import count_macs
-from bise_cli.errors import BiseError
-from bise_cli.masking import GatePoint, GateSet
+from bise_cli.core.errors import BiseError
+from bise_cli.method.prune import ARCHITECTURES, load_pruned, prune_model, save_pruned
+from bise_cli.method.train import freeze
 from bise_cli.models import build_backbone, describe_gates
 from bise_cli.models.auto_gates import AutoGatedNet, KeptInput, PrunedAutoNet
-from bise_cli.prune import ARCHITECTURES, load_pruned, prune_model, save_pruned
-from bise_cli.train import freeze
+from bise_cli.models.masking import GatePoint, GateSet
+from bise_cli.reporting.efficiency import count_macs
 
 from conftest import param_count, prune_and_compare
 

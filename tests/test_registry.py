@@ -19,9 +19,9 @@ import pytest
 import torch
 import yaml
 
-from bise_cli import registry, stages
-from bise_cli.defaults import CONF_DIR, NOT_RESULT_SETTINGS, SETTING_ROLES
-from bise_cli.records import flatten_config
+from bise_cli.core.defaults import CONF_DIR, NOT_RESULT_SETTINGS, SETTING_ROLES
+from bise_cli.run import registry, stages
+from bise_cli.run.records import flatten_config
 
 from conftest import TINY_OVERRIDES, compose_config
 
@@ -55,7 +55,7 @@ def _import_graph() -> dict[str, set[str]]:
 
 def test_the_import_graph_of_bise_cli_has_no_cycles():
     graph = _import_graph()
-    assert "bise_cli.pipeline" in graph and "bise_cli.stages" in graph["bise_cli.pipeline"]
+    assert "bise_cli.run.pipeline" in graph and "bise_cli.run.stages" in graph["bise_cli.run.pipeline"]
     # A package's __init__ is imported with any of its submodules; edges into a package's own __init__ from its
     # submodules are how Python loads them, not a cycle of ours.
     state: dict[str, int] = {}
@@ -103,8 +103,8 @@ def test_each_stage_is_declared_once_and_its_functions_resolve():
             assert spec.parent is None or spec.parent in registry.RUNNABLE
         if spec.finish:
             assert callable(spec.function("finish"))
-    from bise_cli.pipeline import STAGES
-    from bise_cli.validate import validate_config
+    from bise_cli.run.pipeline import STAGES
+    from bise_cli.run.validate import validate_config
 
     assert STAGES == registry.RUNNABLE
     assert validate_config(compose_config([*TINY_OVERRIDES, f"stages=[{','.join(registry.RUNNABLE)}]"])) == []
@@ -123,7 +123,7 @@ def test_a_stage_reading_a_section_it_does_not_declare_fails():
 # ---------------------------------------------------------------------------------- settings and cache keys
 def _keys(cfg: dict) -> dict[str, str]:
     """{stage: its cache key's hash} for every runnable stage, built as the pipeline builds them."""
-    from bise_cli.records import config_hash
+    from bise_cli.run.records import config_hash
 
     ctx = stages.Context(cfg, None, torch.device("cpu"), None, None, "data-sha")
     keys = {"vanilla": ctx.eval_key(ctx.train_key())}

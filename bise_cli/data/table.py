@@ -55,13 +55,13 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from bise_cli.core.errors import BiseError, check_choice
+from bise_cli.core.files import write_text
+from bise_cli.core.progress import progress_bar
 from bise_cli.data.augment import crop_flip, hflip
 from bise_cli.data.base import DatasetBundle, Split
 from bise_cli.data.image_cache import DEFAULT_CACHE_DIR, cached_memmap, digest
 from bise_cli.data.tokenize import OFFLINE_MODEL, tokenize_texts
-from bise_cli.errors import BiseError, check_choice
-from bise_cli.progress import progress_bar
-from bise_cli.records import write_text
 
 log = logging.getLogger(__name__)
 

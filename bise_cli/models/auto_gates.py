@@ -63,9 +63,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bise_cli.errors import BiseError
-from bise_cli.masking import GatePoint, GateSet, capture_input
+from bise_cli.core.errors import BiseError
 from bise_cli.models.base import Backbone
+from bise_cli.models.masking import GatePoint, GateSet, capture_input
 
 log = logging.getLogger(__name__)
 
@@ -762,11 +762,11 @@ def replace_classifier(net: nn.Module, name: str, num_classes: int) -> nn.Linear
 
 
 def load_backbone_weights(net: nn.Module, path: str, classifier: str, family: str) -> None:
-    """Load the state dict at `path` (bise_cli.checkpoints: torch.load(weights_only=True) or .safetensors) into
+    """Load the state dict at `path` (bise_cli.models.checkpoints: torch.load(weights_only=True) or .safetensors) into
     `net`, whose classifier `classifier` was already replaced: the file's classifier keys load only when they fit
     the new classifier (a head trained for another number of classes is dropped); any other missing,
     unexpected or mis-shaped key is a one-line BiseError."""
-    from bise_cli.checkpoints import mismatch, read_state_dict
+    from bise_cli.models.checkpoints import mismatch, read_state_dict
 
     state = read_state_dict(path, "backbone.weights")
     own, head = net.state_dict(), f"{classifier}."
@@ -798,7 +798,7 @@ class AutoGatedNet(_WrappedNet, Backbone):
     its final nn.Linear (replaced to have `num_classes` outputs). Subclasses build `net` (torchvision, timm)
     and set `pruned_class`; `family` names the model in messages ("torchvision resnet50")."""
 
-    arch_name = ""  # a dense model is not a pruned checkpoint: prune it first (bise_cli.prune.save_pruned)
+    arch_name = ""  # a dense model is not a pruned checkpoint: prune it first (bise_cli.method.prune.save_pruned)
     pruned_class: type = None
 
     def __init__(self, net: nn.Module, num_classes: int, input_size, residual_gates: str = "per_block",

@@ -80,6 +80,38 @@ def test_the_import_graph_of_bise_cli_has_no_cycles():
             visit(module)
 
 
+# The subpackages of bise_cli, bottom to top, with the subpackages each may import. `run` and `reporting` share the
+# top: the pipeline writes the card and the report, and reporting reads the records and the stage registry.
+LAYERS = {
+    "core": {"core"},
+    "data": {"core", "data"},
+    "models": {"core", "data", "models"},  # the BERT backbone resolves the bundled text model as the tokenizer does
+    "method": {"core", "data", "models", "method"},
+    "baselines": {"core", "data", "models", "method", "baselines"},
+    "run": {"core", "data", "models", "method", "baselines", "run", "reporting"},
+    "reporting": {"core", "data", "models", "method", "baselines", "run", "reporting"},
+}
+# The package itself (`__version__`, imported with every submodule anyway) and the command line sit on top.
+TOP_LEVEL = {"bise_cli", "bise_cli.__main__", "bise_cli.cli", "bise_cli.examples", "bise_cli.examples.own_model"}
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_every_module_sits_in_a_layer_and_imports_only_the_layers_below_it():
+    graph = _import_graph()
+    assert set(graph) - TOP_LEVEL, "no modules found"
+    stray = sorted(m for m in graph if m not in TOP_LEVEL and _layer(m) is None)
+    assert not stray, f"modules outside the layers {sorted(LAYERS)}: {stray}"
+    upward = [f"{module} -> {target}" for module, targets in sorted(graph.items()) if _layer(module)
+              for target in sorted(targets - {"bise_cli"}) if _layer(target) not in LAYERS[_layer(module)]]
+    assert not upward, "imports against the layering: " + "; ".join(upward)
+    # Only `python -m bise_cli` imports the command line.
+    assert {m for m, targets in graph.items() if "bise_cli.cli" in targets} == {"bise_cli.__main__"}
+
+
 def test_every_module_imports():
     import importlib
 

@@ -377,13 +377,13 @@ TinyAuto.pruned_class = PrunedTiny
 def test_your_own_model_and_the_exactness_check(monkeypatch, caplog):
     """A plain nn.Module gets gates too; an op misjudged as per-channel (here: softmax over channels, declared
     per-channel on purpose) is caught by the construction-time check and its group demoted."""
-    from bise_cli.models import auto_gates
+    from bise_cli.models import gate_plan
 
     torch.manual_seed(0)
     honest = TinyAuto()
     assert {p.name: p.removable for p in honest.gate_points()} == {
         "conv1.out": True, "conv3.in": False, "conv3.out": True}  # after the softmax: masked, not removed
-    monkeypatch.setattr(auto_gates, "PER_CHANNEL_OPS", auto_gates.PER_CHANNEL_OPS | {"softmax"})
+    monkeypatch.setattr(gate_plan, "PER_CHANNEL_OPS", gate_plan.PER_CHANNEL_OPS | {"softmax"})
     torch.manual_seed(0)
     model = freeze(TinyAuto())
     assert "failed the exactness check" in caplog.text

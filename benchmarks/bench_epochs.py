@@ -12,12 +12,12 @@ import time
 
 import torch
 
-from bise_cli.bise import SearchSettings, run_search
 from bise_cli.data.base import Split
-from bise_cli.masking import GateSet
+from bise_cli.method.reweighting import sample_weights
+from bise_cli.method.search import SearchSettings, run_search
+from bise_cli.method.train import fit, freeze, predict
 from bise_cli.models import build_backbone
-from bise_cli.reweighting import sample_weights
-from bise_cli.train import fit, freeze, predict
+from bise_cli.models.masking import GateSet
 
 from common import parse_args
 

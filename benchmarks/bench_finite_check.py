@@ -1,4 +1,4 @@
-"""Cost of the non-finite-logits check on a finite evaluation (bise_cli.evaluate): `predict` alone vs `predict`
+"""Cost of the non-finite-logits check on a finite evaluation (bise_cli.method.evaluate): `predict` alone vs `predict`
 watched by `_watch_logits` plus `check_finite_logits`, alternated on the same model and split; prints the ratio
 of the medians (the check is one isfinite per batch on the device and one host sync at the end)."""
 
@@ -10,9 +10,9 @@ import time
 import torch
 
 from bise_cli.data import build_dataset
-from bise_cli.evaluate import _watch_logits, check_finite_logits
+from bise_cli.method.evaluate import _watch_logits, check_finite_logits
+from bise_cli.method.train import predict
 from bise_cli.models import build_backbone
-from bise_cli.train import predict
 
 
 def main(repeats: int = 7, batch_size: int = 256) -> None:

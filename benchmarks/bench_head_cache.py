@@ -12,9 +12,9 @@ import time
 import torch
 
 from bise_cli.data.base import Split
+from bise_cli.method.probe import feature_epoch, make_head, model_epoch
+from bise_cli.method.train import freeze, predict
 from bise_cli.models import build_backbone
-from bise_cli.probe import feature_epoch, make_head, model_epoch
-from bise_cli.train import freeze, predict
 
 from common import parse_args
 

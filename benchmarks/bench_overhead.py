@@ -29,7 +29,7 @@ CHILD = """
 import json, sys, time, tempfile
 sys.path.insert(0, sys.argv[1] + "/tests")
 from conftest import compose_config
-from bise_cli import pipeline
+from bise_cli.run import pipeline
 cfg = compose_config(json.loads(sys.argv[2]))
 with tempfile.TemporaryDirectory() as tmp:
     cfg["output_root"] = tmp
@@ -53,8 +53,8 @@ def bare_loop(args) -> float:
     import torch.nn.functional as F
 
     sys.path.insert(0, str(REPO / "tests"))
-    from bise_cli import pipeline
     from bise_cli.models import build_backbone
+    from bise_cli.run import pipeline
 
     from conftest import compose_config
 

@@ -1,8 +1,8 @@
 """Latency of physically pruned SimpleConvNets vs the dense one, against the MAC reduction, per channel rounding.
 
 A random BISE-like mask (every layer keeps 40-60 % of its units, random logits as gate scores) is rounded with
-`bise_cli.masking.round_masks(masks, scores, round_to)` for round_to in (1, 4, 8, 16); for each, the pruned
-model's MACs, its latency at batch 1 and 100 (torch.utils.benchmark via bise_cli.efficiency.measure_latency),
+`bise_cli.models.masking.round_masks(masks, scores, round_to)` for round_to in (1, 4, 8, 16); for each, the pruned
+model's MACs, its latency at batch 1 and 100 (torch.utils.benchmark via bise_cli.reporting.efficiency.measure_latency),
 speed-up = dense / pruned latency, and speed-up / MAC ratio. Target: >= 0.9 at batch 100.
 Dense and pruned are timed alternately (`--rounds` times each, median) so that a machine whose load drifts
 affects both alike.
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from bise_cli.efficiency import count_macs, measure_latency
-from bise_cli.masking import round_masks
+from bise_cli.method.prune import prune_model
+from bise_cli.method.train import freeze
 from bise_cli.models import build_backbone
-from bise_cli.prune import prune_model
-from bise_cli.train import freeze
+from bise_cli.models.masking import round_masks
+from bise_cli.reporting.efficiency import count_macs, measure_latency
 
 from common import parse_args
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bise_cli import pipeline
 from bise_cli.cli import CONF_DIR
-from bise_cli.fingerprint import fingerprint_bundle
+from bise_cli.run import pipeline
+from bise_cli.run.fingerprint import fingerprint_bundle
 
 from common import parse_args
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bise_cli import pipeline
 from bise_cli.cli import CONF_DIR
+from bise_cli.run import pipeline
 
 from common import parse_args
 

@@ -3,13 +3,13 @@
 For SimpleConvNet at each width (batch 100, 28x28x3 inputs), images/s and the ratio to the bare fp32 step of:
 - `bare step`: a plain PyTorch training step (same model, SGD momentum 0.9, wd 1e-4) on a batch already
   encoded as a float tensor;
-- `fit step`: bise_cli.train.fit over a small uint8 Split (its encode, shuffling, loss sum included), per step;
+- `fit step`: bise_cli.method.train.fit over a small uint8 Split (its encode, shuffling, loss sum included), per step;
 - `mask step`: the BISE mask step (frozen model, GateSet in masked mode, one linear bias head,
-  bise_cli.bise._mask_epoch), per step;
-- `head epoch`: bias-head SGD on cached features (bise_cli.probe.feature_epoch), per image;
-- `eval`: bise_cli.train.predict, per image;
+  bise_cli.method.search._mask_epoch), per step;
+- `head epoch`: bias-head SGD on cached features (bise_cli.method.probe.feature_epoch), per image;
+- `eval`: bise_cli.method.train.predict, per image;
 in the variants fp32, channels_last, torch.compile (compile time reported separately, timed after warm-up)
-and bf16 autocast. Then the fixed costs of a 2-epoch run: `import bise_cli.pipeline`, reading MNIST and
+and bf16 autocast. Then the fixed costs of a 2-epoch run: `import bise_cli.run.pipeline`, reading MNIST and
 building BiasedMNIST, config composition, evaluation (bise's evaluate_model + efficiency_report) and records.
 Timings use torch.utils.benchmark.Timer (blocked_autorange). On a shared machine compare ratios, not absolutes.
 """
@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from bise_cli.bise import SearchSettings, _mask_epoch
 from bise_cli.data.base import Split
-from bise_cli.masking import GateSet, capture_input
+from bise_cli.method.probe import feature_epoch, make_head
+from bise_cli.method.reweighting import SampleWeights
+from bise_cli.method.search import SearchSettings, _mask_epoch
+from bise_cli.method.train import fit, freeze, predict
 from bise_cli.models import build_backbone
-from bise_cli.probe import feature_epoch, make_head
-from bise_cli.reweighting import SampleWeights
-from bise_cli.train import fit, freeze, predict
+from bise_cli.models.masking import GateSet, capture_input
 
 from common import parse_args
 
@@ -208,14 +208,14 @@ def fixed_costs(mnist: str, reps: int) -> list[str]:
     from bise_cli.cli import CONF_DIR
     from bise_cli.data.biased_mnist import build_biased_mnist
     from bise_cli.data.mnist_source import load_digits
-    from bise_cli.efficiency import efficiency_report
-    from bise_cli.evaluate import evaluate_model
-    from bise_cli.records import RunDir, make_record
-    from bise_cli.report import write_report
+    from bise_cli.method.evaluate import evaluate_model
+    from bise_cli.reporting.efficiency import efficiency_report
+    from bise_cli.reporting.report import write_report
+    from bise_cli.run.records import RunDir, make_record
 
     lines = []
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for label, code in (("python -c pass", "pass"), ("import bise_cli.pipeline", "import bise_cli.pipeline")):
+    for label, code in (("python -c pass", "pass"), ("import bise_cli.run.pipeline", "import bise_cli.run.pipeline")):
         times = []
         for _ in range(reps):
             started = time.perf_counter()

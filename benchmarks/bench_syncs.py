@@ -17,16 +17,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from meta_device import meta_device  # noqa: E402
 
-from bise_cli.bise import SearchSettings, run_search  # noqa: E402
+from bise_cli.baselines.ffw import FFWSettings, run_ffw  # noqa: E402
+from bise_cli.baselines.lff import train_lff  # noqa: E402
 from bise_cli.data.base import Split  # noqa: E402
 from bise_cli.data.multicolor_mnist import encode  # noqa: E402
-from bise_cli.ffw import FFWSettings, run_ffw  # noqa: E402
-from bise_cli.lff import train_lff  # noqa: E402
-from bise_cli.masking import GateSet  # noqa: E402
+from bise_cli.method.probe import feature_epoch, make_head  # noqa: E402
+from bise_cli.method.reweighting import sample_weights  # noqa: E402
+from bise_cli.method.search import SearchSettings, run_search  # noqa: E402
+from bise_cli.method.train import fit, freeze  # noqa: E402
 from bise_cli.models import build_backbone  # noqa: E402
-from bise_cli.probe import feature_epoch, make_head  # noqa: E402
-from bise_cli.reweighting import sample_weights  # noqa: E402
-from bise_cli.train import fit, freeze  # noqa: E402
+from bise_cli.models.masking import GateSet  # noqa: E402
 
 META = torch.device("meta")
 

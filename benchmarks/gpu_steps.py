@@ -138,15 +138,15 @@ class Loop:
 def throughput(args) -> None:
     import torch
 
-    from bise_cli import pipeline, stages
-    from bise_cli.bise import _Heads, _mask_epoch
+    from bise_cli.baselines.lff import train_lff
+    from bise_cli.core.precision import configure_backends, configure_determinism
     from bise_cli.data.base import place_splits
-    from bise_cli.lff import train_lff
-    from bise_cli.masking import GateSet, capture_input
-    from bise_cli.precision import configure_backends, configure_determinism
-    from bise_cli.probe import feature_epoch
-    from bise_cli.reweighting import sample_weights
-    from bise_cli.train import fit, freeze, predict
+    from bise_cli.method.probe import feature_epoch
+    from bise_cli.method.reweighting import sample_weights
+    from bise_cli.method.search import _Heads, _mask_epoch
+    from bise_cli.method.train import fit, freeze, predict
+    from bise_cli.models.masking import GateSet, capture_input
+    from bise_cli.run import pipeline, stages
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import compose_config

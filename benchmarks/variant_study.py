@@ -90,12 +90,12 @@ def compose(overrides: list[str]) -> dict:
 
 def context(protocol: str, seed: int, output_root: str):
     """The pipeline's Context for one (protocol, seed): data built and fingerprinted, cache under output_root."""
-    from bise_cli import pipeline, stages
-    from bise_cli.cache import StageCache
-    from bise_cli.fingerprint import fingerprint_bundle
-    from bise_cli.precision import configure_backends
-    from bise_cli.records import RunDir
-    from bise_cli.validate import validate_config
+    from bise_cli.core.precision import configure_backends
+    from bise_cli.run import pipeline, stages
+    from bise_cli.run.cache import StageCache
+    from bise_cli.run.fingerprint import fingerprint_bundle
+    from bise_cli.run.records import RunDir
+    from bise_cli.run.validate import validate_config
 
     cfg = compose([*PROTOCOLS[protocol], *COMMON, f"output_root={output_root}", f"seed={seed}"])
     validate_config(cfg)
@@ -118,12 +118,12 @@ def _metrics(metrics: dict) -> dict:
 
 def search(ctx, model, vanilla_key: dict, options: dict, restart: int = 0) -> dict:
     """One search trajectory (cached): the metrics of its last and of its best-validation masks, its history."""
-    from bise_cli import stages
-    from bise_cli.bise import run_search
-    from bise_cli.evaluate import train_group_weights
-    from bise_cli.masking import GateSet
-    from bise_cli.prune import prune_model
-    from bise_cli.reweighting import sample_weights
+    from bise_cli.method.evaluate import train_group_weights
+    from bise_cli.method.prune import prune_model
+    from bise_cli.method.reweighting import sample_weights
+    from bise_cli.method.search import run_search
+    from bise_cli.models.masking import GateSet
+    from bise_cli.run import stages
 
     p = {**ctx.cfg["pruning"], **SELECT, **options}
     key = {**vanilla_key, "stage": "study_search", "version": 1, "pruning": p, "restart": restart,
@@ -160,11 +160,12 @@ def search(ctx, model, vanilla_key: dict, options: dict, restart: int = 0) -> di
 def finetune(ctx, model, masks, parent_key: dict, recipe: dict, label: str) -> dict:
     """Fine-tune (cached) with the reweighted loss, masks frozen (None = the unpruned control); the metrics of
     the last epoch and of the best validation epoch."""
-    from bise_cli import baselines, stages
-    from bise_cli.evaluate import train_group_weights
-    from bise_cli.prune import prune_model
-    from bise_cli.reweighting import sample_weights
-    from bise_cli.train import fit, freeze
+    from bise_cli.baselines import matched
+    from bise_cli.method.evaluate import train_group_weights
+    from bise_cli.method.prune import prune_model
+    from bise_cli.method.reweighting import sample_weights
+    from bise_cli.method.train import fit, freeze
+    from bise_cli.run import stages
 
     f = {**ctx.cfg["finetune"], **recipe}
     key = {**parent_key, "stage": "study_ft", "version": 1, "finetune": f, "masks_from": label,
@@ -175,7 +176,7 @@ def finetune(ctx, model, masks, parent_key: dict, recipe: dict, label: str) -> d
         split = ctx.bundle["search"]
         weights = sample_weights(ctx.reweighting(), split.y, split.b, ctx.bundle.num_classes, ctx.bundle.num_bias,
                                  ctx.bundle.nominal_rho).to(ctx.device)
-        best = baselines.BestState(tuned, ctx.bundle["val"], ctx.bundle.num_classes, ctx.bundle.num_bias,
+        best = matched.BestState(tuned, ctx.bundle["val"], ctx.bundle.num_classes, ctx.bundle.num_bias,
                                    batch_size=ctx.cfg["eval_batch_size"], device=ctx.device, metric=VAL_METRIC,
                                    group_weights=train_group_weights(ctx.bundle))
         fit(tuned, split, epochs=f["epochs"], batch_size=f["batch_size"], optimizer=f["optimizer"], lr=f["lr"],
@@ -203,7 +204,7 @@ def finetune(ctx, model, masks, parent_key: dict, recipe: dict, label: str) -> d
 
 def run(protocol: str, seeds: list[int], searches: list[str], ft_searches: list[str], restarts: bool,
         output_root: str, tag: str, control_recipes: list[str], ft_recipes: list[str]) -> None:
-    from bise_cli import stages
+    from bise_cli.run import stages
 
     out = Path(output_root) / "study" / "records"
     out.mkdir(parents=True, exist_ok=True)

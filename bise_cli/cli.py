@@ -20,8 +20,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bise_cli import __version__
-from bise_cli.defaults import CONF_DIR, NOT_RECORD_SETTINGS
-from bise_cli.errors import BiseError, Terminated
+from bise_cli.core.defaults import CONF_DIR, NOT_RECORD_SETTINGS
+from bise_cli.core.errors import BiseError, Terminated
 
 log = logging.getLogger("bise")
 
@@ -85,7 +85,7 @@ def _override_keys(plain: dict) -> dict:
     record keys either: the composed config shows what is left."""
     from hydra.core.hydra_config import HydraConfig
 
-    from bise_cli.records import flatten_config
+    from bise_cli.run.records import flatten_config
 
     hydra_cfg = HydraConfig.get()
     fields = flatten_config(plain)
@@ -179,7 +179,7 @@ class OutputFolderCheck:
     def _check(config: DictConfig, key: str) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from bise_cli.validate import check_writable
+        from bise_cli.run.validate import check_writable
 
         HydraConfig.instance().set_config(config)   # as Hydra does before it resolves the folder
         try:
@@ -192,7 +192,7 @@ class OutputFolderCheck:
 def _mark_failed(error: BaseException) -> None:
     """Count a failed sweep job and say so in its status.json, now (a job that failed before the pipeline marked it
     running has none, or an old one): how a parallel launcher's jobs report back (OutputFolderCheck.on_multirun_end)."""
-    from bise_cli.records import RunDir
+    from bise_cli.run.records import RunDir
 
     FAILED_JOBS.append(str(_output_dir()))
     RunDir(_output_dir()).fail(error)
@@ -223,7 +223,7 @@ def _guarded(task):
 
 def _validated(cfg: DictConfig) -> dict:
     """The job's config as a plain dict, every setting checked (warnings logged) before anything runs."""
-    from bise_cli.validate import validate_config
+    from bise_cli.run.validate import validate_config
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     for warning in validate_config(plain):
@@ -233,7 +233,7 @@ def _validated(cfg: DictConfig) -> dict:
 
 def _run_pipeline(cfg: DictConfig) -> None:
     """The job of `bise run` (and `bise audit`): check, run the pipeline, print the summary."""
-    from bise_cli.validate import check_writable
+    from bise_cli.run.validate import check_writable
 
     _interrupt_on_sigterm()
     plain = _validated(cfg)
@@ -242,8 +242,8 @@ def _run_pipeline(cfg: DictConfig) -> None:
     if plain.get("cache"):
         check_writable(Path(plain["output_root"]) / "cache")
 
-    from bise_cli import pipeline
-    from bise_cli.summary import print_run_summary
+    from bise_cli.reporting.summary import print_run_summary
+    from bise_cli.run import pipeline
 
     if plain.get("note"):
         log.info(plain["note"])
@@ -251,7 +251,7 @@ def _run_pipeline(cfg: DictConfig) -> None:
     print_run_summary(records, note=plain.get("note", ""), out_dir=_output_dir())
     objective = (plain.get("tune") or {}).get("objective")
     if objective:  # the value a sweeper (experiment=tune/*) maximises: one validation metric
-        from bise_cli.tuning import objective_value
+        from bise_cli.run.tuning import objective_value
 
         try:
             value = objective_value(records, objective)
@@ -272,13 +272,13 @@ def run_task(cfg: DictConfig):
 
 @_guarded
 def data_task(cfg: DictConfig):
-    from bise_cli.validate import check_writable
+    from bise_cli.run.validate import check_writable
 
     plain = _validated(cfg)
     check_writable(_output_dir())
 
-    from bise_cli import pipeline
-    from bise_cli.summary import write_data_summary
+    from bise_cli.reporting.summary import write_data_summary
+    from bise_cli.run import pipeline
 
     bundle = pipeline.load_data(plain)
     write_data_summary(bundle, _output_dir())
@@ -346,8 +346,8 @@ def gates_command(argv: list[str]) -> int:
     """`bise gates [overrides] [classes=N]`: a table of the backbone's gates and of the layers left ungated."""
     from rich.table import Table
 
-    from bise_cli.summary import console
-    from bise_cli.validate import validate_config
+    from bise_cli.reporting.summary import console
+    from bise_cli.run.validate import validate_config
 
     if any(arg in ("-h", "--help") for arg in argv):
         print("usage: bise gates [overrides] [classes=N]\n  lists where BISE's gates go in the configured backbone "
@@ -403,7 +403,7 @@ def _class_count(plain: dict, given: str | None) -> tuple[int, str]:
         return int(plain["dataset"]["num_classes"]), f"dataset {dataset}"
     if dataset in NUM_CLASSES:
         return NUM_CLASSES[dataset], f"dataset {dataset}"
-    from bise_cli import pipeline
+    from bise_cli.run import pipeline
     return pipeline.load_data(plain).num_classes, f"dataset {dataset}, built to count them"
 
 
@@ -445,14 +445,14 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "gates":
             sys.exit(gates_command(rest))
         elif command == "export":
-            from bise_cli.export import export_command
+            from bise_cli.reporting.export import export_command
             sys.exit(export_command(rest))
         elif command == "data":  # default folder outputs/data/<overrides>, unless the user chose one
             chosen = any(arg.lstrip("+").startswith("hydra.run.dir=") for arg in rest)
             _hydra_app(data_task, rest, "bise data", [] if chosen else
                        ["hydra.run.dir='${output_root}/data/${bise.dirname:${hydra:job.override_dirname}}'"])
         elif command == "table":
-            from bise_cli.tables import table_command
+            from bise_cli.reporting.tables import table_command
             sys.exit(table_command(rest))
         elif command == "version":
             print(__version__)

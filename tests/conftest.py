@@ -28,8 +28,8 @@ os.environ["OMP_NUM_THREADS"] = str(THREADS)  # torch's default thread count in 
 def tiny(embedded_digits):
     """A small BiasedMNIST bundle and a frozen SimpleConvNet trained on it for one epoch (the search tests)."""
     from bise_cli.data.biased_mnist import build_biased_mnist
+    from bise_cli.method.train import fit, freeze
     from bise_cli.models import build_backbone
-    from bise_cli.train import fit, freeze
 
     torch.manual_seed(0)
     bundle = build_biased_mnist(embedded_digits, rho=0.9, seed=0, max_samples=300, clean_split=True)
@@ -106,8 +106,8 @@ def prune_and_compare(model: torch.nn.Module, x: torch.Tensor, make_masks, all_k
     backbone must keep: the original is unchanged (gated while the gates are attached, vanilla after), no gate
     hook is copied, pruned logits equal gated logits to 1e-5, and the pruned model has fewer parameters unless
     every unit is kept (then it equals the vanilla model). Returns (pruned model, its logits on `x`)."""
-    from bise_cli.masking import GateSet
-    from bise_cli.prune import prune_model
+    from bise_cli.method.prune import prune_model
+    from bise_cli.models.masking import GateSet
 
     vanilla = model(x)
     gates = GateSet(model.gate_points())

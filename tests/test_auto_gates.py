@@ -18,13 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from bise_cli.efficiency import count_macs
-from bise_cli.errors import BiseError
-from bise_cli.masking import GatePoint, GateSet
+from bise_cli.core.errors import BiseError
+from bise_cli.method.prune import ARCHITECTURES, load_pruned, prune_model, save_pruned
+from bise_cli.method.train import freeze
 from bise_cli.models import build_backbone, describe_gates
 from bise_cli.models.auto_gates import AutoGatedNet, KeptInput, PrunedAutoNet
-from bise_cli.prune import ARCHITECTURES, load_pruned, prune_model, save_pruned
-from bise_cli.train import freeze
+from bise_cli.models.masking import GatePoint, GateSet
+from bise_cli.reporting.efficiency import count_macs
 
 from conftest import param_count, prune_and_compare
 
@@ -377,13 +377,13 @@ TinyAuto.pruned_class = PrunedTiny
 def test_your_own_model_and_the_exactness_check(monkeypatch, caplog):
     """A plain nn.Module gets gates too; an op misjudged as per-channel (here: softmax over channels, declared
     per-channel on purpose) is caught by the construction-time check and its group demoted."""
-    from bise_cli.models import auto_gates
+    from bise_cli.models import gate_plan
 
     torch.manual_seed(0)
     honest = TinyAuto()
     assert {p.name: p.removable for p in honest.gate_points()} == {
         "conv1.out": True, "conv3.in": False, "conv3.out": True}  # after the softmax: masked, not removed
-    monkeypatch.setattr(auto_gates, "PER_CHANNEL_OPS", auto_gates.PER_CHANNEL_OPS | {"softmax"})
+    monkeypatch.setattr(gate_plan, "PER_CHANNEL_OPS", gate_plan.PER_CHANNEL_OPS | {"softmax"})
     torch.manual_seed(0)
     model = freeze(TinyAuto())
     assert "failed the exactness check" in caplog.text

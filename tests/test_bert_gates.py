@@ -10,11 +10,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bise_cli.masking import GateSet  # noqa: E402
+from bise_cli.method.prune import prune_model  # noqa: E402
+from bise_cli.method.train import freeze  # noqa: E402
 from bise_cli.models import build_backbone  # noqa: E402
 from bise_cli.models.bert import MaskAwareLayerNorm, example_input  # noqa: E402
-from bise_cli.prune import prune_model  # noqa: E402
-from bise_cli.train import freeze  # noqa: E402
+from bise_cli.models.masking import GateSet  # noqa: E402
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from bise_cli.core.errors import BiseError
 from bise_cli.data import build_dataset, summarize_bundle
 from bise_cli.data.biased_mnist import COLOURS, aligned_count, assign_colours, build_biased_mnist, encode, render
 from bise_cli.data.mnist_source import find_idx_files, load_digits, read_idx
-from bise_cli.errors import BiseError
 
 from conftest import write_idx
 

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from bise_cli.bise import SearchSettings, normalized_mutual_information, run_search
+from bise_cli.core.errors import BiseError
 from bise_cli.data.base import Split
 from bise_cli.data.biased_mnist import build_biased_mnist
-from bise_cli.errors import BiseError
-from bise_cli.masking import GateSet
+from bise_cli.method.probe import feature_epoch, make_head, model_epoch
+from bise_cli.method.reweighting import resolve, sample_weights
+from bise_cli.method.search import SearchSettings, normalized_mutual_information, run_search
+from bise_cli.method.train import fit, freeze, predict
 from bise_cli.models import build_backbone
-from bise_cli.probe import feature_epoch, make_head, model_epoch
-from bise_cli.reweighting import resolve, sample_weights
-from bise_cli.train import fit, freeze, predict
+from bise_cli.models.masking import GateSet
 
 ONE = torch.zeros(1, dtype=torch.long)
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from bise_cli.cache import StageCache
-from bise_cli.fingerprint import fingerprint_bundle, fingerprint_file, fingerprint_split, fingerprint_tensors
+from bise_cli.run.cache import StageCache
+from bise_cli.run.fingerprint import fingerprint_bundle, fingerprint_file, fingerprint_split, fingerprint_tensors
 
 KEY = {"dataset": "biased_mnist", "rho": 0.99, "seed": 1, "data": "abc123"}
 
@@ -55,7 +55,7 @@ def filled(cache) -> tuple[Counter, object]:
 
 def test_compute_once_then_cached(cache, caplog):
     compute, path = filled(cache)
-    with caplog.at_level(logging.INFO, logger="bise_cli.cache"):
+    with caplog.at_level(logging.INFO, logger="bise_cli.run.cache"):
         value = cache.get_or_compute("vanilla", dict(reversed(KEY.items())), compute, describe="vanilla model")
     assert compute.calls == 1
     assert_same(value, weights())
@@ -83,7 +83,7 @@ def test_cached_none_is_a_hit(cache):
 def recomputes_correctly(cache, caplog, message: str | None) -> None:
     """The entry for KEY is not trusted: a fresh value is computed, returned, cached and warned about."""
     fresh = Counter(weights(1))
-    with caplog.at_level(logging.WARNING, logger="bise_cli.cache"):
+    with caplog.at_level(logging.WARNING, logger="bise_cli.run.cache"):
         assert_same(cache.get_or_compute("vanilla", KEY, fresh), weights(1))
     assert fresh.calls == 1
     if message:

@@ -11,11 +11,12 @@ import sys
 import pytest
 import torch
 
-from bise_cli import cli, pipeline
-from bise_cli.card import build_card, disparity, rebuild_run_card, record_matrices, render_markdown
-from bise_cli.errors import BiseError
+from bise_cli import cli
+from bise_cli.core.errors import BiseError
+from bise_cli.core.files import read_jsonl
 from bise_cli.models import build_backbone
-from bise_cli.records import read_jsonl
+from bise_cli.reporting.card import build_card, disparity, rebuild_run_card, record_matrices, render_markdown
+from bise_cli.run import pipeline
 
 from conftest import TINY_OVERRIDES, compose_config
 

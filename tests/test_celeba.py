@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bise_cli import pipeline
+from bise_cli.core.errors import BiseError
 from bise_cli.data.augment import hflip
 from bise_cli.data.celeba import build, make_splits, read_tables
-from bise_cli.errors import BiseError
+from bise_cli.run import pipeline
 
 from conftest import compose_config
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bise_cli import pipeline
+from bise_cli.core.errors import BiseError
 from bise_cli.data import build_dataset
 from bise_cli.data.augment import crop_flip, hflip, random_crop
 from bise_cli.data.cifar10c import assign_corruptions, build, rho_folder
 from bise_cli.data.corruptions import CORRUPTION_LISTS, CORRUPTIONS, corrupt
-from bise_cli.errors import BiseError
+from bise_cli.run import pipeline
 
 from conftest import compose_config
 

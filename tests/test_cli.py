@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from bise_cli.records import read_jsonl
+from bise_cli.core.files import read_jsonl
 
 from conftest import TINY_OVERRIDES, TINY_SETTINGS, without_timing
 

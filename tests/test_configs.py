@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 import bise_cli.cli  # noqa: F401  (registers the bise.dirname resolver used by the hydra section)
 from bise_cli.cli import CONF_DIR
 from bise_cli.data import DATASETS
+from bise_cli.method.train import make_optimizer, make_scheduler
 from bise_cli.models import build_backbone
-from bise_cli.pipeline import STAGES
-from bise_cli.stages import pruning_settings
-from bise_cli.train import make_optimizer, make_scheduler
+from bise_cli.run.pipeline import STAGES
+from bise_cli.run.stages import pruning_settings
 
 GROUP_FILES = sorted(p.relative_to(CONF_DIR) for p in CONF_DIR.glob("*/**/*.yaml") if p.parts[-2] != "launcher"
                      and "hydra" not in p.relative_to(CONF_DIR).parts)

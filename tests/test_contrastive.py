@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bise_cli import contrastive as con
-from bise_cli import pipeline
-from bise_cli.errors import BiseError
+from bise_cli.baselines import contrastive as con
+from bise_cli.core.errors import BiseError
+from bise_cli.run import pipeline
 
 from conftest import TINY_OVERRIDES, compose_config
 

@@ -14,19 +14,19 @@ import pytest
 import torch
 from meta_device import meta_device
 
-from bise_cli import pipeline
-from bise_cli.data import augment, biased_mnist, celeba, cifar10c, multicolor_mnist, table
-from bise_cli.data.base import Split, place_splits
-from bise_cli.models import build_backbone
-from bise_cli.precision import (
+from bise_cli.core.precision import (
     CUBLAS_DETERMINISTIC,
     configure_determinism,
     data_placement,
     device_generator,
     training_memory_bytes,
 )
-from bise_cli.records import RunDir
-from bise_cli.reweighting import REWEIGHTINGS, sample_weights
+from bise_cli.data import augment, biased_mnist, celeba, cifar10c, multicolor_mnist, table
+from bise_cli.data.base import Split, place_splits
+from bise_cli.method.reweighting import REWEIGHTINGS, sample_weights
+from bise_cli.models import build_backbone
+from bise_cli.run import pipeline
+from bise_cli.run.records import RunDir
 
 from conftest import TINY_OVERRIDES, TINY_SETTINGS, compose_config
 
@@ -149,7 +149,7 @@ def _generated(family: str, tmp_path):
 @pytest.fixture(autouse=True)
 def _no_latency_on_meta(monkeypatch):
     # A forward pass on `meta` computes nothing: timing it only costs the test seconds.
-    monkeypatch.setattr("bise_cli.efficiency.measure_latency", lambda *args, **kwargs: 0.0)
+    monkeypatch.setattr("bise_cli.reporting.efficiency.measure_latency", lambda *args, **kwargs: 0.0)
 
 
 def _run_on_meta(overrides: list[str], tmp_path) -> tuple[list[dict], dict, list[str]]:
@@ -229,7 +229,7 @@ def test_training_estimate_scales_with_the_batch():
 
 
 def test_bad_placement_is_one_clear_error(tmp_path):
-    from bise_cli.errors import BiseError
+    from bise_cli.core.errors import BiseError
     cfg = compose_config([*TINY_OVERRIDES, "data_on_device=sometimes", f"output_root={tmp_path}"])
     with pytest.raises(BiseError, match="data_on_device 'sometimes'; allowed: auto, always, never"):
         pipeline.run(cfg, tmp_path / "run")
@@ -255,8 +255,8 @@ def test_deterministic_runs_set_the_cublas_workspace(monkeypatch, tmp_path):
 def test_vanilla_weights_are_keyed_by_the_training_device():
     """A GPU run never reuses vanilla weights a CPU run trained (different kernels, different rounding): the
     vanilla key, and every key built on it (identification, LfF), names the device type."""
-    from bise_cli import stages
     from bise_cli.data import build_dataset
+    from bise_cli.run import stages
 
     cfg = compose_config(TINY_OVERRIDES)
     bundle = build_dataset("biased_mnist", 0.99, 0, "embedded", "", max_samples=50)

@@ -18,8 +18,8 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-import bise_cli.dfr as dfr_module
-from bise_cli.dfr import (
+import bise_cli.baselines.dfr as dfr_module
+from bise_cli.baselines.dfr import (
     DFR_C_GRID,
     DFRResult,
     _l1_options,
@@ -31,13 +31,13 @@ from bise_cli.dfr import (
     fit_logreg,
     group_ids,
 )
-from bise_cli.errors import BiseError
+from bise_cli.core.errors import BiseError
+from bise_cli.core.files import read_jsonl
 from bise_cli.models.mlp import MLP
-from bise_cli.records import read_jsonl
 
 from conftest import TINY_OVERRIDES
 
-CONFIG = Path(dfr_module.__file__).parent / "conf" / "config.yaml"
+CONFIG = Path(dfr_module.__file__).parents[1] / "conf" / "config.yaml"
 
 
 def _features(n_per_group: int, num_classes: int, seed: int, dim: int = 6, shift: float = 2.0):
@@ -379,7 +379,7 @@ def test_unconverged_tuning_fits_are_one_log_line_not_a_warning_each(caplog):
     from sklearn.exceptions import ConvergenceWarning
 
     z, y, b = _features(30, 2, seed=2, dim=12)
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="bise_cli.dfr"):
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="bise_cli.baselines.dfr"):
         warnings.simplefilter("always")
         dfr_train(z, y, b, num_classes=2, num_bias=2, c_grid=[1.0, 0.3], n_subsamples=2, select_max_iter=1, seed=0)
     assert not [w for w in caught if issubclass(w.category, ConvergenceWarning)]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from bise_cli import pipeline
-from bise_cli.estimate import estimate_run, report
+from bise_cli.run import pipeline
+from bise_cli.run.estimate import estimate_run, report
 
 from conftest import TINY_OVERRIDES, compose_config
 
@@ -30,7 +30,7 @@ def test_estimate_scales_with_the_epochs_at_a_given_speed(monkeypatch):
     # epochs is exactly twice the vanilla estimate, and the other stages do not move.
     cfg = compose_config(TINY_OVERRIDES)
     bundle = pipeline.load_data(cfg)
-    monkeypatch.setattr("bise_cli.estimate.seconds_per_sample", lambda *args: (0.01, 64))
+    monkeypatch.setattr("bise_cli.run.estimate.seconds_per_sample", lambda *args: (0.01, 64))
     estimate = estimate_run(cfg, bundle, torch.device("cpu"))["per_stage"]
     longer = {**cfg, "train": {**cfg["train"], "epochs": 2 * cfg["train"]["epochs"]}}
     doubled = estimate_run(longer, bundle, torch.device("cpu"))["per_stage"]

@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from bise_cli import pipeline
 from bise_cli.examples import own_model
-from bise_cli.export import export_run
+from bise_cli.reporting.export import export_run
+from bise_cli.run import pipeline
 
 from conftest import compose_config
 

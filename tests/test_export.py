@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bise_cli.errors import BiseError
-from bise_cli.export import FILE_SUFFIX, FORMATS, export_run
+from bise_cli.core.errors import BiseError
+from bise_cli.core.files import write_json, write_text
+from bise_cli.method.prune import load_pruned, prune_model, save_pruned
 from bise_cli.models import build_backbone
-from bise_cli.prune import load_pruned, prune_model, save_pruned
-from bise_cli.records import RunDir, write_json, write_text
+from bise_cli.reporting.export import FILE_SUFFIX, FORMATS, export_run
+from bise_cli.run.records import RunDir
 
 
 def _fake_run(folder, model, dataset: str, info: dict):

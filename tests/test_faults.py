@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from bise_cli.cli import CONF_DIR, interrupt_exit_code
+from bise_cli.core.errors import BiseError, Terminated
 from bise_cli.data.mnist_source import load_digits, read_idx
-from bise_cli.errors import BiseError, Terminated
-from bise_cli.registry import RUNNABLE
-from bise_cli.validate import check_writable, validate_config
+from bise_cli.run.registry import RUNNABLE
+from bise_cli.run.validate import check_writable, validate_config
 
 from conftest import compose_config, write_idx
 
@@ -36,7 +36,7 @@ def validate(overrides: list[str]) -> list[str]:
 
 
 def test_known_stages_match_pipeline():
-    from bise_cli.pipeline import STAGES as pipeline_stages
+    from bise_cli.run.pipeline import STAGES as pipeline_stages
 
     assert set(STAGES) == set(pipeline_stages)
 

@@ -1,4 +1,4 @@
-"""The FFW baseline (bise_cli/ffw.py): gates, masks, plateau schedule, selection and settings checks.
+"""The FFW baseline (bise_cli/baselines/ffw.py): gates, masks, plateau schedule, selection and settings checks.
 
 Tiny random data (uint8 3x16x16 images) and a width-0.125 SimpleConvNet keep the whole file to a few seconds.
 """
@@ -12,9 +12,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from bise_cli.data.base import Split
-from bise_cli.errors import BiseError
-from bise_cli.ffw import (
+from bise_cli.baselines.ffw import (
     FFWSettings,
     GatedModel,
     Plateau,
@@ -25,8 +23,10 @@ from bise_cli.ffw import (
     run_ffw,
     weight_sparsity,
 )
+from bise_cli.core.errors import BiseError
+from bise_cli.data.base import Split
+from bise_cli.method.train import fit, freeze
 from bise_cli.models import build_backbone
-from bise_cli.train import fit, freeze
 
 NUM_BIAS = 4
 SIZE = 16  # SimpleConvNet pools globally: small images keep the CPU runs short

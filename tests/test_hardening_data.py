@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from test_table_data import TINY, write_table
 
-from bise_cli.records import read_jsonl
+from bise_cli.core.files import read_jsonl
 
 from conftest import TINY_OVERRIDES, compose_config
 
@@ -289,8 +289,8 @@ def test_table_never_averages_one_seed_on_two_datasets(tmp_path):
         ("a" * 12, 2, 0.6), ("b" * 12, 1, 0.9)]
     assert "split by data_sha256" in (tmp_path / "runs" / "table.md").read_text()
 
-    from bise_cli.errors import BiseError
-    from bise_cli.tables import compare_stages, load_records
+    from bise_cli.core.errors import BiseError
+    from bise_cli.reporting.tables import compare_stages, load_records
     records = load_records(tmp_path / "runs")
     bise_rows = records.assign(stage="bise")
     with pytest.raises(BiseError, match="computed on different data: separate them with --by ... data_sha256"):
@@ -381,8 +381,8 @@ def test_checkpoints_with_wrong_dtypes_or_no_bytes_are_one_line_and_optional_buf
 def test_an_error_without_a_message_is_named_by_its_type(tmp_path):
     """torch.load of a two-byte pickle header raises an EOFError with no message: its type is the reason (the
     first line of an empty message was the IndexError)."""
-    from bise_cli.checkpoints import read_state_dict
-    from bise_cli.errors import BiseError
+    from bise_cli.core.errors import BiseError
+    from bise_cli.models.checkpoints import read_state_dict
 
     path = tmp_path / "cut.pt"
     path.write_bytes(b"\x80\x02")

@@ -29,10 +29,11 @@ import pytest
 import torch
 from PIL import Image
 
-from bise_cli.evaluate import first_non_finite_layer
-from bise_cli.export import SCRATCH_PREFIX, remove_stale_scratch
+from bise_cli.core.files import file_sha256, read_jsonl
+from bise_cli.method.evaluate import first_non_finite_layer
 from bise_cli.models import build_backbone
-from bise_cli.records import RunDir, file_sha256, read_jsonl
+from bise_cli.reporting.export import SCRATCH_PREFIX, remove_stale_scratch
+from bise_cli.run.records import RunDir
 
 # The cheapest real runs: the smoke preset's tiny schedules with the MLP, no bootstrap; for dataset=table (the
 # smoke preset picks BiasedMNIST's embedded digits) the same schedules spelled out.
@@ -306,7 +307,7 @@ def test_a_killed_export_leaves_scratch_that_the_next_export_removes(finished_ru
     out = tmp_path / "out"
     # A real SIGKILL in the middle of an export: after the artefact is written and checked in the scratch folder,
     # before it is moved into place.
-    patch = ("import os, signal\nimport bise_cli.export as export\nwrite = export._export_torchscript\n"
+    patch = ("import os, signal\nimport bise_cli.reporting.export as export\nwrite = export._export_torchscript\n"
              "def killed(*a, **k):\n    write(*a, **k)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
              "export._export_torchscript = killed")
     result = bise("export", str(run), "--format", "torchscript", "--out", f"{out}/", cwd=tmp_path, patch=patch)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from bise_cli.records import read_jsonl
+from bise_cli.core.files import read_jsonl
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bise_cli.baselines.lff import SampleLossEMA, generalized_cross_entropy, relative_difficulty, train_lff
+from bise_cli.core.errors import BiseError
 from bise_cli.data.base import Split
-from bise_cli.errors import BiseError
-from bise_cli.lff import SampleLossEMA, generalized_cross_entropy, relative_difficulty, train_lff
+from bise_cli.method.train import fit
 from bise_cli.models.mlp import MLP
-from bise_cli.train import fit
 
 
 def test_gce_value_and_gradient_by_hand():

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from bise_cli.cache import StageCache
-from bise_cli.errors import BiseError
-from bise_cli.locking import lock_path
-from bise_cli.records import read_jsonl
+from bise_cli.core.errors import BiseError
+from bise_cli.core.files import read_jsonl
+from bise_cli.core.locking import lock_path
+from bise_cli.run.cache import StageCache
 
 KEY = {"stage": "vanilla", "data": "abc", "seed": 0}
 
@@ -28,7 +28,7 @@ KEY = {"stage": "vanilla", "data": "abc", "seed": 0}
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from bise_cli.locking import compute_lock
+    from bise_cli.core.locking import compute_lock
     entry, started, go = (Path(a) for a in sys.argv[1:4])
     with compute_lock(entry, "vanilla"):
         started.write_text("holding")
@@ -124,8 +124,8 @@ def vanilla_entry(overrides: list[str], output_root: Path) -> Path:
     """Where the runs of `overrides` cache their vanilla model (the key holds the fingerprint of the data)."""
     import torch
 
-    from bise_cli import pipeline, stages
-    from bise_cli.fingerprint import fingerprint_bundle
+    from bise_cli.run import pipeline, stages
+    from bise_cli.run.fingerprint import fingerprint_bundle
 
     from conftest import compose_config
 
@@ -162,7 +162,7 @@ def test_parallel_sweep_trains_the_shared_vanilla_once(tmp_path):
     output, _ = sweep.communicate(timeout=600)
     assert sweep.returncode == 0, output[-3000:]
     logs = [log.read_text() for log in sorted(out.glob("sweeps/smoke/*/run.log"))]
-    trained = [text for text in logs if "vanilla: 1 epochs of" in text]  # what bise_cli.train logs as it starts
+    trained = [text for text in logs if "vanilla: 1 epochs of" in text]  # what bise_cli.method.train logs as it starts
     assert len(logs) == 2 and len(trained) == 1
     [reused] = [text for text in logs if text not in trained]
     assert "vanilla from cache: reused the result another job computed" in reused

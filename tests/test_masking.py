@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bise_cli.masking import Gate, GateSet, capture_input, unit_sparsity
+from bise_cli.method.train import freeze
 from bise_cli.models import build_backbone
-from bise_cli.train import freeze
+from bise_cli.models.masking import Gate, GateSet, capture_input, unit_sparsity
 
 
 @pytest.mark.parametrize("name", ["simple_convnet", "resnet18"])

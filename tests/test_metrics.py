@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bise_cli.metrics import accuracy_metrics, disparity_metrics, overlapping_group_metrics
+from bise_cli.core.metrics import accuracy_metrics, disparity_metrics, overlapping_group_metrics
 
 
 def test_accuracy_family_by_hand():
@@ -52,7 +52,7 @@ def test_overlapping_groups_by_hand():
 
 
 def test_weighted_average_group_accuracy_uses_the_training_shares():
-    from bise_cli.metrics import group_proportions
+    from bise_cli.core.metrics import group_proportions
 
     # Training shares of the 4 (y, b) cells: 0.5, 0.25, 0.125, 0.125.
     y_train = torch.tensor([0, 0, 0, 0, 1, 1, 0, 1])
@@ -70,8 +70,8 @@ def test_weighted_average_group_accuracy_uses_the_training_shares():
 
 
 def test_selection_metric_is_checked():
-    from bise_cli.bise import SearchSettings
-    from bise_cli.errors import BiseError
+    from bise_cli.core.errors import BiseError
+    from bise_cli.method.search import SearchSettings
 
     SearchSettings(selection_metric="acc_weighted_avg_group", also_select_by=("acc_avg_group",)).validate()
     with pytest.raises(BiseError, match="unknown pruning.selection_metric 'acc_best'"):
@@ -79,7 +79,7 @@ def test_selection_metric_is_checked():
 
 
 def test_several_attributes_also_get_each_attributes_class_by_bias_tables():
-    from bise_cli.metrics import accuracy_metrics
+    from bise_cli.core.metrics import accuracy_metrics
 
     y = torch.tensor([0, 0, 0, 1, 1, 1])
     b = torch.tensor([[0, 1], [0, 0], [1, 1], [1, 1], [1, 0], [1, 1]])  # two attributes
@@ -173,8 +173,8 @@ def test_disparity_agrees_with_fairlearn_on_random_cases_with_empty_cells():
 def test_biased_mnist_baselines_are_attributed_to_their_methods_in_the_reference_footer(tmp_path):
     import json
 
-    from bise_cli.registry import spec as stage
-    from bise_cli.tables import constant_context, format_table, load_records, summarize
+    from bise_cli.reporting.tables import constant_context, format_table, load_records, summarize
+    from bise_cli.run.registry import spec as stage
 
     records = [{"stage": name, "keys": ["dataset", "rho", "seed"], "dataset": "biased_mnist", "rho": 0.99,
                 "seed": 0, "acc": 0.9} for name in ("bise", "lff", "softcon", "bcon_bbal")]

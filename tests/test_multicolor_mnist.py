@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_cli import bise
 
+from bise_cli.core.errors import BiseError
 from bise_cli.data.mnist_source import Digits
 from bise_cli.data.multicolor_mnist import (
     PALETTE,
@@ -22,8 +23,7 @@ from bise_cli.data.multicolor_mnist import (
     group_counts,
     load_debian_folder,
 )
-from bise_cli.errors import BiseError
-from bise_cli.masking import GateSet
+from bise_cli.models.masking import GateSet
 from bise_cli.models.mlp import MLP
 
 # MNIST's class counts (train, test): the published group sizes follow from these alone.

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from bise_cli.bootstrap import bootstrap_ci, bootstrap_distribution, resample_counts
+from bise_cli.core.errors import BiseError
+from bise_cli.core.metrics import ACCURACY_METRICS, accuracy_metrics
 from bise_cli.data.noise import flip_labels
-from bise_cli.errors import BiseError
-from bise_cli.metrics import ACCURACY_METRICS, accuracy_metrics
+from bise_cli.method.bootstrap import bootstrap_ci, bootstrap_distribution, resample_counts
 
 
 def test_flip_labels_count_classes_and_seed():
@@ -42,10 +42,10 @@ def _table(n: int, seed: int, attributes: int = 1):
 
 
 def _slow_reference(y, b, pred, n, seed, alpha):
-    """One explicit resampled table per resample (the same draws), scored by bise_cli.metrics."""
+    """One explicit resampled table per resample (the same draws), scored by bise_cli.core.metrics."""
     draws = resample_counts(y, b, pred, n, seed)
     # A representative sample of every (group, correct) category; every copy of it scores the same.
-    from bise_cli.bootstrap import group_codes
+    from bise_cli.method.bootstrap import group_codes
     code, _, _ = group_codes(y, b)
     category = code * 2 + (pred == y).long().numpy()
     counts = np.stack([draws["counts"] - draws["hits"], draws["hits"]], 2).reshape(n, -1)  # (n, 2G)

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from bise_cli import pipeline, stages
-from bise_cli.errors import BiseError
-from bise_cli.metrics import ACCURACY_METRICS, EFFICIENCY_METRICS
-from bise_cli.prune import load_pruned
-from bise_cli.records import read_jsonl
+from bise_cli.core.errors import BiseError
+from bise_cli.core.files import read_jsonl
+from bise_cli.core.metrics import ACCURACY_METRICS, EFFICIENCY_METRICS
+from bise_cli.method.prune import load_pruned
+from bise_cli.run import pipeline, stages
 
 from conftest import TINY_OVERRIDES, TINY_SETTINGS, compose_config, without_timing
 

@@ -6,9 +6,9 @@ import json
 
 import pandas as pd
 
-from bise_cli.plots import plot_accuracy_vs_sparsity, plot_kept_units, plot_search_curves, plot_sweep
-from bise_cli.report import deviations, report_metrics, write_report
-from bise_cli.tables import load_records
+from bise_cli.reporting.plots import plot_accuracy_vs_sparsity, plot_kept_units, plot_search_curves, plot_sweep
+from bise_cli.reporting.report import deviations, report_metrics, write_report
+from bise_cli.reporting.tables import load_records
 
 
 def _is_png(path) -> bool:
@@ -46,7 +46,7 @@ def test_report_lists_deviations_and_results(tmp_path):
     records = [{"stage": "vanilla", "acc_unbiased": 0.5, "macs": 2e6}, {"stage": "bise", "acc_unbiased": 0.6}]
     text = write_report(tmp_path, cfg, records, note="DEMO").read_text()
     assert "**DEMO**" in text and "`pruning.gate_init` = 1.0 (paper: 0.0)" in text
-    assert "| stage | unbiased (%) | MACs (M) |" in text  # titles and units from bise_cli.names
+    assert "| stage | unbiased (%) | MACs (M) |" in text  # titles and units from bise_cli.core.names
     assert "| vanilla | 50.0 | 2.0 |" in text and "| bise | 60.0 | – |" in text
 
 

@@ -1,4 +1,4 @@
-"""precision: fp32 | bf16 (bise_cli.precision): bf16 autocast stays close to fp32, fp32 is exactly the plain
+"""precision: fp32 | bf16 (bise_cli.core.precision): bf16 autocast stays close to fp32, fp32 is exactly the plain
 path, bad names fail in one line; Split.to keeps batching on the split's device."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bise_cli.core.errors import BiseError
+from bise_cli.core.precision import autocast, check_precision, configure_backends, peak_memory_mb
 from bise_cli.data.base import Split
-from bise_cli.errors import BiseError
+from bise_cli.method.train import fit, freeze, predict
 from bise_cli.models import build_backbone
-from bise_cli.precision import autocast, check_precision, configure_backends, peak_memory_mb
-from bise_cli.train import fit, freeze, predict
 
 
 def _split(n: int = 64, seed: int = 0) -> Split:

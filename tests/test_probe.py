@@ -1,4 +1,4 @@
-"""The fresh leakage probe trains on bottleneck features computed once (bise_cli.probe.fresh_probe_leakage): on
+"""The fresh leakage probe trains on bottleneck features computed once (bise_cli.method.probe.fresh_probe_leakage): on
 un-augmented inputs that is the same probe as one that recomputes the frozen model's features for every batch of
 every epoch (the same seed draws the same heads and the same batch order)."""
 
@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from bise_cli import pipeline
 from bise_cli.data.base import bias_columns
+from bise_cli.method.probe import fresh_probe_leakage, head_accuracy, make_head, model_epoch
+from bise_cli.method.train import freeze, predict
 from bise_cli.models import build_backbone
-from bise_cli.probe import fresh_probe_leakage, head_accuracy, make_head, model_epoch
-from bise_cli.train import freeze, predict
+from bise_cli.run import pipeline
 
 from conftest import TINY_OVERRIDES, compose_config
 

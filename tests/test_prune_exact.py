@@ -15,9 +15,9 @@ import os
 import pytest
 import torch
 
+from bise_cli.method.prune import ARCHITECTURES, load_pruned, prune_model, save_pruned
+from bise_cli.method.train import freeze
 from bise_cli.models import BACKBONES, build_backbone
-from bise_cli.prune import ARCHITECTURES, load_pruned, prune_model, save_pruned
-from bise_cli.train import freeze
 
 from conftest import param_count, prune_and_compare
 

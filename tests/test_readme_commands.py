@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 import yaml
 
-from bise_cli.records import read_jsonl
+from bise_cli.core.files import read_jsonl
 
 from conftest import TINY_SETTINGS, compose_config
 
@@ -161,9 +161,9 @@ def readme_run_dir(overrides: list[str]) -> str:
 
 def check_before_run(plain: dict) -> None:
     """Every check `bise run` makes before its first stage."""
-    from bise_cli.pipeline import check_stage_combination
-    from bise_cli.records import check_record_keys
-    from bise_cli.validate import validate_config
+    from bise_cli.run.pipeline import check_stage_combination
+    from bise_cli.run.records import check_record_keys
+    from bise_cli.run.validate import validate_config
 
     validate_config(plain)
     check_record_keys(plain)
@@ -430,7 +430,7 @@ def check_mlflow(outcome: Outcome, ws: Workspace) -> None:
 
 
 def check_cfg_job(outcome: Outcome, ws: Workspace) -> None:
-    from bise_cli.validate import validate_config
+    from bise_cli.run.validate import validate_config
 
     printed = yaml.safe_load(outcome.result.stdout)
     assert printed["stages"] and "hydra" not in printed

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from bise_cli.records import RunDir, config_hash, read_jsonl, save_torch, write_json, write_jsonl
+from bise_cli.core.files import read_jsonl, save_torch, write_json, write_jsonl
+from bise_cli.run.records import RunDir, config_hash
 
 
 def test_config_hash_ignores_key_order_and_sees_values():
@@ -72,7 +73,7 @@ def test_run_dir_status_and_records(tmp_path):
 
 
 def test_overrides_of_settings_that_never_change_a_result_are_not_record_keys():
-    from bise_cli.records import make_record
+    from bise_cli.run.records import make_record
 
     cfg = {"seed": 1, "logger": {"name": "mlflow"}, "threads": 1,
            "record_keys": {"logger": "mlflow", "threads": 1, "seed": 1, "ablation": "ce"}}
@@ -82,8 +83,8 @@ def test_overrides_of_settings_that_never_change_a_result_are_not_record_keys():
 
 
 def test_record_keys_are_compared_with_the_config_as_composed_values():
-    from bise_cli.errors import BiseError
-    from bise_cli.records import check_record_keys, record_fields
+    from bise_cli.core.errors import BiseError
+    from bise_cli.run.records import check_record_keys, record_fields
 
     cfg = {"seed": 0, "dataset": {"name": "table", "bias_columns": ["colour"], "cache_dir": "x", "image_size": None},
            "record_keys": {"dataset.bias_columns": ["colour"], "dataset.image_size": None, "grid": [[1, 2], [3]],

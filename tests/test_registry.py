@@ -19,9 +19,9 @@ import pytest
 import torch
 import yaml
 
-from bise_cli import registry, stages
-from bise_cli.defaults import CONF_DIR, NOT_RESULT_SETTINGS, SETTING_ROLES
-from bise_cli.records import flatten_config
+from bise_cli.core.defaults import CONF_DIR, NOT_RESULT_SETTINGS, SETTING_ROLES
+from bise_cli.run import registry, stages
+from bise_cli.run.records import flatten_config
 
 from conftest import TINY_OVERRIDES, compose_config
 
@@ -55,7 +55,7 @@ def _import_graph() -> dict[str, set[str]]:
 
 def test_the_import_graph_of_bise_cli_has_no_cycles():
     graph = _import_graph()
-    assert "bise_cli.pipeline" in graph and "bise_cli.stages" in graph["bise_cli.pipeline"]
+    assert "bise_cli.run.pipeline" in graph and "bise_cli.run.stages" in graph["bise_cli.run.pipeline"]
     # A package's __init__ is imported with any of its submodules; edges into a package's own __init__ from its
     # submodules are how Python loads them, not a cycle of ours.
     state: dict[str, int] = {}
@@ -78,6 +78,38 @@ def test_the_import_graph_of_bise_cli_has_no_cycles():
     for module in sorted(graph):
         if module not in state:
             visit(module)
+
+
+# The subpackages of bise_cli, bottom to top, with the subpackages each may import. `run` and `reporting` share the
+# top: the pipeline writes the card and the report, and reporting reads the records and the stage registry.
+LAYERS = {
+    "core": {"core"},
+    "data": {"core", "data"},
+    "models": {"core", "data", "models"},  # the BERT backbone resolves the bundled text model as the tokenizer does
+    "method": {"core", "data", "models", "method"},
+    "baselines": {"core", "data", "models", "method", "baselines"},
+    "run": {"core", "data", "models", "method", "baselines", "run", "reporting"},
+    "reporting": {"core", "data", "models", "method", "baselines", "run", "reporting"},
+}
+# The package itself (`__version__`, imported with every submodule anyway) and the command line sit on top.
+TOP_LEVEL = {"bise_cli", "bise_cli.__main__", "bise_cli.cli", "bise_cli.examples", "bise_cli.examples.own_model"}
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_every_module_sits_in_a_layer_and_imports_only_the_layers_below_it():
+    graph = _import_graph()
+    assert set(graph) - TOP_LEVEL, "no modules found"
+    stray = sorted(m for m in graph if m not in TOP_LEVEL and _layer(m) is None)
+    assert not stray, f"modules outside the layers {sorted(LAYERS)}: {stray}"
+    upward = [f"{module} -> {target}" for module, targets in sorted(graph.items()) if _layer(module)
+              for target in sorted(targets - {"bise_cli"}) if _layer(target) not in LAYERS[_layer(module)]]
+    assert not upward, "imports against the layering: " + "; ".join(upward)
+    # Only `python -m bise_cli` imports the command line.
+    assert {m for m, targets in graph.items() if "bise_cli.cli" in targets} == {"bise_cli.__main__"}
 
 
 def test_every_module_imports():
@@ -103,8 +135,8 @@ def test_each_stage_is_declared_once_and_its_functions_resolve():
             assert spec.parent is None or spec.parent in registry.RUNNABLE
         if spec.finish:
             assert callable(spec.function("finish"))
-    from bise_cli.pipeline import STAGES
-    from bise_cli.validate import validate_config
+    from bise_cli.run.pipeline import STAGES
+    from bise_cli.run.validate import validate_config
 
     assert STAGES == registry.RUNNABLE
     assert validate_config(compose_config([*TINY_OVERRIDES, f"stages=[{','.join(registry.RUNNABLE)}]"])) == []
@@ -123,7 +155,7 @@ def test_a_stage_reading_a_section_it_does_not_declare_fails():
 # ---------------------------------------------------------------------------------- settings and cache keys
 def _keys(cfg: dict) -> dict[str, str]:
     """{stage: its cache key's hash} for every runnable stage, built as the pipeline builds them."""
-    from bise_cli.records import config_hash
+    from bise_cli.run.records import config_hash
 
     ctx = stages.Context(cfg, None, torch.device("cpu"), None, None, "data-sha")
     keys = {"vanilla": ctx.eval_key(ctx.train_key())}

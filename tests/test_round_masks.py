@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bise_cli.masking import round_masks
+from bise_cli.models.masking import round_masks
 
 
 def _case():

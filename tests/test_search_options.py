@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from bise_cli.bise import SearchSettings, make_mask_optimizer, mi_subset_mask, run_search
-from bise_cli.errors import BiseError
-from bise_cli.masking import GateSet
-from bise_cli.reweighting import sample_weights
+from bise_cli.core.errors import BiseError
+from bise_cli.method.reweighting import sample_weights
+from bise_cli.method.search import SearchSettings, make_mask_optimizer, mi_subset_mask, run_search
+from bise_cli.models.masking import GateSet
 
 
 def _search(tiny, **options):

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from bise_cli.bise import SearchSettings, make_mask_optimizer, masks_frozen, run_search
-from bise_cli.errors import BiseError
-from bise_cli.masking import Gate, GatePoint, GateSet
+from bise_cli.core.errors import BiseError
+from bise_cli.method.reweighting import sample_weights
+from bise_cli.method.search import SearchSettings, make_mask_optimizer, masks_frozen, run_search
+from bise_cli.method.train import fit, freeze
 from bise_cli.models import build_backbone
-from bise_cli.reweighting import sample_weights
-from bise_cli.train import fit, freeze
+from bise_cli.models.masking import Gate, GatePoint, GateSet
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import io
 
 from rich.console import Console
 
-from bise_cli import summary
-from bise_cli.names import heading
-from bise_cli.registry import spec as stage
+from bise_cli.core.names import heading
+from bise_cli.reporting import summary
+from bise_cli.run.registry import spec as stage
 
 
 def _records() -> list[dict]:

@@ -17,17 +17,24 @@ import pytest
 import torch
 from meta_device import meta_device
 
-from bise_cli.bise import SearchSettings, _Heads, _mask_epoch, mi_subset_mask, normalized_mutual_information, run_search
+from bise_cli.baselines.ffw import FFWSettings, run_ffw, train_head_to_plateau
+from bise_cli.baselines.lff import train_lff
 from bise_cli.data.augment import crop_flip
 from bise_cli.data.base import Split
 from bise_cli.data.cifar10c import encode
-from bise_cli.ffw import FFWSettings, run_ffw, train_head_to_plateau
-from bise_cli.lff import train_lff
-from bise_cli.masking import GateSet, capture_input
+from bise_cli.method.probe import feature_epoch, make_head, model_epoch
+from bise_cli.method.reweighting import sample_weights
+from bise_cli.method.search import (
+    SearchSettings,
+    _Heads,
+    _mask_epoch,
+    mi_subset_mask,
+    normalized_mutual_information,
+    run_search,
+)
+from bise_cli.method.train import fit, freeze, predict
 from bise_cli.models import build_backbone
-from bise_cli.probe import feature_epoch, make_head, model_epoch
-from bise_cli.reweighting import sample_weights
-from bise_cli.train import fit, freeze, predict
+from bise_cli.models.masking import GateSet, capture_input
 
 META = torch.device("meta")
 
@@ -76,7 +83,7 @@ GRID = [(1, 2), (1, 8), (3, 2)]  # (epochs, batches of 10 samples)
 def test_fit_reads_the_device_once_per_epoch(select_best):
     """Vanilla training: one read per epoch. Fine-tuning (per-sample weights and best-epoch selection on the
     validation split): one more per epoch, the selection's prediction pass."""
-    from bise_cli.baselines import BestState
+    from bise_cli.baselines.matched import BestState
 
     def case(epochs, batches):
         def setup():
@@ -219,8 +226,8 @@ def test_ffw_head_epochs_read_once_each():
 # ---------------------------------------------------------------------------------------------- pruned BERT
 
 def test_mask_aware_layer_norm_decides_its_fixed_mask_once():
-    from bise_cli.masking import Gate
     from bise_cli.models.bert import MaskAwareLayerNorm
+    from bise_cli.models.masking import Gate
 
     norm = MaskAwareLayerNorm(torch.nn.LayerNorm(8))
     norm.fixed_mask = torch.tensor([1.0, 0, 1, 1, 0, 1, 1, 1])
@@ -252,8 +259,8 @@ def test_mask_aware_layer_norm_decides_its_fixed_mask_once():
 def test_branchless_layer_norm_equals_the_fixed_mask_path(kept):
     """The gated path picks between the plain and the masked LayerNorm on the device; its values are exactly
     those of the pruned model's path, which decides once on the host."""
-    from bise_cli.masking import Gate
     from bise_cli.models.bert import MaskAwareLayerNorm
+    from bise_cli.models.masking import Gate
 
     torch.manual_seed(0)
     base = torch.nn.LayerNorm(8)

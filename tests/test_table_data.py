@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bise_cli import pipeline
+from bise_cli.core.errors import BiseError
 from bise_cli.data import build_dataset, summarize_bundle
 from bise_cli.data.table import UNDECODABLE, bias_codes, build
-from bise_cli.errors import BiseError
+from bise_cli.run import pipeline
 
 from conftest import compose_config
 
@@ -340,7 +340,7 @@ def test_waterbirds_preset(tmp_path):
     rows = (test.x[:, 0, 8, 8].double() / 7).round().long().tolist()
     assert test.y.tolist() == frame.loc[rows, "y"].tolist() and set(frame.loc[rows, "split"]) == {2}
     assert test.b.tolist() == frame.loc[rows, "place"].tolist()
-    from bise_cli.reweighting import resolve
+    from bise_cli.method.reweighting import resolve
     assert resolve("auto", bundle.name) == "group_balanced"
     with pytest.raises(BiseError, match="no Waterbirds metadata at .*; set dataset.root to the Waterbirds release"):
         build_dataset("waterbirds", 0.9, 0, "files", str(tmp_path), manifest=str(tmp_path / "metadata.csv"),
@@ -391,7 +391,7 @@ BUILDER = """
 import json, sys, time
 from pathlib import Path
 from bise_cli.data.table import build
-from bise_cli.fingerprint import fingerprint_bundle
+from bise_cli.run.fingerprint import fingerprint_bundle
 manifest, cache, ready, go = sys.argv[1:5]
 Path(ready).write_text("ready")
 while not Path(go).exists():
@@ -410,7 +410,7 @@ def test_two_processes_building_the_image_cache_at_once_build_it_once(table, tmp
     import sys
     import time
 
-    from bise_cli.fingerprint import fingerprint_bundle
+    from bise_cli.run.fingerprint import fingerprint_bundle
 
     folder, _ = table
     cache, go = tmp_path / "cache", tmp_path / "go"

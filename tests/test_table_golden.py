@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from bise_cli.errors import BiseError
-from bise_cli.tables import table_command
+from bise_cli.core.errors import BiseError
+from bise_cli.reporting.tables import table_command
 
 GOLDEN = Path(__file__).parent / "data" / "golden_sweep"
 
@@ -198,7 +198,7 @@ def test_binary_and_truncated_lines_are_skipped_and_counted(tmp_path, caplog, ca
         handle.write(b'{"stage": "bise", "keys": ["dataset", "rho"], "acc": 0.9')  # truncated: no newline either
     (sweep / "broken").mkdir()
     (sweep / "broken" / "metrics.jsonl").write_bytes(b"\x00\x01\x02\n[1, 2]\n")  # binary + not a record
-    with caplog.at_level(logging.WARNING, logger="bise_cli.tables"):
+    with caplog.at_level(logging.WARNING, logger="bise_cli.reporting.tables"):
         assert table_command([str(sweep), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "table.md").read_text() == EXPECTED_MD  # the 12 good records, nothing else
     warning = " ".join(r.getMessage() for r in caplog.records)

@@ -1,5 +1,5 @@
 """`bise table`: grouping, mean ± sample std, exact Markdown / LaTeX / CSV output, reference columns, paired
-comparison, errors; and the names and formats declared once in bise_cli.names."""
+comparison, errors; and the names and formats declared once in bise_cli.core.names."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ import json
 
 import pytest
 
-from bise_cli.errors import BiseError
-from bise_cli.names import METRIC_NAMES, METRICS, format_value, heading, metric
-from bise_cli.paper_reference import REFERENCES, reference, reference_value
-from bise_cli.registry import SPECS as STAGES
-from bise_cli.registry import STAGE_NAMES, stage_rank
-from bise_cli.tables import (
+from bise_cli.core.errors import BiseError
+from bise_cli.core.names import METRIC_NAMES, METRICS, format_value, heading, metric
+from bise_cli.reporting.paper_reference import REFERENCES, reference, reference_value
+from bise_cli.reporting.tables import (
     compare_stages,
     constant_context,
     format_table,
@@ -21,6 +19,8 @@ from bise_cli.tables import (
     summarize,
     table_command,
 )
+from bise_cli.run.registry import SPECS as STAGES
+from bise_cli.run.registry import STAGE_NAMES, stage_rank
 
 
 def _write(root, rows):
@@ -214,16 +214,16 @@ def test_names_module_is_the_bottom_of_the_import_graph():
     import ast
     import inspect
 
-    import bise_cli.names
-    import bise_cli.plots
+    import bise_cli.core.names
+    import bise_cli.reporting.plots
 
     def imported(module) -> set[str]:
         tree = ast.parse(inspect.getsource(module))
         return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | {
             alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
 
-    assert not {m for m in imported(bise_cli.names) if m.startswith("bise_cli")}
-    assert "bise_cli.tables" not in imported(bise_cli.plots)  # no tables <-> plots cycle
+    assert not {m for m in imported(bise_cli.core.names) if m.startswith("bise_cli")}
+    assert "bise_cli.reporting.tables" not in imported(bise_cli.reporting.plots)  # no tables <-> plots cycle
 
 
 def test_ablation_rows_find_their_reference(tmp_path):

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from bise_cli import pipeline
-from bise_cli.errors import BiseError
-from bise_cli.tracking import check_tracker, stage_histories
+from bise_cli.core.errors import BiseError
+from bise_cli.reporting.tracking import check_tracker, stage_histories
+from bise_cli.run import pipeline
 
 from conftest import TINY_OVERRIDES, compose_config
 

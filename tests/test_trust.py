@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from bise_cli import pipeline
-from bise_cli.errors import BiseError
+from bise_cli.core.errors import BiseError
+from bise_cli.core.files import read_jsonl
 from bise_cli.models import build_backbone
-from bise_cli.records import make_record, read_jsonl
+from bise_cli.run import pipeline
+from bise_cli.run.records import make_record
 
 from conftest import TINY_OVERRIDES, compose_config, without_timing, write_idx
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bise_cli.errors import BiseError
-from bise_cli.records import read_jsonl
-from bise_cli.tuning import objective_value, parse_objective
-from bise_cli.validate import validate_config
+from bise_cli.core.errors import BiseError
+from bise_cli.core.files import read_jsonl
+from bise_cli.run.tuning import objective_value, parse_objective
+from bise_cli.run.validate import validate_config
 
 from conftest import compose_config
 
@@ -156,7 +156,7 @@ def test_tuning_presets_compose_and_are_checked_before_running():
 def test_best_trial_of_each_study_by_validation_with_failed_trials_counted():
     import pandas as pd
 
-    from bise_cli.tuning import best_trials
+    from bise_cli.run.tuning import best_trials
 
     def trial(study, name, objective, stage, val, test):
         run = f"out/sweeps/{study}/{name}"

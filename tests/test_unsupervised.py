@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from bise_cli import pipeline, stages
+from bise_cli.run import pipeline, stages
 
 from conftest import TINY_OVERRIDES, compose_config
 

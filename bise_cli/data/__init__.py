@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from bise_cli.core.errors import check_choice
+from bise_cli.core.metrics import alignment_groups, pattern_name
 from bise_cli.data.base import SPLIT_NAMES, DatasetBundle, Split, aligned_mask, bias_columns
-from bise_cli.errors import check_choice
-from bise_cli.metrics import alignment_groups, pattern_name
 
 DATASETS = ("biased_mnist", "multicolor_mnist", "civilcomments", "cifar10c", "celeba", "table", "waterbirds")
 

@@ -6,14 +6,14 @@ Corrupted CIFAR-10 train transform; `hflip` is RandomHorizontalFlip(0.5) alone, 
 
 Every decision and index is drawn on the images' device, so a batch on a GPU never meets a CPU tensor and the
 host never waits: on the CPU from the given generator itself, elsewhere from a device generator seeded by one
-draw of it (`bise_cli.precision.device_generator`), which keeps the result reproducible on every device.
+draw of it (`bise_cli.core.precision.device_generator`), which keeps the result reproducible on every device.
 """
 
 from __future__ import annotations
 
 import torch
 
-from bise_cli.precision import device_generator
+from bise_cli.core.precision import device_generator
 
 
 def _generator(generator: torch.Generator | None) -> torch.Generator:

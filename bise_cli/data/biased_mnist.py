@@ -21,9 +21,9 @@ import math
 import numpy as np
 import torch
 
+from bise_cli.core.errors import BiseError, check_fraction
 from bise_cli.data.base import DatasetBundle, Split
 from bise_cli.data.mnist_source import Digits
-from bise_cli.errors import BiseError, check_fraction
 
 COLOURS = torch.tensor([
     (255, 0, 0), (0, 255, 0), (0, 0, 255), (225, 225, 0), (225, 0, 225),

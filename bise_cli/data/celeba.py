@@ -32,10 +32,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from bise_cli.core.errors import BiseError, check_choice
 from bise_cli.data.augment import hflip
 from bise_cli.data.base import DatasetBundle, Split, normalize_uint8
 from bise_cli.data.image_cache import cached_memmap, digest
-from bise_cli.errors import BiseError, check_choice
 
 SOURCES = ("files", "download")
 TARGET, BIAS = "Blond_Hair", "Male"

@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bise_cli.core.errors import BiseError, check_choice
+from bise_cli.core.progress import progress_bar
 from bise_cli.data.augment import crop_flip
 from bise_cli.data.base import DatasetBundle, Split, normalize_uint8
 from bise_cli.data.corruptions import PROTOCOL_SEVERITY, check_supported, corrupt, corruption_names, find_frost_dir
 from bise_cli.data.image_cache import cached_arrays, digest, file_listing_key
 from bise_cli.data.multicolor_mnist import check_max_samples, check_rho, subset_index
-from bise_cli.errors import BiseError, check_choice
-from bise_cli.progress import progress_bar
 
 log = logging.getLogger("bise")
 NUM_CLASSES = 10

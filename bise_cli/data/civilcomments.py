@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bise_cli.core.errors import BiseError, check_choice
 from bise_cli.data.base import DatasetBundle, Split
 from bise_cli.data.synthetic_text import write_synthetic_civilcomments
 from bise_cli.data.tokenize import OFFLINE_MODEL, file_sha256, tokenize_texts
-from bise_cli.errors import BiseError, check_choice
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 from PIL import Image
 from scipy import ndimage
 
-from bise_cli.errors import BiseError
+from bise_cli.core.errors import BiseError
 
 # LfF's two lists (make_dataset.py); index = bias label.
 CORRUPTION_LISTS = {

@@ -5,7 +5,7 @@
 rebuilds); `cached_memmap` fills a memory-mapped .npy chunk by chunk (resumable: the filled prefix is recorded)
 for sets too large for memory (CelebA at 224 px), with the SHA-256 of its bytes beside it (checked on every load,
 i.e. when a run starts; a mismatch rebuilds). Writes are atomic (temporary name, then os.replace). A cache is
-built under its lock (`bise_cli.locking`): jobs that need it at the same time wait for the one building it and
+built under its lock (`bise_cli.core.locking`): jobs that need it at the same time wait for the one building it and
 then read what it built, so it is built once.
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bise_cli.locking import compute_lock
-from bise_cli.progress import progress_bar
-from bise_cli.records import atomic_write, write_text
+from bise_cli.core.files import atomic_write, write_text
+from bise_cli.core.locking import compute_lock
+from bise_cli.core.progress import progress_bar
 
 log = logging.getLogger("bise")
 DEFAULT_CACHE_DIR = "outputs/cache/data"

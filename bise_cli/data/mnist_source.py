@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bise_cli.errors import BiseError, check_choice
+from bise_cli.core.errors import BiseError, check_choice
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bise_cli.core.errors import BiseError, check_choice, check_fraction
 from bise_cli.data.base import DatasetBundle, Split
 from bise_cli.data.mnist_source import MNIST_SOURCES, Digits, load_digits
-from bise_cli.errors import BiseError, check_choice, check_fraction
 
 NUM_CLASSES = 10
 # The left palette: LfF's / DebiAN's `colors.th` (10 x 3, RGB in [0, 1]), decoded and rounded to 6 decimals

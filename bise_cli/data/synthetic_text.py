@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bise_cli.errors import BiseError
-from bise_cli.records import write_text
+from bise_cli.core.errors import BiseError
+from bise_cli.core.files import write_text
 
 LABEL_COLUMNS = ["toxicity", "severe_toxicity", "obscene", "sexual_explicit", "identity_attack", "insult",
                  "threat"]

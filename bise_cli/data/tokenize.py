@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from bise_cli.errors import BiseError
-from bise_cli.locking import compute_lock
-from bise_cli.progress import console
-from bise_cli.records import save_torch
+from bise_cli.core.errors import BiseError
+from bise_cli.core.files import save_torch
+from bise_cli.core.locking import compute_lock
+from bise_cli.core.progress import console
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bise_cli.core.errors import BiseError
 from bise_cli.data import table
 from bise_cli.data.base import DatasetBundle
-from bise_cli.errors import BiseError
 
 RELEASE_HINT = ("the Waterbirds release folder (waterbird_complete95_forest2water2, see "
                 "https://github.com/kohpangwei/group_DRO#waterbirds)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from bise_cli.errors import check_choice
+from bise_cli.core.errors import check_choice
 
 BACKBONES = ("simple_convnet", "resnet18", "bert", "mlp", "torchvision", "timm", "hf")
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bise_cli.masking import GatePoint
+from bise_cli.models.masking import GatePoint
 from bise_cli.models.slicing import kept_indices, slice_linear
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def _load_hf_model(pretrained: str | None, num_classes: int, config_overrides: d
         return AutoModelForSequenceClassification.from_config(config)
     from pathlib import Path
 
-    from bise_cli.errors import BiseError
+    from bise_cli.core.errors import BiseError
 
     name = resolve_text_model(pretrained)
     verbosity = hf_logging.get_verbosity()
@@ -144,7 +144,7 @@ SUPPORTED = ("BERT-layout encoders (encoder.layer[i].intermediate.dense, .output
 def hf_layout(model: nn.Module) -> tuple[str, str]:
     """Paths (relative to the Hugging Face model) of the pooler dense layer and of the final linear classifier;
     a one-line BiseError for a model without BERT's layout."""
-    from bise_cli.errors import BiseError
+    from bise_cli.core.errors import BiseError
 
     base = getattr(model, "base_model", None)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
@@ -168,7 +168,7 @@ class BertClassifier(nn.Module):
     """A Hugging Face BERT-layout classifier behind bise's backbone interface (classifier, gate_points,
     forward(x))."""
 
-    arch_name = "pruned_bert"  # key of bise_cli.prune's checkpoint registry (rebuilt by PrunedBert)
+    arch_name = "pruned_bert"  # key of bise_cli.method.prune's checkpoint registry (rebuilt by PrunedBert)
 
     def __init__(self, num_classes: int = 2, pretrained: str | None = "tiny", config_overrides: dict | None = None,
                  model: nn.Module | None = None):

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bise_cli.masking import GatePoint
 from bise_cli.models.base import Backbone
+from bise_cli.models.masking import GatePoint
 from bise_cli.models.slicing import kept_indices, slice_linear
 
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
-from bise_cli.masking import GatePoint
 from bise_cli.models.base import Backbone
+from bise_cli.models.masking import GatePoint
 from bise_cli.models.slicing import kept_indices, slice_bn, slice_conv, slice_linear
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class PrunedResNet18(nn.Module):
     """ResNet-18 after physical pruning: the unchanged stem, pruned blocks, pooling and a classifier that reads
     only the channels kept by the last block (`fc_kept`; None in checkpoints written before it, all 512 read)."""
 
-    arch_name = "pruned_resnet18"  # key of bise_cli.prune's checkpoint registry
+    arch_name = "pruned_resnet18"  # key of bise_cli.method.prune's checkpoint registry
 
     def __init__(self, num_classes: int, spec: list[dict], fc_kept: int | None = None):
         super().__init__()

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bise_cli.masking import GatePoint
 from bise_cli.models.base import Backbone
+from bise_cli.models.masking import GatePoint
 from bise_cli.models.slicing import kept_indices, slice_bn, slice_conv, slice_linear
 
 BASE_CHANNELS = (16, 32, 64, 128)
@@ -29,7 +29,7 @@ def scaled_channels(width: float) -> list[int]:
 class SimpleConvNet(Backbone):
     """The paper's BiasedMNIST backbone; `features(x)` returns the bottleneck (input of `fc`)."""
 
-    arch_name = "simple_convnet"  # key of bise_cli.prune's checkpoint registry
+    arch_name = "simple_convnet"  # key of bise_cli.method.prune's checkpoint registry
 
     def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 3,
                  channels: list[int] | None = None, kernel_size: int = 7):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from bise_cli.errors import BiseError
+from bise_cli.core.errors import BiseError
 from bise_cli.models.auto_gates import AutoGatedNet, PrunedAutoNet, rebuild_pruned
 from bise_cli.models.torchvision_net import check_name
 
@@ -60,5 +60,5 @@ TimmNet.pruned_class = PrunedTimmNet
 
 
 def PrunedTimm(**spec) -> PrunedTimmNet:
-    """Rebuild a pruned timm architecture from `constructor_kwargs` (bise_cli.prune's loader)."""
+    """Rebuild a pruned timm architecture from `constructor_kwargs` (bise_cli.method.prune's loader)."""
     return rebuild_pruned(TimmNet, spec)

@@ -7,7 +7,7 @@ convnext `classifier[-1]`, vit `heads.head`, ...) is replaced by a fresh nn.Line
 
 `weights`: `none` (random), `imagenet` (torchvision's DEFAULT weights; offline, a warning and random weights,
 as backbone=resnet18 does) or a PATH to a state dict of the torchvision model (.pt/.pth via
-torch.load(weights_only=True), or .safetensors; bise_cli.checkpoints), loaded once the classifier is replaced:
+torch.load(weights_only=True), or .safetensors; bise_cli.models.checkpoints), loaded once the classifier is replaced:
 the file's head is kept only if it already has `num_classes` outputs, any other mismatch is a one-line error.
 
 `input_size` (C, H, W) is the example input used to trace the dependency graph and to check that pruning is
@@ -22,7 +22,7 @@ import difflib
 import logging
 from urllib.error import URLError
 
-from bise_cli.errors import BiseError
+from bise_cli.core.errors import BiseError
 from bise_cli.models.auto_gates import AutoGatedNet, PrunedAutoNet, rebuild_pruned
 
 log = logging.getLogger(__name__)
@@ -86,5 +86,5 @@ TorchvisionNet.pruned_class = PrunedTorchvisionNet
 
 
 def PrunedTorchvision(**spec) -> PrunedTorchvisionNet:
-    """Rebuild a pruned torchvision architecture from `constructor_kwargs` (bise_cli.prune's loader)."""
+    """Rebuild a pruned torchvision architecture from `constructor_kwargs` (bise_cli.method.prune's loader)."""
     return rebuild_pruned(TorchvisionNet, spec)

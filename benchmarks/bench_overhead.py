@@ -16,7 +16,9 @@ Two tables:
 - the `--epochs` (default 3) run's wall time against the bare loop, as the ratio bare seconds / run seconds (and
   bare / process seconds, imports included), and against the bare loop plus bare forward passes over the splits
   the run evaluates (test, val, search): the evaluation's forward work is work the bare loop never does.
-Compare ratios within one invocation (a shared machine's absolute figures drift); `uptime` is printed.
+Compare ratios within one invocation (a shared machine's absolute figures drift); `uptime` is printed. Every
+figure is also given in CPU seconds (`time.process_time`, one thread): on a machine loaded by other processes
+the wall times swing by tens of percent between identical runs, the CPU times much less.
 
     python benchmarks/bench_overhead.py --trees /tmp/before,. --reps 1
 """
@@ -63,7 +65,7 @@ imported = time.perf_counter() - started
 sys.path.insert(0, sys.argv[1] + "/tests")
 from conftest import compose_config
 from bise_cli import pipeline
-parts = {}
+parts, cpu = {}, {}
 
 def wrap(label, module, attribute):
     try:
@@ -75,12 +77,14 @@ def wrap(label, module, attribute):
     except (ImportError, AttributeError):
         return
     def timed(*args, **kwargs):
-        begun = time.perf_counter()
+        begun, begun_cpu = time.perf_counter(), time.process_time()
         try:
             return original(*args, **kwargs)
         finally:
             parts[label] = parts.get(label, 0.0) + time.perf_counter() - begun
+            cpu[label] = cpu.get(label, 0.0) + time.process_time() - begun_cpu
     parts.setdefault(label, 0.0)
+    cpu.setdefault(label, 0.0)
     setattr(owner, name, timed)
 
 for label, module, attribute in json.loads(sys.argv[3]):
@@ -90,12 +94,12 @@ cfg = compose_config(json.loads(sys.argv[2]))
 composed = time.perf_counter() - started
 with tempfile.TemporaryDirectory() as tmp:
     cfg["output_root"] = tmp
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     records = pipeline.run(cfg, tmp + "/run")
-    wall = time.perf_counter() - started
+    wall, wall_cpu = time.perf_counter() - started, time.process_time() - started_cpu
     status = json.loads(open(tmp + "/run/status.json").read())
 print(json.dumps({"wall": wall, "train": records[0]["train_seconds"], "estimate": status.get("estimated_seconds"),
-                  "import": imported, "compose": composed, "parts": parts,
+                  "import": imported, "compose": composed, "parts": parts, "cpu": cpu, "wall_cpu": wall_cpu,
                   "metrics": {k: records[0].get(k) for k in ("acc_unbiased", "leakage", "val_acc_unbiased")}}))
 """
 
@@ -106,10 +110,10 @@ def overrides(args, epochs: int) -> list[str]:
             "train.milestones=[1000]", "stages=[vanilla]", "cache=false", f"threads={args.threads}"]
 
 
-def bare_loop(args) -> tuple[float, float]:
-    """Seconds of the bare PyTorch loop (the same model, data, optimiser and epochs, nothing else), and of bare
-    forward passes over the splits a run evaluates (test, val, and search for the leakage probe's features; batch
-    500, no_grad): the least an evaluation can cost."""
+def bare_loop(args) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(wall, CPU) seconds of the bare PyTorch loop (the same model, data, optimiser and epochs, nothing else), and
+    of bare forward passes over the splits a run evaluates (test, val, and search for the leakage probe's
+    features; batch 500, no_grad): the least an evaluation can cost."""
     import torch
     import torch.nn.functional as F
 
@@ -126,7 +130,7 @@ def bare_loop(args) -> tuple[float, float]:
     model = build_backbone("simple_convnet", 10, width=args.width)
     opt = torch.optim.SGD(model.parameters(), lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
     x_all, y_all = split.x, split.y
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     for _ in range(args.epochs):
         order = torch.randperm(len(y_all))
         for i in range(0, len(order), t["batch_size"]):
@@ -135,16 +139,16 @@ def bare_loop(args) -> tuple[float, float]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    train = time.perf_counter() - started
+    train = (time.perf_counter() - started, time.process_time() - started_cpu)
     bundle = pipeline.load_data(cfg)
     model.eval()
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for name in ("test", "val", "search"):
             split = bundle[name]
             for i in range(0, len(split), 500):
                 model(split.encode(split.x[i:i + 500])).argmax(1)
-    return train, time.perf_counter() - started
+    return train, (time.perf_counter() - started, time.process_time() - started_cpu)
 
 
 def whole_run(tree: Path, args, epochs: int) -> dict:
@@ -164,13 +168,16 @@ def median(results: list[dict], key: str = "wall") -> dict:
 def breakdown_table(runs: dict[Path, list[dict]], epochs: int) -> list[str]:
     """Fixed costs part by part (seconds), one column per tree (the run with the median wall time)."""
     chosen = {tree: median(results) for tree, results in runs.items()}
-    lines = [f"Fixed costs of a {epochs}-epoch vanilla run (seconds inside each function; indented parts are "
-             "also counted in the part above)", "",
+    lines = [f"Fixed costs of a {epochs}-epoch vanilla run (wall / CPU seconds inside each function; indented "
+             "parts are also counted in the part above)", "",
              "| part | " + " | ".join(str(tree) for tree in chosen) + " |", "|---|" + "---|" * len(chosen)]
     labels = list(dict.fromkeys(label for label, _, _ in PARTS))
     for label in labels:
-        cells = [f"{r['parts'][label]:.2f}" if label in r["parts"] else "-" for r in chosen.values()]
+        cells = [f"{r['parts'][label]:.2f} / {r['cpu'][label]:.2f}" if label in r["parts"] else "-"
+                 for r in chosen.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| run CPU time (pipeline.run) | " + " | ".join(f"{r['wall_cpu']:.2f}" for r in chosen.values())
+                 + " |")
     for label, value in (("import bise_cli.pipeline", lambda r: r["import"]),
                          ("config composition", lambda r: r["compose"]),
                          ("run wall time (pipeline.run)", lambda r: r["wall"]),
@@ -206,11 +213,13 @@ def main() -> None:
         train, evaluation = bare_loop(args)
         bare.append(train)
         bare_eval.append(evaluation)
+        print(f"rep {len(bare)}: bare loop {train[0]:.1f} s wall / {train[1]:.1f} s CPU, bare eval "
+              f"{evaluation[0]:.1f} / {evaluation[1]:.1f}", flush=True)
         for tree in trees:
             runs[tree].append(whole_run(tree, args, args.epochs))
     if args.breakdown_epochs:
         print("\n".join(breakdown_table(parts, args.breakdown_epochs)) + "\n")
-    b, e = sorted(bare)[len(bare) // 2], sorted(bare_eval)[len(bare_eval) // 2]
+    (b, b_cpu), (e, e_cpu) = sorted(bare)[len(bare) // 2], sorted(bare_eval)[len(bare_eval) // 2]
     print(f"{args.epochs}-epoch vanilla run, BiasedMNIST {args.max_samples} training images, width {args.width}, "
           f"{args.threads} thread(s), median of {args.reps}. bare loop: training only; bare eval: forward passes "
           "over test, val and search (the evaluation's own work, which the bare loop does not do)")
@@ -222,6 +231,17 @@ def main() -> None:
         print(f"| {tree} | {r['wall']:.1f} | {r['train']:.1f} | {r['wall'] - r['train']:.1f} | "
               f"{r['estimate'] if r['estimate'] is not None else '-'} | {b:.1f} | {b / r['wall']:.2f} | "
               f"{r['process']:.1f} | {b / r['process']:.2f} | {e:.1f} | {(b + e) / r['wall']:.2f} |")
+    print("\nThe same in CPU seconds (one thread: the work done, whatever the other processes on the machine do)")
+    print("| tree | run CPU (s) | training CPU (s) | bare loop CPU (s) | ratio bare/run | bare eval CPU (s) "
+          "| ratio (bare + bare eval)/run |")
+    print("|---|---|---|---|---|---|---|")
+    for tree, results in runs.items():
+        r = median(results, "wall_cpu")
+        print(f"| {tree} | {r['wall_cpu']:.1f} | {r['cpu']['training']:.1f} | {b_cpu:.1f} | "
+              f"{b_cpu / r['wall_cpu']:.2f} | {e_cpu:.1f} | {(b_cpu + e_cpu) / r['wall_cpu']:.2f} |")
+    for tree, results in runs.items():
+        print(f"each run of {tree}: " + "; ".join(f"{r['wall']:.1f} s wall / {r['wall_cpu']:.1f} s CPU"
+                                                  for r in results))
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 

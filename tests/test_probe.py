@@ -40,3 +40,59 @@ def test_cached_feature_probe_equals_the_recomputed_probe():
     assert fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, **options) == cached
     other = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, **{**options, "seed": 8})
     assert other != cached
+
+
+def forwarded_images(model) -> tuple[list[int], object]:
+    """A forward hook on `model` that records the batch size of every forward pass (remove it with .remove())."""
+    sizes: list[int] = []
+    handle = model.register_forward_hook(lambda _m, inputs, _o: sizes.append(len(inputs[0])))
+    return sizes, handle
+
+
+def test_evaluation_hands_its_test_features_to_the_probe():
+    """At the probe's feature batch size, evaluation passes over the test split once and the probe uses that
+    pass's features: the metrics are exactly those of the separate passes (test metrics, then a probe computing
+    its own test features), and the test split is forwarded once instead of twice."""
+    from bise_cli.method.evaluate import evaluate_model, split_metrics
+    from bise_cli.method.probe import FEATURE_BATCH
+
+    cfg = compose_config(TINY_OVERRIDES)
+    bundle = pipeline.load_data(cfg)
+    torch.manual_seed(0)
+    model = freeze(build_backbone("simple_convnet", bundle.num_classes, width=0.125))
+    probe = {"epochs": 3, "batch_size": 50, "lr": 0.1}
+
+    sizes, handle = forwarded_images(model)
+    shared = evaluate_model(model, bundle, batch_size=FEATURE_BATCH, device="cpu", probe=probe, seed=3)
+    handle.remove()
+    evaluated = sum(len(bundle[name]) for name in ("test", "val", "search") if bundle.get(name) is not None)
+    assert sum(sizes) == evaluated  # test, val and the probe's search features: each split once
+
+    separate = split_metrics(model, bundle, "test", FEATURE_BATCH, "cpu")
+    for name in ("val", "test_conflicting"):
+        if bundle.get(name) is not None:
+            extra = split_metrics(model, bundle, name, FEATURE_BATCH, "cpu")
+            separate.update({f"{name}_{k}": v for k, v in extra.items() if isinstance(v, float)})
+    leakage = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, seed=3, **probe)
+    separate["leakage"] = sum(leakage) / len(leakage)
+    assert shared == separate
+
+
+def test_evaluation_at_another_batch_size_lets_the_probe_compute_its_own_features():
+    """Features from a pass at another batch size may round differently: then the probe makes its own pass at
+    FEATURE_BATCH, so its leakage is the one it always reported."""
+    from bise_cli.method.evaluate import evaluate_model
+    from bise_cli.method.probe import FEATURE_BATCH
+
+    cfg = compose_config(TINY_OVERRIDES)
+    bundle = pipeline.load_data(cfg)
+    torch.manual_seed(0)
+    model = freeze(build_backbone("simple_convnet", bundle.num_classes, width=0.125))
+    probe = {"epochs": 3, "batch_size": 50, "lr": 0.1}
+    sizes, handle = forwarded_images(model)
+    metrics = evaluate_model(model, bundle, batch_size=64, device="cpu", probe=probe, seed=3)
+    handle.remove()
+    assert FEATURE_BATCH != 64 and sum(sizes) == sum(len(bundle[name]) for name in ("test", "val", "search", "test")
+                                                     if bundle.get(name) is not None)
+    leakage = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, seed=3, **probe)
+    assert metrics["leakage"] == sum(leakage) / len(leakage)

@@ -17,7 +17,7 @@ from bise_cli.core.errors import BiseError
 from bise_cli.core.metrics import accuracy_metrics, disparity_metrics, group_proportions, overlapping_group_metrics
 from bise_cli.data.base import DatasetBundle, Split
 from bise_cli.method.bootstrap import bootstrap_ci
-from bise_cli.method.probe import fresh_probe_leakage, mean_over_attributes
+from bise_cli.method.probe import FEATURE_BATCH, fresh_probe_leakage, mean_over_attributes
 from bise_cli.method.train import predict
 
 
@@ -96,15 +96,25 @@ def check_finite_logits(model: nn.Module, split: Split, split_name: str, counts:
                     "diverged)")
 
 
+def checked_predict(model: nn.Module, split: Split, split_name: str, batch_size: int, device,
+                    features: bool = False) -> dict:
+    """`predict` on `split` (with the bottleneck features when asked), stopping with one line when any logits
+    are not finite."""
+    with _watch_logits(model) as watch:
+        out = predict(model, split, batch_size, device, features=features)
+    check_finite_logits(model, split, split_name, watch["bad"], batch_size, device)
+    return out
+
+
 def split_metrics(model: nn.Module, bundle: DatasetBundle, split_name: str, batch_size: int, device,
-                  bootstrap: dict | None = None, seed: int = 0) -> dict:
+                  bootstrap: dict | None = None, seed: int = 0, out: dict | None = None) -> dict:
     """Every metric of `split_name` (accuracy family, disparity when binary, WILDS groups when available), and
     with `bootstrap.n` > 0 a percentile confidence interval `<metric>_ci` = [low, high] of each accuracy metric
-    from that many seeded resamples of the per-sample table."""
+    from that many seeded resamples of the per-sample table. `out`: the split's `checked_predict`, when the
+    caller has it already."""
     split = bundle[split_name]
-    with _watch_logits(model) as watch:
-        out = predict(model, split, batch_size, device)
-    check_finite_logits(model, split, split_name, watch["bad"], batch_size, device)
+    if out is None:
+        out = checked_predict(model, split, split_name, batch_size, device)
     metrics = accuracy_metrics(out["y"], out["b"], out["pred"], bundle.num_classes, bundle.num_bias,
                                bundle.bias_names, train_group_weights(bundle))
     if bootstrap and bootstrap.get("n", 0) > 0:
@@ -132,7 +142,11 @@ def evaluate_model(model: nn.Module, bundle: DatasetBundle, *, batch_size: int, 
     """Test metrics at the top level, validation metrics prefixed `val_`, and the fresh-probe `leakage` (the
     mean over bias attributes; `leakage_<attribute>` each when there are several)."""
     model.eval()
-    metrics = split_metrics(model, bundle, "test", batch_size, device, bootstrap, seed)
+    # The probe's test features come from this pass when it runs at the probe's batch size (then they are exactly
+    # the features a second pass would give), saving a second forward pass over the test split.
+    share = bool(probe) and batch_size == FEATURE_BATCH
+    test = checked_predict(model, bundle["test"], "test", batch_size, device, features=share)
+    metrics = split_metrics(model, bundle, "test", batch_size, device, bootstrap, seed, out=test)
     # Extra evaluation splits (CelebA's conflicting test set) and validation, prefixed with their name.
     for name in ("val", "test_conflicting"):
         if bundle.get(name) is not None:
@@ -141,7 +155,7 @@ def evaluate_model(model: nn.Module, bundle: DatasetBundle, *, batch_size: int, 
     if probe:
         with torch.random.fork_rng(devices=[]):
             leakage = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, seed=seed,
-                                          device=device, **probe)
+                                          device=device, test_features=test.get("z"), **probe)
         metrics["leakage"] = mean_over_attributes(leakage)
         if len(leakage) > 1:
             metrics.update({f"leakage_{name}": value for name, value in zip(bundle.bias_names, leakage, strict=True)})

@@ -1,23 +1,27 @@
 """Plots saved per run and per sweep (matplotlib, Agg backend): each function writes one PNG and returns its path.
 
 Stage colours, titles and metric units come from `bise_cli.core.names`; this module never reads records itself
-(`bise table` hands `plot_sweep` the records it loaded), so it depends on nothing above `names`.
+(`bise table` hands `plot_sweep` the records it loaded), so it depends on nothing above `names`. pandas is
+imported only by the sweep plots (whose callers hold a DataFrame already): a run's own plots do without it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import pandas as pd  # noqa: E402
 
 from bise_cli.core.names import heading  # noqa: E402
 from bise_cli.core.names import metric as declared_metric  # noqa: E402
 from bise_cli.run.registry import spec as stage  # noqa: E402
 from bise_cli.run.registry import stage_rank  # noqa: E402
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _save(fig, path) -> Path:
@@ -70,6 +74,8 @@ def _by_stage(df: pd.DataFrame):
 
 def plot_accuracy_vs_sparsity(df: pd.DataFrame, path, metric: str = "acc_unbiased") -> Path:
     """Mean ± std over seeds of `metric` against unit sparsity, one colour per stage."""
+    import pandas as pd
+
     x_metric, y_metric = declared_metric("sparsity_units"), declared_metric(metric)
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for name, group in _by_stage(df):
@@ -88,6 +94,8 @@ def plot_accuracy_vs_sparsity(df: pd.DataFrame, path, metric: str = "acc_unbiase
 def plot_sweep(records: pd.DataFrame, out_dir) -> list[Path]:
     """Accuracy vs sparsity, and unbiased accuracy per stage, over the records of a sweep (one row per record,
     as `bise_cli.reporting.tables.load_records` returns them); the PNGs go into `out_dir`."""
+    import pandas as pd
+
     out_dir = Path(out_dir)
     paths = [plot_accuracy_vs_sparsity(records, out_dir / "accuracy_vs_sparsity.png")]
     if "acc_unbiased" in records:

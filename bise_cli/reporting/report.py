@@ -94,10 +94,12 @@ def confidence_lines(records: list[dict]) -> list[str]:
 def _plots(run_dir: Path) -> list[str]:
     """Plot the search curves and kept units when the run has them; plotting problems never fail a run."""
     lines = []
+    history_path, kept_path = run_dir / "search_history.json", run_dir / "kept_units.json"
+    if not (history_path.is_file() or kept_path.is_file()):
+        return []  # nothing to plot: matplotlib is not even imported (about 1 s)
     try:
         from bise_cli.reporting.plots import plot_kept_units, plot_search_curves
 
-        history_path, kept_path = run_dir / "search_history.json", run_dir / "kept_units.json"
         if history_path.is_file():
             plot_search_curves(json.loads(history_path.read_text()), run_dir / "search_curves.png")
             lines.append("![mask search curves](search_curves.png)")

@@ -28,13 +28,14 @@ os.environ["OMP_NUM_THREADS"] = str(THREADS)  # torch's default thread count in 
 def tiny(embedded_digits):
     """A small BiasedMNIST bundle and a frozen SimpleConvNet trained on it for one epoch (the search tests)."""
     from bise_cli.data.biased_mnist import build_biased_mnist
+    from bise_cli.method.recipe import TrainRecipe
     from bise_cli.method.train import fit, freeze
     from bise_cli.models import build_backbone
 
     torch.manual_seed(0)
     bundle = build_biased_mnist(embedded_digits, rho=0.9, seed=0, max_samples=300, clean_split=True)
     model = build_backbone("simple_convnet", 10, width=0.25)
-    fit(model, bundle["train"], epochs=1, batch_size=50, lr=0.05, seed=0)
+    fit(model, bundle["train"], TrainRecipe(epochs=1, batch_size=50, lr=0.05), seed=0)
     return bundle, freeze(model)
 
 

@@ -11,6 +11,7 @@ from bise_cli.core.errors import BiseError
 from bise_cli.data.base import Split
 from bise_cli.data.biased_mnist import build_biased_mnist
 from bise_cli.method.probe import feature_epoch, make_head, model_epoch
+from bise_cli.method.recipe import TrainRecipe
 from bise_cli.method.reweighting import resolve, sample_weights
 from bise_cli.method.search import SearchSettings, normalized_mutual_information, run_search
 from bise_cli.method.train import fit, freeze, predict
@@ -104,7 +105,7 @@ def tiny(embedded_digits):
     torch.manual_seed(0)
     bundle = build_biased_mnist(embedded_digits, rho=0.9, seed=0, max_samples=600, clean_split=True)
     model = build_backbone("simple_convnet", 10, width=0.25)
-    fit(model, bundle["train"], epochs=2, batch_size=50, lr=0.05, seed=0)
+    fit(model, bundle["train"], TrainRecipe(epochs=2, batch_size=50, lr=0.05), seed=0)
     return bundle, freeze(model)
 
 

@@ -25,6 +25,7 @@ from bise_cli.baselines.ffw import (
 )
 from bise_cli.core.errors import BiseError
 from bise_cli.data.base import Split
+from bise_cli.method.recipe import TrainRecipe
 from bise_cli.method.train import fit, freeze
 from bise_cli.models import build_backbone
 
@@ -71,7 +72,7 @@ def vanilla() -> torch.nn.Module:
         torch.manual_seed(0)
         model = build_backbone("simple_convnet", 10, width=0.125)
         s = _split(200, 0)
-        fit(model, Split(s.x, s.b.clone(), s.b, encode=_encode), epochs=3, batch_size=50, lr=0.05)
+        fit(model, Split(s.x, s.b.clone(), s.b, encode=_encode), TrainRecipe(epochs=3, batch_size=50, lr=0.05))
     return freeze(model)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from bise_cli.baselines.lff import SampleLossEMA, generalized_cross_entropy, relative_difficulty, train_lff
 from bise_cli.core.errors import BiseError
 from bise_cli.data.base import Split
+from bise_cli.method.recipe import TrainRecipe
 from bise_cli.method.train import fit
 from bise_cli.models.mlp import MLP
 
@@ -60,9 +61,9 @@ def _model():
 
 def test_lff_trains_deterministically_and_differs_from_plain_ce():
     split = _biased_problem()
-    options = dict(epochs=3, batch_size=32, optimizer="sgd", lr=0.1, weight_decay=0.0, momentum=0.9, seed=3)
-    first, history = train_lff(_model, split, **options)
-    again, _ = train_lff(_model, split, **options)
+    recipe = TrainRecipe(epochs=3, batch_size=32, optimizer="sgd", lr=0.1, weight_decay=0.0, momentum=0.9)
+    first, history = train_lff(_model, split, recipe, seed=3)
+    again, _ = train_lff(_model, split, recipe, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(),
                                                  strict=True))
     assert len(history) == 3 and 0 <= history[-1]["weight_mean"] <= 1 and not first.training
@@ -71,14 +72,14 @@ def test_lff_trains_deterministically_and_differs_from_plain_ce():
         torch.manual_seed(3)
         _model()
         plain = _model()
-    fit(plain, split, epochs=3, batch_size=32, lr=0.1, momentum=0.9, weight_decay=0.0, seed=3)
+    fit(plain, split, recipe, seed=3)
     assert not torch.allclose(plain.classifier.weight, first.classifier.weight)
 
 
 def test_lff_upweights_the_samples_the_biased_model_fails_on():
     split = _biased_problem(400, seed=1)
-    _, history = train_lff(_model, split, epochs=8, batch_size=50, optimizer="adam", lr=1e-2, weight_decay=0.0,
-                           seed=0)
+    _, history = train_lff(_model, split, TrainRecipe(epochs=8, batch_size=50, optimizer="adam", lr=1e-2,
+                                                       weight_decay=0.0), seed=0)
     # As the biased model learns the shortcut, the mean weight falls below 0.5 and the weights spread out.
     assert history[-1]["weight_mean"] < 0.5 and history[-1]["weight_std"] > 0.1
 
@@ -86,11 +87,12 @@ def test_lff_upweights_the_samples_the_biased_model_fails_on():
 def test_lff_refuses_bad_settings_and_divergence():
     split = _biased_problem(40)
     with pytest.raises(BiseError, match="q"):
-        train_lff(_model, split, epochs=1, batch_size=8, q=0.0)
+        train_lff(_model, split, TrainRecipe(epochs=1, batch_size=8), q=0.0)
     with pytest.raises(BiseError, match="diverged"):
-        train_lff(_model, split, epochs=2, batch_size=8, lr=1e12, momentum=0.0)
+        train_lff(_model, split, TrainRecipe(epochs=2, batch_size=8, lr=1e12, momentum=0.0))
 
 
 def test_lff_adamw_runs():
-    _, history = train_lff(_model, _biased_problem(40), epochs=1, batch_size=16, optimizer="adamw", lr=1e-3)
+    _, history = train_lff(_model, _biased_problem(40), TrainRecipe(epochs=1, batch_size=16, optimizer="adamw",
+                                                                     lr=1e-3))
     assert len(history) == 1

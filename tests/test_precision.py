@@ -9,8 +9,11 @@ import torch
 from bise_cli.core.errors import BiseError
 from bise_cli.core.precision import autocast, check_precision, configure_backends, peak_memory_mb
 from bise_cli.data.base import Split
+from bise_cli.method.recipe import TrainRecipe
 from bise_cli.method.train import fit, freeze, predict
 from bise_cli.models import build_backbone
+
+RECIPE = TrainRecipe(epochs=1, batch_size=16)
 
 
 def _split(n: int = 64, seed: int = 0) -> Split:
@@ -43,12 +46,12 @@ def test_fp32_is_the_plain_path_bit_for_bit():
             same = model(x)
     assert torch.equal(same, ref)
 
-    # fit: the default and an explicit precision="fp32" give identical weights
+    # fit: the default and an explicit fp32 context give identical weights
     states = []
-    for kwargs in ({}, {"precision": "fp32"}):
+    for kwargs in ({}, {"amp": autocast("fp32", "cpu")}):
         torch.manual_seed(0)
         net = build_backbone("simple_convnet", 10, width=0.25)
-        fit(net, _split(), epochs=1, batch_size=16, seed=0, **kwargs)
+        fit(net, _split(), RECIPE, seed=0, **kwargs)
         states.append(net.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
@@ -56,10 +59,10 @@ def test_fp32_is_the_plain_path_bit_for_bit():
 def test_bf16_fit_and_predict_run_and_keep_fp32_outputs():
     torch.manual_seed(0)
     net = build_backbone("simple_convnet", 10, width=0.25)
-    history = fit(net, _split(), epochs=1, batch_size=16, seed=0, precision="bf16")
+    history = fit(net, _split(), RECIPE, seed=0, amp=autocast("bf16", "cpu"))
     assert isinstance(history[0]["loss"], float) and history[0]["loss"] > 0
     assert all(p.dtype == torch.float32 for p in net.parameters())
-    out = predict(net, _split(32, 1), 16, features=True, precision="bf16")
+    out = predict(net, _split(32, 1), 16, features=True, amp=autocast("bf16", "cpu"))
     ref = predict(net, _split(32, 1), 16, features=True)
     assert out["z"].dtype == torch.float32 and out["z"].shape == ref["z"].shape
     assert (out["pred"] == ref["pred"]).float().mean() >= 0.8
@@ -67,8 +70,7 @@ def test_bf16_fit_and_predict_run_and_keep_fp32_outputs():
 
 
 def test_unknown_precision_is_a_one_line_error():
-    for call in (lambda: check_precision("fp16"), lambda: autocast("half", "cpu"),
-                 lambda: predict(_model(), _split(8), precision="fp8")):
+    for call in (lambda: check_precision("fp16"), lambda: autocast("half", "cpu")):
         with pytest.raises(BiseError, match="precision") as info:
             call()
         assert "\n" not in str(info.value) and "fp32" in str(info.value)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bise_cli.core.errors import BiseError
+from bise_cli.method.recipe import TrainRecipe
 from bise_cli.method.reweighting import sample_weights
 from bise_cli.method.search import SearchSettings, make_mask_optimizer, masks_frozen, run_search
 from bise_cli.method.train import fit, freeze
@@ -21,7 +22,7 @@ def tiny_mlp(tiny):
     """The same data with the Multi-Color MNIST MLP: a search of 7 epochs takes well under a second."""
     torch.manual_seed(0)
     model = build_backbone("mlp", 10)
-    fit(model, tiny[0]["train"], epochs=1, batch_size=50, lr=0.05, seed=0)
+    fit(model, tiny[0]["train"], TrainRecipe(epochs=1, batch_size=50, lr=0.05), seed=0)
     return tiny[0], freeze(model)
 
 

@@ -23,6 +23,7 @@ from bise_cli.data.augment import crop_flip
 from bise_cli.data.base import Split
 from bise_cli.data.cifar10c import encode
 from bise_cli.method.probe import feature_epoch, make_head, model_epoch
+from bise_cli.method.recipe import TrainRecipe
 from bise_cli.method.reweighting import sample_weights
 from bise_cli.method.search import (
     SearchSettings,
@@ -90,8 +91,9 @@ def test_fit_reads_the_device_once_per_epoch(select_best):
             model, split, val = _model().to(META), _split(10 * batches).to(META), _split(10).to(META)
             weights = sample_weights("group_balanced", split.y, split.b, 2, 2, None).to(META)
             best = BestState(model, val, 2, 2, batch_size=10, device=META) if select_best else None
-            return lambda: fit(model, split, epochs=epochs, batch_size=10, device=META, sample_weights=weights,
-                               after_epoch=best.update if best else None, scheduler="multistep", milestones=[1])
+            recipe = TrainRecipe(epochs, 10, scheduler="multistep", milestones=[1])
+            return lambda: fit(model, split, recipe, device=META, sample_weights=weights,
+                               after_epoch=best.update if best else None)
         return _count(setup)
 
     _check({key: case(*key) for key in GRID}, per_epoch=2 if select_best else 1)
@@ -101,7 +103,7 @@ def test_lff_reads_the_device_once_per_epoch():
     def case(epochs, batches):
         def setup():
             split = _split(10 * batches, crop_flip).to(META)
-            return lambda: train_lff(lambda: _model(), split, epochs=epochs, batch_size=10, device=META)
+            return lambda: train_lff(lambda: _model(), split, TrainRecipe(epochs, 10), device=META)
         return _count(setup)
 
     counts = {key: case(*key) for key in GRID}

@@ -24,10 +24,10 @@ def test_ground_truth_bias_never_reaches_a_training_step(tmp_path, monkeypatch):
         truth.append(bundle["search"].b.clone())
         return bundle
 
-    def spy_fit(model, split, **kwargs):
+    def spy_fit(model, split, recipe, **kwargs):
         if kwargs.get("sample_weights") is not None:  # the vanilla fits use no bias labels at all
             seen["fit"].append(split.b.clone())
-        return fit(model, split, **kwargs)
+        return fit(model, split, recipe, **kwargs)
 
     def spy_search(model, gates, search, *args, **kwargs):
         seen["search"].append(search.b.clone())

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bise_cli.core.errors import BiseError
-from bise_cli.core.precision import autocast, check_precision
+from bise_cli.core.precision import FP32, Autocast
 from bise_cli.core.progress import progress_bar
 from bise_cli.data.base import Split, bias_columns
-from bise_cli.method.train import check_divergence, make_optimizer, make_scheduler
+from bise_cli.method.recipe import TrainRecipe
+from bise_cli.method.train import check_divergence, recipe_optimizer, recipe_scheduler
 from bise_cli.models.masking import capture_input
 
 log = logging.getLogger(__name__)
@@ -136,28 +137,38 @@ def softcon_sampler_weights(bias_features: torch.Tensor, y: torch.Tensor, num_cl
 
 # ------------------------------------------------------------------------------------------------- training
 
-def train_contrastive(model: nn.Module, split: Split, *, pair_weights: Callable[[torch.Tensor], torch.Tensor],
-                      sampler_weights: torch.Tensor, epochs: int, batch_size: int, contrastive_batch_size: int,
-                      lr: float, weight_decay: float, milestones: list[int], gamma: float, ce_weight: float,
-                      temperature: float, ratio: float, prior: torch.Tensor | None = None,
-                      bias: torch.Tensor | None = None, device: str | torch.device = "cpu", seed: int = 0,
-                      precision: str = "fp32", description: str = "contrastive",
-                      after_epoch: Callable[[int], None] | None = None) -> list[dict]:
+def contrastive_recipe(options: dict, name: str) -> TrainRecipe:
+    """The training recipe of a contrastive baseline's section `options` (called `name` in errors): the authors'
+    Adam (no momentum term) with a multistep schedule, `milestones: auto` = `default_milestones(epochs)`."""
+    epochs = options.get("epochs")
+    milestones = options.get("milestones")
+    if milestones == "auto":
+        milestones = default_milestones(epochs) if isinstance(epochs, int) and not isinstance(epochs, bool) else []
+    return TrainRecipe.from_section(options, name, optimizer="adam", momentum=0.0, scheduler="multistep",
+                                    milestones=milestones)
+
+
+def train_contrastive(model: nn.Module, split: Split, recipe: TrainRecipe, *,
+                      pair_weights: Callable[[torch.Tensor], torch.Tensor], sampler_weights: torch.Tensor,
+                      contrastive_batch_size: int, ce_weight: float, temperature: float, ratio: float,
+                      prior: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                      device: str | torch.device = "cpu", seed: int = 0, amp: Autocast = FP32,
+                      description: str = "contrastive", after_epoch: Callable[[int], None] | None = None) -> list[dict]:
     """Train `model` (fresh) on `split` with `ce_weight * CE + bias-contrastive loss`; returns one row per epoch
     (ce, contrastive and total loss, lr).
 
     `pair_weights(index)` gives the (B, B) weights of the contrastive batch `index` (rows of `split`);
     `sampler_weights` (N,) draw the contrastive batches (clipped by `ratio`); `prior` (K, C) with `bias` (N,) joint
-    labels turns on BiasBal's logit adjustment of the cross-entropy."""
-    check_precision(precision)
-    if epochs < 0 or batch_size < 1 or contrastive_batch_size < 1:
-        raise BiseError(f"{description}: epochs must be >= 0 and the batch sizes >= 1 (got {epochs}, {batch_size}, "
-                        f"{contrastive_batch_size})")
+    labels turns on BiasBal's logit adjustment of the cross-entropy. `recipe` (`contrastive_recipe`) gives the
+    optimiser, schedule and budget; forward passes run inside `amp`."""
+    epochs, batch_size, lr = recipe.epochs, recipe.batch_size, recipe.lr
+    if contrastive_batch_size < 1:
+        raise BiseError(f"{description}: the contrastive batch size must be >= 1 (got {contrastive_batch_size})")
     n = len(split)
     steps = max(1, n // batch_size)  # the authors drop the last incomplete batch (one batch if the split is smaller)
     draw = clip_ratio(sampler_weights.double().cpu(), ratio)
-    opt = make_optimizer("adam", model.parameters(), lr, weight_decay=weight_decay)
-    sched, _ = make_scheduler("multistep", opt, epochs, steps, milestones, gamma)
+    opt = recipe_optimizer(recipe, model.parameters())
+    sched, _ = recipe_scheduler(recipe, opt, steps)
     generator = torch.Generator().manual_seed(seed)
     labels = split.y.long()
     bias_on_device = bias.to(device) if bias is not None else None
@@ -173,14 +184,14 @@ def train_contrastive(model: nn.Module, split: Split, *, pair_weights: Callable[
             for step in range(steps):
                 rows = order[step * batch_size:(step + 1) * batch_size]
                 x, y, _ = split.batch(rows, device)
-                with autocast(precision, device):
+                with amp:
                     logits = model(x).float()
                 if prior is not None:
                     logits = bias_balanced_logits(logits, bias_on_device[rows.to(device)], prior)
                 ce = F.cross_entropy(logits, y)
                 index = torch.multinomial(draw, contrastive_batch_size, replacement=True, generator=generator)
                 views = [split.batch(index, device, augment=True, generator=generator)[0] for _ in range(2)]
-                with autocast(precision, device):
+                with amp:
                     model(torch.cat(views))
                 z = F.normalize(tap["z"].float(), dim=1)
                 features = torch.stack(z.split(contrastive_batch_size), dim=1)    # (B, 2, D)

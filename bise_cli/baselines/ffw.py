@@ -36,6 +36,7 @@ from torch import nn
 from torch.func import functional_call
 
 from bise_cli.core.errors import BiseError, check_choice
+from bise_cli.core.precision import FP32, Autocast
 from bise_cli.core.progress import progress_bar
 from bise_cli.data.base import Split
 from bise_cli.method.probe import HeadOptimiser, head_accuracy, head_step, make_head
@@ -319,7 +320,7 @@ def validation_mi(gated: GatedModel, head: nn.Linear, val: Split, num_bias: int,
 # --------------------------------------------------------------------------------------------------- search
 
 def _gate_epoch(gated: GatedModel, head: nn.Linear, head_opt, gate_opt, train: Split, num_bias: int,
-                settings: FFWSettings, generator, device, bar, epoch: int) -> dict:
+                settings: FFWSettings, generator, device, bar, epoch: int, amp: Autocast = FP32) -> dict:
     """One pass over `train`: a gate step on alpha*CE + gamma*MI and a head step on CE(head(stopgrad z), b).
     The sums (float64) stay on the device and are read once, after the last batch; a non-finite objective fails
     the search then (the official code stops at once; here the rest of the epoch runs first)."""
@@ -328,8 +329,9 @@ def _gate_epoch(gated: GatedModel, head: nn.Linear, head_opt, gate_opt, train: S
     n = 0
     with capture_input(gated.classifier) as tap:
         for x, y, b in train.batches(settings.batch_size, shuffle=True, generator=generator, device=device):
-            logits = gated(x)
-            z = tap["z"]
+            with amp:  # the run's autocast; the losses read fp32 (a no-op in fp32)
+                logits = gated(x).float()
+            z = tap["z"].float()
             ce = F.cross_entropy(logits, y)
             # Head weights detached: the MI gradient reaches the gates only (FFW zeroes the head's MI gradient).
             q = F.softmax(F.linear(z, head.weight.detach(), head.bias.detach()), dim=1)
@@ -358,11 +360,12 @@ def _gate_epoch(gated: GatedModel, head: nn.Linear, head_opt, gate_opt, train: S
 
 
 def run_ffw(model: nn.Module, train: Split, val: Split, *, num_bias: int, settings: FFWSettings, device="cpu",
-            seed: int = 0) -> FFWResult:
+            seed: int = 0, amp: Autocast = FP32) -> FFWResult:
     """FFW search on a frozen `model` (already on `device`): returns the selected weight masks and the history.
 
     `train` is FFW's small unbiased training split, `val` the unbiased validation split (MI plateau and selection).
-    The model's parameters must not require grad; they are never modified."""
+    The model's parameters must not require grad; they are never modified. The gate steps' forward passes run
+    inside `amp` (the run's autocast); the plateau, MI and probe measurements stay fp32."""
     settings.validate()
     if num_bias < 2:
         raise BiseError(f"FFW needs at least 2 bias classes (got num_bias={num_bias})")
@@ -393,7 +396,7 @@ def run_ffw(model: nn.Module, train: Split, val: Split, *, num_bias: int, settin
         for epoch in range(1, settings.max_epochs + 1):
             row = {"epoch": epoch, "T": gates.temperature}
             row.update(_gate_epoch(gated, head, head_opt, gate_opt, train, num_bias, settings, generator, device,
-                                   bar, epoch))
+                                   bar, epoch, amp))
             _refine_head(head, head_opt, gated, train, settings, generator, device)
             row["val_mi"], row["val_acc"] = validation_mi(gated, head, val, num_bias, settings.batch_size, device)
             dropped = schedule.step(row["val_mi"])

@@ -11,7 +11,8 @@ Two models of the same architecture train from scratch on the same batches:
   models' CE, each divided by its maximum over the samples of the same class (LfF's code). Samples the
   biased model fails on (bias-conflicting ones) get weights near 1, the others near 0.
 
-The debiased model is the result; its recipe (optimiser, learning rate, epochs, batch size) is the vanilla one.
+The debiased model is the result; its recipe (a `TrainRecipe`: optimiser, learning rate, epochs, batch size) is
+the vanilla one, and both models' forward passes run inside the run's autocast context (`amp`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bise_cli.core.errors import BiseError
+from bise_cli.core.precision import FP32, Autocast
 from bise_cli.core.progress import progress_bar
 from bise_cli.data.base import Split
-from bise_cli.method.train import check_divergence, make_optimizer, make_scheduler
+from bise_cli.method.recipe import TrainRecipe
+from bise_cli.method.train import check_divergence, recipe_optimizer, recipe_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +69,16 @@ def relative_difficulty(loss_b: torch.Tensor, loss_d: torch.Tensor) -> torch.Ten
     return loss_b / (loss_b + loss_d + 1e-8)
 
 
-def train_lff(make_model, split: Split, *, epochs: int, batch_size: int, optimizer: str = "sgd",
-              lr: float = 0.1, weight_decay: float = 1e-4, momentum: float = 0.9, q: float = 0.7,
-              ema_alpha: float = 0.7, scheduler: str = "none", milestones: list[int] | None = None,
-              gamma: float = 0.1, num_classes: int | None = None, device: str | torch.device = "cpu",
-              seed: int = 0, description: str = "lff") -> tuple[nn.Module, list[dict]]:
+def train_lff(make_model, split: Split, recipe: TrainRecipe, *, q: float = 0.7, ema_alpha: float = 0.7,
+              num_classes: int | None = None, device: str | torch.device = "cpu", seed: int = 0,
+              description: str = "lff", amp: Autocast = FP32) -> tuple[nn.Module, list[dict]]:
     """Train LfF's biased and debiased models from scratch on `split` (bias labels unused); returns the
     debiased model (eval mode) and one row per epoch: both losses, the mean and the spread of w, the lr.
 
     `make_model()` builds a fresh, untrained model; both models are initialised from `seed` without touching
     the global RNG. Batches follow the vanilla loop: shuffled by a generator seeded with `seed`, augmented when
-    the split has an augmentation."""
-    if epochs < 0 or batch_size < 1:
-        raise BiseError(f"{description}: epochs must be >= 0 and batch_size >= 1 (got {epochs}, {batch_size})")
+    the split has an augmentation. Forward passes run inside `amp`; losses are computed on fp32 logits."""
+    epochs, batch_size, lr = recipe.epochs, recipe.batch_size, recipe.lr
     if not 0 < q <= 1 or not 0 <= ema_alpha < 1:
         raise BiseError(f"{description}: need 0 < q <= 1 and 0 <= ema_alpha < 1 (got q={q}, ema_alpha={ema_alpha})")
     with torch.random.fork_rng(devices=[]):
@@ -90,13 +90,13 @@ def train_lff(make_model, split: Split, *, epochs: int, batch_size: int, optimiz
     ema_d = SampleLossEMA(labels, num_classes, ema_alpha)
     steps = split.num_batches(batch_size)
     # AdamW gets named parameters so biases and norms skip weight decay, as in the vanilla loop (`fit`).
-    opts = [make_optimizer(optimizer, list(model.named_parameters()) if optimizer == "adamw" else model.parameters(),
-                           lr, momentum, weight_decay) for model in (biased, debiased)]
-    scheds = [make_scheduler(scheduler, opt, epochs, steps, milestones, gamma) for opt in opts]
+    opts = [recipe_optimizer(recipe, list(model.named_parameters()) if recipe.optimizer == "adamw"
+                             else model.parameters()) for model in (biased, debiased)]
+    scheds = [recipe_scheduler(recipe, opt, steps) for opt in opts]
     generator = torch.Generator().manual_seed(seed)
     history, start, first_loss = [], None, None
-    log.info("%s: %d epochs of %d batches (%s, lr %g, q %g, ema %g) on %s", description, epochs, steps, optimizer,
-             lr, q, ema_alpha, device)
+    log.info("%s: %d epochs of %d batches (%s, lr %g, q %g, ema %g, %s) on %s", description, epochs, steps,
+             recipe.optimizer, lr, q, ema_alpha, amp.precision, device)
     with progress_bar(description, epochs, steps) as bar:
         for epoch in range(1, epochs + 1):
             biased.train()
@@ -111,7 +111,10 @@ def train_lff(make_model, split: Split, *, epochs: int, batch_size: int, optimiz
             for rows, index in zip(on_split.split(batch_size), on_device.split(batch_size), strict=True):
                 x = split.batch(rows, device, augment=True, generator=generator)[0]
                 y = labels[index]
-                logits_b, logits_d = biased(x), debiased(x)
+                with amp:
+                    logits_b, logits_d = biased(x), debiased(x)
+                # fp32 logits for the losses (a no-op in fp32: .float() of a float32 tensor is the tensor itself)
+                logits_b, logits_d = logits_b.float(), logits_d.float()
                 ce_d = F.cross_entropy(logits_d, y, reduction="none")
                 ema_b.update(F.cross_entropy(logits_b, y, reduction="none").detach(), index)
                 ema_d.update(ce_d.detach(), index)

@@ -4,6 +4,8 @@
   `torch.autocast(device_type, dtype=torch.bfloat16)` (CPU and CUDA); parameters, optimiser state, gradients
   of the parameters and every loss/metric accumulation stay in fp32 (callers cast logits with `.float()` before
   the loss). `fp32` is the default and is bit-identical to running without autocast (a null context).
+  A run resolves it once into one `Autocast` object (`autocast(precision, device)`; nanoGPT's `ctx`) that every
+  training loop enters with `with amp:`; `FP32` is the null one, the default of every loop.
 - `configure_backends(device, deterministic)`: cuDNN autotuning (`torch.backends.cudnn.benchmark`) on CUDA
   when the run is not deterministic; `configure_determinism(deterministic)` sets `CUBLAS_WORKSPACE_CONFIG`
   before the first CUDA call, which deterministic cuBLAS matmuls need (torch only warns without it).
@@ -49,13 +51,48 @@ def _device_type(device) -> str:
     return torch.device(device).type if not isinstance(device, torch.device) else device.type
 
 
-def autocast(precision: str, device) -> contextlib.AbstractContextManager:
-    """A context manager for forward passes in `precision` on `device` ("cpu", "cuda", "cuda:0" or a
-    torch.device): a null context for fp32, torch.autocast(device_type, dtype=torch.bfloat16) for bf16."""
-    check_precision(precision)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(_device_type(device), dtype=_DTYPES[precision])
+class Autocast:
+    """The run's one autocast context for forward passes: `with amp:` is a null context for fp32 and
+    torch.autocast(device_type, dtype=torch.bfloat16) for bf16. Reusable and re-entrant (each entry makes its own
+    torch.autocast), so one object serves every loop of a run."""
+
+    def __init__(self, precision: str = "fp32", device_type: str = "cpu"):
+        self.precision, self.device_type = check_precision(precision), device_type
+        self._entered: list = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.precision != "fp32"
+
+    def __enter__(self) -> Autocast:
+        inner = torch.autocast(self.device_type, dtype=_DTYPES[self.precision]) if self.enabled \
+            else contextlib.nullcontext()
+        inner.__enter__()
+        self._entered.append(inner)
+        return self
+
+    def __exit__(self, *exc):
+        return self._entered.pop().__exit__(*exc)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Autocast) and (self.precision, self.device_type) == (other.precision,
+                                                                                         other.device_type)
+
+    def __hash__(self) -> int:
+        return hash((self.precision, self.device_type))
+
+    def __repr__(self) -> str:
+        return f"Autocast({self.precision!r}, {self.device_type!r})"
+
+
+# The null context: every loop's default (fp32 runs exactly as without autocast, on any device).
+FP32 = Autocast()
+
+
+def autocast(precision: str, device) -> Autocast:
+    """The autocast context for `precision` on `device` ("cpu", "cuda", "cuda:0" or a torch.device); a run
+    builds it once (`Context.amp`)."""
+    return Autocast(precision, _device_type(device))
 
 
 def configure_backends(device, deterministic: bool) -> None:

@@ -49,7 +49,7 @@ from torch import nn
 
 from bise_cli.core.errors import BiseError, check_choice
 from bise_cli.core.metrics import accuracy_metrics
-from bise_cli.core.precision import autocast, check_precision, device_generator
+from bise_cli.core.precision import FP32, Autocast, device_generator
 from bise_cli.core.progress import progress_bar
 from bise_cli.data.base import Split, bias_columns
 from bise_cli.method.probe import (
@@ -99,7 +99,7 @@ class SearchSettings(HeadOptimiser):
     tau_schedule: str = "periodic"
     mask_lr_schedule: str = "none"
     mask_optimizer: str = "sgd"
-    precision: str = "fp32"  # the run's `precision` (set by the pipeline, not a pruning option)
+    amp: Autocast = FP32  # the run's autocast context (set by the pipeline from `precision`; not a pruning option)
     round_to: int = 1  # keep per-layer unit counts at multiples of this (extra units by final gate logit)
     cache_features: str = "auto"
     augment: bool = False
@@ -116,7 +116,6 @@ class SearchSettings(HeadOptimiser):
     frozen_grad_margin: float | None = None  # None: the exact criterion only; a number: also the bounded branch
 
     def validate(self) -> SearchSettings:
-        check_precision(self.precision)
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise BiseError(f"pruning.round_to must be an integer >= 1 (1 = no rounding), got {self.round_to!r}")
         for metric in (self.selection_metric, *self.also_select_by):
@@ -302,7 +301,7 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
         if settings.gate_noise > 0:
             gates.sample_noise(settings.gate_noise, generator)
         # Frozen: the same forward values (masked gates are exactly hard), no graph.
-        with torch.set_grad_enabled(not frozen), autocast(settings.precision, device):
+        with torch.set_grad_enabled(not frozen), settings.amp:
             logits = model(x)
         logits, z = logits.float(), tap["z"].float()
         with torch.set_grad_enabled(not frozen):

@@ -4,8 +4,9 @@
 weights come from a function of (y, b), which is how BISE+FT and the reweighted-FT control reuse the loop.
 `predict` returns predictions (and optionally bottleneck features) for a whole split in eval mode.
 
-Both take `precision` ("fp32", the default, or "bf16": forward passes under autocast, losses and their sums in
-fp32; see bise_cli.core.precision). Batches come from `Split.batches(device=...)`: a split moved to the device once
+`fit` takes a `TrainRecipe` (bise_cli.method.recipe) and both take the run's `Autocast` context `amp` (fp32, the
+default, is a null context; bf16: forward passes under autocast, losses and their sums in fp32; see
+bise_cli.core.precision). Batches come from `Split.batches(device=...)`: a split moved to the device once
 (`Split.to(device)`) yields batches already there, and neither loop synchronises with the host per batch: `fit`
 reads the device once per epoch (the epoch loss, and with it the first batch's loss that divergence is judged
 against), `predict` once per call (features: twice).
@@ -22,15 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from bise_cli.core.errors import BiseError, check_choice
-from bise_cli.core.precision import autocast, check_precision
+from bise_cli.core.precision import FP32, Autocast
 from bise_cli.core.progress import progress_bar
 from bise_cli.data.base import Split
+from bise_cli.method.recipe import OPTIMIZERS, SCHEDULERS, TrainRecipe
 from bise_cli.models.masking import capture_input
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "multistep", "cosine", "linear")
 SampleWeights = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -87,25 +87,31 @@ def check_divergence(description: str, epoch: int, loss: float, start: float, lr
                         f"lower the learning rate (got lr={lr:g})")
 
 
-def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimizer: str = "sgd", lr: float = 0.1,
-        momentum: float = 0.9, weight_decay: float = 1e-4, scheduler: str = "none",
-        milestones: list[int] | None = None, gamma: float = 0.1, sample_weights: SampleWeights | None = None,
-        device: str | torch.device = "cpu", seed: int = 0, description: str = "train",
-        after_epoch: Callable[[int], None] | None = None, precision: str = "fp32") -> list[dict]:
-    """Train `model`'s trainable parameters on `split` and return one {epoch, loss, lr} row per epoch.
+def recipe_optimizer(recipe: TrainRecipe, params) -> torch.optim.Optimizer:
+    """The optimiser `recipe` names over `params` (named parameters for AdamW, so biases and norms skip decay)."""
+    return make_optimizer(recipe.optimizer, params, recipe.lr, recipe.momentum, recipe.weight_decay)
 
-    precision="bf16" runs the forward pass under bf16 autocast; the loss is computed on fp32 logits."""
-    check_precision(precision)
-    if epochs < 0 or batch_size < 1:
-        raise BiseError(f"{description}: epochs must be >= 0 and batch_size >= 1 (got {epochs}, {batch_size})")
+
+def recipe_scheduler(recipe: TrainRecipe, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """`make_scheduler` for `recipe`'s schedule: (scheduler or None, "epoch" | "step")."""
+    return make_scheduler(recipe.scheduler, optimizer, recipe.epochs, steps_per_epoch, list(recipe.milestones),
+                          recipe.gamma)
+
+
+def fit(model: nn.Module, split: Split, recipe: TrainRecipe, *, sample_weights: SampleWeights | None = None,
+        device: str | torch.device = "cpu", seed: int = 0, description: str = "train",
+        after_epoch: Callable[[int], None] | None = None, amp: Autocast = FP32) -> list[dict]:
+    """Train `model`'s trainable parameters on `split` with `recipe` and return one {epoch, loss, lr} row per
+    epoch. Forward passes run inside `amp` (the run's autocast); the loss is computed on fp32 logits."""
+    epochs, batch_size, lr = recipe.epochs, recipe.batch_size, recipe.lr
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = named if optimizer == "adamw" else [p for _, p in named]
-    opt = make_optimizer(optimizer, params, lr, momentum, weight_decay)
-    sched, sched_unit = make_scheduler(scheduler, opt, epochs, split.num_batches(batch_size), milestones, gamma)
+    params = named if recipe.optimizer == "adamw" else [p for _, p in named]
+    opt = recipe_optimizer(recipe, params)
+    sched, sched_unit = recipe_scheduler(recipe, opt, split.num_batches(batch_size))
     generator = torch.Generator().manual_seed(seed)
     history, start, first_loss = [], None, None
-    log.info("%s: %d epochs of %d batches (%s, lr %g) on %s", description, epochs, split.num_batches(batch_size),
-             optimizer, lr, device)
+    log.info("%s: %d epochs of %d batches (%s, lr %g, %s) on %s", description, epochs,
+             split.num_batches(batch_size), recipe.optimizer, lr, amp.precision, device)
     with progress_bar(description, epochs, split.num_batches(batch_size)) as bar:
         for epoch in range(1, epochs + 1):
             model.train()
@@ -113,7 +119,7 @@ def fit(model: nn.Module, split: Split, *, epochs: int, batch_size: int, optimiz
             total, count = torch.zeros((), device=device), 0
             for x, y, b in split.batches(batch_size, shuffle=True, generator=generator, device=device, augment=True):
                 weights = sample_weights(y, b) if sample_weights is not None else None
-                with autocast(precision, device):
+                with amp:
                     logits = model(x)
                 loss = weighted_cross_entropy(logits.float(), y, weights)
                 if first_loss is None:
@@ -156,18 +162,17 @@ def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, batch_size: int = 256, device: str | torch.device = "cpu",
-            features: bool = False, precision: str = "fp32", host: bool = True) -> dict[str, torch.Tensor]:
+            features: bool = False, amp: Autocast = FP32, host: bool = True) -> dict[str, torch.Tensor]:
     """Eval-mode predictions for a whole split: {"pred", "y", "b"} and, with features=True, the bottleneck "z"
     (always fp32). Results come back on the CPU, copied once at the end (no per-batch host synchronisation;
     `to_host`); host=False leaves them where they were computed (no synchronisation at all), for callers that
     keep working on the device (bias-head epochs on cached features)."""
-    check_precision(precision)
     was_training = model.training
     model.eval()
     preds, zs = [], []
     with capture_input(model.classifier) as tap:
         for x, _, _ in split.batches(batch_size, device=device):
-            with autocast(precision, device):
+            with amp:
                 logits = model(x)
             preds.append(logits.argmax(1))
             if features:

@@ -21,6 +21,7 @@ from bise_cli.core.defaults import NOT_RESULT_SETTINGS, drop_settings
 from bise_cli.core.errors import BiseError
 from bise_cli.core.files import write_json, write_text
 from bise_cli.core.precision import (
+    autocast,
     configure_backends,
     configure_determinism,
     data_placement,
@@ -123,7 +124,9 @@ def recipe(cfg: dict, device: torch.device, run_dir: RunDir, bundle: DatasetBund
     # 1. Data, fingerprinted once (by `run`): every cache key below includes what was actually loaded.
     summary = summarize_bundle(bundle)  # read on the host, before the data move
     cache = StageCache(stages.cache_root(cfg), cfg["cache"], cfg["cache_wait_minutes"])
-    ctx = stages.Context(cfg, bundle, device, cache, run_dir, fingerprint["sha256"])
+    # `precision` resolved once into the run's one autocast context, which every training loop enters.
+    ctx = stages.Context(cfg, bundle, device, cache, run_dir, fingerprint["sha256"],
+                         amp=autocast(cfg["precision"], device))
     # The data move to the device once (each distinct split once), or stay in host memory when they would
     # crowd out training; batches are then gathered where the data live.
     placement = place_data(ctx)

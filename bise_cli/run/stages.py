@@ -23,10 +23,12 @@ from bise_cli.core.defaults import PATH_SETTINGS
 from bise_cli.core.errors import BiseError, check_choice
 from bise_cli.core.files import save_torch, write_json
 from bise_cli.core.metrics import METRICS_VERSION
+from bise_cli.core.precision import FP32, Autocast
 from bise_cli.data.base import DatasetBundle
 from bise_cli.method.evaluate import evaluate_model, train_group_weights
 from bise_cli.method.probe import head_leakage, mean_over_attributes
 from bise_cli.method.prune import prune_model, save_pruned
+from bise_cli.method.recipe import TrainRecipe
 from bise_cli.method.reweighting import resolve, sample_weights
 from bise_cli.method.search import SearchSettings, run_search
 from bise_cli.method.train import fit, freeze, predict
@@ -120,7 +122,7 @@ def pruning_settings(options: dict):
 
     check_choice("pruning", options.get("name"), ("bise", "ffw"))
     kind, skip = (SearchSettings, ("name",)) if options["name"] == "bise" else (FFWSettings, ("name", "train_fraction"))
-    names = {f.name for f in dataclasses.fields(kind)}
+    names = {f.name for f in dataclasses.fields(kind)} - {"amp"}  # the run's autocast, set by the pipeline
     unknown = sorted(set(options) - names - set(skip))
     if unknown:
         raise BiseError(f"pruning={options.get('name')} has no option(s) {', '.join(unknown)}; "
@@ -137,8 +139,10 @@ def seed_stage(seed: int, stage: str) -> int:
 
 @dataclass
 class Context:
-    """What every stage needs: the resolved config, the data, where to run and where to cache and write. A
-    stage's run function gets `for_stage(spec)`: the same context with `cfg` restricted to what it reads."""
+    """What every stage needs: the resolved config, the data, where to run and where to cache and write, and the
+    run's one autocast context `amp` (resolved from `precision` once, by the pipeline; every training loop
+    enters it). A stage's run function gets `for_stage(spec)`: the same context with `cfg` restricted to what it
+    reads."""
 
     cfg: dict
     bundle: DatasetBundle
@@ -147,6 +151,7 @@ class Context:
     run_dir: RunDir
     data_fingerprint: str
     stage: StageSpec | None = None
+    amp: Autocast = FP32
 
     @property
     def seed(self) -> int:
@@ -172,6 +177,12 @@ class Context:
         """`parent` plus how results are measured: cached metrics depend on it (latency on the device)."""
         evaluation = {k: self.cfg[k] for k in registry.EVALUATION_SECTIONS}
         return {**parent, "evaluation": {**evaluation, "metrics_version": METRICS_VERSION}, "device": self.device.type}
+
+    def recipe(self, section: str) -> TrainRecipe:
+        """The training recipe of config section `train` (its `milestones: auto` resolved) or `finetune`."""
+        if section == "train":
+            return TrainRecipe.from_section(self.cfg["train"], "train", milestones=milestones(self.cfg))
+        return TrainRecipe.from_section(self.cfg[section], section)
 
     def reweighting(self) -> str:
         return resolve(self.cfg["reweighting"], self.bundle.name, self.cfg["bias_labels"] == "identification")
@@ -220,12 +231,8 @@ def vanilla(ctx: Context):
     else:
         def train() -> dict:
             started = time.perf_counter()
-            t = ctx.cfg["train"]
-            history = fit(model, ctx.bundle["train"], epochs=t["epochs"], batch_size=t["batch_size"],
-                          optimizer=t["optimizer"], lr=t["lr"], momentum=t["momentum"],
-                          weight_decay=t["weight_decay"], scheduler=t["scheduler"], milestones=milestones(ctx.cfg),
-                          gamma=t["gamma"], device=ctx.device, seed=seed, description="vanilla",
-                          precision=ctx.cfg["precision"])
+            history = fit(model, ctx.bundle["train"], ctx.recipe("train"), device=ctx.device, seed=seed,
+                          description="vanilla", amp=ctx.amp)
             return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "history": history,
                     "train_seconds": round(time.perf_counter() - started, 2)}
 
@@ -283,12 +290,12 @@ def identification_model(ctx: Context):
     model = ctx.new_backbone().to(ctx.device)
 
     def train() -> dict:
-        t = ctx.cfg["train"]
+        # The vanilla recipe for identification.epochs at a constant learning rate (no schedule).
+        recipe = dataclasses.replace(ctx.recipe("train"), epochs=ctx.cfg["identification"]["epochs"],
+                                     scheduler="none", milestones=(), gamma=0.1)
         with torch.random.fork_rng(devices=[]):  # the official code restores the RNG state around this step
-            fit(model, ctx.bundle["train"], epochs=ctx.cfg["identification"]["epochs"], batch_size=t["batch_size"],
-                optimizer=t["optimizer"], lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"],
-                device=ctx.device, seed=seed_stage(ctx.seed, "identification"), description="identification",
-                precision=ctx.cfg["precision"])
+            fit(model, ctx.bundle["train"], recipe, device=ctx.device, seed=seed_stage(ctx.seed, "identification"),
+                description="identification", amp=ctx.amp)
         return {k: v.cpu() for k, v in model.state_dict().items()}
 
     model.load_state_dict(ctx.cache.get_or_compute("identification", key, train))
@@ -302,7 +309,7 @@ def bise_search(ctx: Context, up: Upstream) -> dict:
     masks chosen by each alternative selection metric)."""
     model, p = up.model, ctx.cfg["pruning"]
     split, rho = bias_labels(ctx)
-    settings = dataclasses.replace(pruning_settings(p), precision=ctx.cfg["precision"])
+    settings = dataclasses.replace(pruning_settings(p), amp=ctx.amp)
     weights = sample_weights(ctx.reweighting(), split.y, split.b, ctx.bundle.num_classes, ctx.bundle.num_bias, rho)
     gates = GateSet(model.gate_points(), init=settings.gate_init).to(ctx.device).attach(model)
     try:
@@ -380,11 +387,9 @@ def finetune(ctx: Context, up: Upstream) -> dict:
     best = matched.BestState(model, ctx.bundle.get("val"), ctx.bundle.num_classes, ctx.bundle.num_bias,
                                batch_size=ctx.cfg["eval_batch_size"], device=ctx.device,
                                metric=f["selection_metric"], group_weights=train_group_weights(ctx.bundle))
-    history = fit(model, split, epochs=f["epochs"], batch_size=f["batch_size"], optimizer=f["optimizer"],
-                  lr=f["lr"], momentum=f["momentum"], weight_decay=f["weight_decay"], scheduler=f["scheduler"],
-                  milestones=f.get("milestones"), sample_weights=weights, device=ctx.device,
+    history = fit(model, split, ctx.recipe("finetune"), sample_weights=weights, device=ctx.device,
                   seed=seed_stage(ctx.seed, stage), description=stage,
-                  after_epoch=best.update if f["select_best"] else None, precision=ctx.cfg["precision"])
+                  after_epoch=best.update if f["select_best"] else None, amp=ctx.amp)
     best.restore()
     freeze(model)
     if gates is None:
@@ -422,7 +427,8 @@ def ffw(ctx: Context, up: Upstream) -> dict:
     order = torch.randperm(len(val), generator=torch.Generator().manual_seed(ctx.seed))
     cut = int(len(val) * p["train_fraction"])
     result = run_ffw(up.model, val.subset(order[:cut]), val.subset(order[cut:]), num_bias=ctx.bundle.num_bias,
-                     settings=pruning_settings(p), device=ctx.device, seed=seed_stage(ctx.seed, ctx.stage.name))
+                     settings=pruning_settings(p), device=ctx.device, seed=seed_stage(ctx.seed, ctx.stage.name),
+                     amp=ctx.amp)
     metrics = ctx.evaluate(apply_weight_masks(up.model, result.weight_masks))
     # Unstructured pruning keeps every shape: count the zeroed weights instead of the removed ones.
     metrics.update(sparsity_weights=weight_sparsity(result.weight_masks), sparsity_units=None,
@@ -470,13 +476,10 @@ def lff(ctx: Context, up: Upstream) -> dict:
     recipe's budget; no bias labels."""
     from bise_cli.baselines.lff import train_lff
 
-    lff_cfg, t = ctx.cfg["baselines"]["lff"], ctx.cfg["train"]
-    model, history = train_lff(ctx.new_backbone, ctx.bundle["train"], epochs=t["epochs"],
-                               batch_size=t["batch_size"], optimizer=t["optimizer"], lr=t["lr"],
-                               momentum=t["momentum"], weight_decay=t["weight_decay"], scheduler=t["scheduler"],
-                               milestones=milestones(ctx.cfg), gamma=t["gamma"], q=lff_cfg["q"],
+    lff_cfg = ctx.cfg["baselines"]["lff"]
+    model, history = train_lff(ctx.new_backbone, ctx.bundle["train"], ctx.recipe("train"), q=lff_cfg["q"],
                                ema_alpha=lff_cfg["ema_alpha"], num_classes=ctx.bundle.num_classes,
-                               device=ctx.device, seed=seed_stage(ctx.seed, ctx.stage.name))
+                               device=ctx.device, seed=seed_stage(ctx.seed, ctx.stage.name), amp=ctx.amp)
     return {"metrics": ctx.evaluate(freeze(model)), "history": history}
 
 
@@ -534,14 +537,11 @@ def contrastive(ctx: Context, up: Upstream) -> dict:
     best = matched.BestState(net, bundle.get("val"), bundle.num_classes, bundle.num_bias,
                                batch_size=ctx.cfg["eval_batch_size"], device=ctx.device,
                                metric=options["selection_metric"], group_weights=train_group_weights(bundle))
-    milestones_ = options["milestones"]
     history = con.train_contrastive(
-        net, train, pair_weights=pairs, sampler_weights=sampler, epochs=options["epochs"],
-        batch_size=options["batch_size"], contrastive_batch_size=options["contrastive_batch_size"],
-        lr=options["lr"], weight_decay=options["weight_decay"], gamma=options["gamma"],
-        milestones=con.default_milestones(options["epochs"]) if milestones_ == "auto" else list(milestones_),
+        net, train, con.contrastive_recipe(options, f"baselines.{stage}"), pair_weights=pairs,
+        sampler_weights=sampler, contrastive_batch_size=options["contrastive_batch_size"],
         ce_weight=options["ce_weight"], temperature=options["temperature"], ratio=options["ratio"],
-        prior=prior, bias=bias, device=ctx.device, seed=seed, precision=ctx.cfg["precision"],
+        prior=prior, bias=bias, device=ctx.device, seed=seed, amp=ctx.amp,
         description=stage, after_epoch=best.update if options["select_best"] else None)
     best.restore()
     return {"metrics": {**ctx.evaluate(freeze(net)),

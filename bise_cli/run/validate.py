@@ -250,17 +250,21 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
     _positive(cfg, "leakage_probe.lr")
     _int(cfg, "latency.repeats", 1)
     _int(cfg, "latency.warmup", 0)
-    for recipe in ("train", "finetune"):
-        _int(cfg, f"{recipe}.epochs", 0)
-        _int(cfg, f"{recipe}.batch_size", 1)
-        _positive(cfg, f"{recipe}.lr")
+    # The training recipes, validated as the stages will build them (one line naming a bad value).
+    from bise_cli.baselines.contrastive import contrastive_recipe
+    from bise_cli.method.recipe import TrainRecipe
+
+    for section in ("train", "finetune"):
+        if isinstance(cfg.get(section), dict):
+            options = cfg[section]
+            auto = {"milestones": []} if section == "train" and options.get("milestones") == "auto" else {}
+            TrainRecipe.from_section(options, section, **auto)
     # The contrastive baselines' sections (the ones with a contrastive batch size).
     for stage in [name for name, options in (cfg.get("baselines") or {}).items()
                   if isinstance(options, dict) and "contrastive_batch_size" in options]:
-        for key in ("epochs", "batch_size", "contrastive_batch_size"):
-            _int(cfg, f"baselines.{stage}.{key}", 0 if key == "epochs" else 1)
-        for key in ("lr", "temperature"):
-            _positive(cfg, f"baselines.{stage}.{key}")
+        contrastive_recipe(cfg["baselines"][stage], f"baselines.{stage}")
+        _int(cfg, f"baselines.{stage}.contrastive_batch_size", 1)
+        _positive(cfg, f"baselines.{stage}.temperature")
     _int(cfg, "dataset.max_samples", 1, optional=True)
     noise = _get(cfg, "dataset.label_noise")
     if noise is not _MISSING and noise is not None and (not _is_number(noise) or not 0 <= noise < 1):

@@ -13,6 +13,7 @@ import time
 import torch
 
 from bise_cli.data.base import Split
+from bise_cli.method.recipe import TrainRecipe
 from bise_cli.method.reweighting import sample_weights
 from bise_cli.method.search import SearchSettings, run_search
 from bise_cli.method.train import fit, freeze, predict
@@ -39,8 +40,8 @@ def main() -> None:
     n = args.batches * 100
     split = random_split(n)
     model = build_backbone("simple_convnet", 10, width=args.width)
-    fit(model, random_split(200), epochs=1, batch_size=100, seed=0)  # warm-up
-    train_ips = images_per_second(lambda: fit(model, split, epochs=1, batch_size=100, seed=0), n)
+    fit(model, random_split(200), TrainRecipe(epochs=1, batch_size=100), seed=0)  # warm-up
+    train_ips = images_per_second(lambda: fit(model, split, TrainRecipe(epochs=1, batch_size=100), seed=0), n)
     freeze(model)
     eval_ips = images_per_second(lambda: predict(model, split, 500), n)
     gates = GateSet(model.gate_points()).attach(model)

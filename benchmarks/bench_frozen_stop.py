@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from bise_cli.method.recipe import TrainRecipe
 from bise_cli.method.reweighting import sample_weights
 from bise_cli.method.search import SearchSettings, run_search
 from bise_cli.method.train import fit, freeze
@@ -38,7 +39,7 @@ def main() -> None:
     bundle = pipeline.load_data(cfg)
     torch.manual_seed(0)
     model = build_backbone("mlp", 10)
-    fit(model, bundle["train"], epochs=args.epochs, batch_size=256, optimizer="adam", lr=1e-3, seed=0)
+    fit(model, bundle["train"], TrainRecipe(epochs=args.epochs, batch_size=256, optimizer="adam", lr=1e-3), seed=0)
     freeze(model)
     search = bundle["search"]
     weights = sample_weights("inverse_rho", search.y, search.b, 10, 10, bundle.nominal_rho)

@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
+from bise_cli.core.precision import autocast
 from bise_cli.data.base import Split
 from bise_cli.method.probe import feature_epoch, make_head
+from bise_cli.method.recipe import TrainRecipe
 from bise_cli.method.reweighting import SampleWeights
 from bise_cli.method.search import SearchSettings, _mask_epoch
 from bise_cli.method.train import fit, freeze, predict
@@ -118,9 +120,9 @@ def fit_step(width: float, variant: str, split: Split):
     torch.manual_seed(0)
     base = build_backbone("simple_convnet", 10, width=width)
     model, _ = prepare(base, variant)
-    precision = "bf16" if variant == "bf16" else "fp32"
+    amp = autocast("bf16" if variant == "bf16" else "fp32", "cpu")
     # channels_last: the weights are channels_last, so each conv's output is too (the input stays NCHW).
-    return lambda: fit(model, split, epochs=1, batch_size=BATCH, lr=0.01, precision=precision)
+    return lambda: fit(model, split, TrainRecipe(epochs=1, batch_size=BATCH, lr=0.01), amp=amp)
 
 
 def mask_step(width: float, variant: str, split: Split):
@@ -155,8 +157,8 @@ def head_epoch(width: float, n: int):
 def eval_pass(width: float, variant: str, split: Split):
     torch.manual_seed(0)
     model, _ = prepare(freeze(build_backbone("simple_convnet", 10, width=width)), variant)
-    precision = "bf16" if variant == "bf16" else "fp32"
-    return lambda: predict(model, split, 500, precision=precision)
+    amp = autocast("bf16" if variant == "bf16" else "fp32", "cpu")
+    return lambda: predict(model, split, 500, amp=amp)
 
 
 def run_table(widths: list[float], variants: list[str], n_batches: int, min_run_time: float) -> list[str]:

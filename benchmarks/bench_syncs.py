@@ -22,6 +22,7 @@ from bise_cli.baselines.lff import train_lff  # noqa: E402
 from bise_cli.data.base import Split  # noqa: E402
 from bise_cli.data.multicolor_mnist import encode  # noqa: E402
 from bise_cli.method.probe import feature_epoch, make_head  # noqa: E402
+from bise_cli.method.recipe import TrainRecipe  # noqa: E402
 from bise_cli.method.reweighting import sample_weights  # noqa: E402
 from bise_cli.method.search import SearchSettings, run_search  # noqa: E402
 from bise_cli.method.train import fit, freeze  # noqa: E402
@@ -46,12 +47,12 @@ def model(frozen: bool = False):
 
 def fit_case(batches: int):
     m, s = model().to(META), split(10 * batches).to(META)
-    return lambda: fit(m, s, epochs=1, batch_size=10, device=META)
+    return lambda: fit(m, s, TrainRecipe(epochs=1, batch_size=10), device=META)
 
 
 def lff_case(batches: int):
     s = split(10 * batches).to(META)
-    return lambda: train_lff(model, s, epochs=1, batch_size=10, device=META)
+    return lambda: train_lff(model, s, TrainRecipe(epochs=1, batch_size=10), device=META)
 
 
 def search_case(batches: int):

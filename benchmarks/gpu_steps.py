@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import re
 import sys
@@ -161,19 +162,18 @@ def throughput(args) -> None:
     bundle = pipeline.load_data(cfg)
     bundle.splits = place_splits(bundle.splits, device)
     train, search, val, test = (bundle[s] for s in ("train", "search", "val", "test"))
-    t, f, p = cfg["train"], cfg["finetune"], stages.pruning_settings(cfg["pruning"])
+    t, p = cfg["train"], stages.pruning_settings(cfg["pruning"])
     ctx = stages.Context(cfg, bundle, device, None, None, "")
     torch.manual_seed(0)
     model = ctx.new_backbone().to(device)
     loop = Loop(device)
     print(f"throughput on {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else 'CPU'}): "
           f"train {len(train)}, search {len(search)}, val {len(val)}, test {len(test)}", flush=True)
-    fit_args = dict(batch_size=t["batch_size"], optimizer=t["optimizer"], lr=t["lr"], momentum=t["momentum"],
-                    weight_decay=t["weight_decay"], device=device)
+    one_epoch = dataclasses.replace(ctx.recipe("train"), epochs=1, scheduler="none", milestones=())
     loop("warm-up (10 batches, not counted)", 10 * t["batch_size"],
-         lambda: fit(model, train.subset(torch.arange(10 * t["batch_size"])), epochs=1, **fit_args))
+         lambda: fit(model, train.subset(torch.arange(10 * t["batch_size"])), one_epoch, device=device))
     loop.rows.pop()
-    loop("vanilla: fit epoch", len(train), lambda: fit(model, train, epochs=1, **fit_args))
+    loop("vanilla: fit epoch", len(train), lambda: fit(model, train, one_epoch, device=device))
     freeze(model)
     # The pass the search and fine-tuning make every epoch to select their result (on val).
     loop("evaluation: predict pass", len(val), lambda: predict(model, val, cfg["eval_batch_size"], device))
@@ -206,12 +206,10 @@ def throughput(args) -> None:
     ft_gates.load_binary_masks(masks)
     ft_gates.set_mode("fixed")
     loop("bise_ft: fit epoch (fixed gates)", len(search),
-         lambda: fit(tuned, search, epochs=1, batch_size=f["batch_size"], optimizer=f["optimizer"], lr=f["lr"],
-                     momentum=f["momentum"], weight_decay=f["weight_decay"], sample_weights=weights,
-                     device=device))
+         lambda: fit(tuned, search, dataclasses.replace(ctx.recipe("finetune"), epochs=1, scheduler="none",
+                                                 milestones=()), sample_weights=weights, device=device))
     loop("lff: epoch (two models)", len(train),
-         lambda: train_lff(ctx.new_backbone, train, epochs=1, batch_size=t["batch_size"], lr=t["lr"],
-                           momentum=t["momentum"], weight_decay=t["weight_decay"], device=device))
+         lambda: train_lff(ctx.new_backbone, train, one_epoch, device=device))
     rates = {row["loop"]: row["images_per_s"] for row in loop.rows}
     estimate = extrapolate(cfg, p, rates, len(train), len(search), len(val))
     result = {"device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,

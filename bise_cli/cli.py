@@ -292,12 +292,6 @@ def audit_task(cfg: DictConfig):
     print(f"model card: {_output_dir() / 'MODEL_CARD.md'}")
 
 
-# The built-in datasets' class counts, so that `bise gates` need not build a dataset (the gates never depend on
-# it: no backbone gates its classifier).
-NUM_CLASSES = {"biased_mnist": 10, "multicolor_mnist": 10, "cifar10c": 10, "celeba": 2, "civilcomments": 2,
-               "waterbirds": 2}
-
-
 def _compose(overrides: list[str]) -> dict:
     """The resolved config for `overrides` through Hydra's compose API (no run folder, no log file)."""
     from hydra import compose, initialize_config_dir
@@ -393,7 +387,10 @@ def gates_command(argv: list[str]) -> int:
 
 def _class_count(plain: dict, given: str | None) -> tuple[int, str]:
     """The backbone's class count and where it came from: `classes=N`, the dataset config's `num_classes`, a
-    built-in dataset's, else the dataset itself (built once: the only case that reads data)."""
+    built-in dataset's (its registry spec: `bise gates` need not build the data, since no backbone gates its
+    classifier), else the dataset itself (built once: the only case that reads data)."""
+    from bise_cli.data.registry import DATASETS, spec
+
     dataset = plain["dataset"]["name"]
     if given is not None:
         if not given.isdigit() or int(given) < 1:
@@ -401,8 +398,8 @@ def _class_count(plain: dict, given: str | None) -> tuple[int, str]:
         return int(given), "classes="
     if plain["dataset"].get("num_classes"):
         return int(plain["dataset"]["num_classes"]), f"dataset {dataset}"
-    if dataset in NUM_CLASSES:
-        return NUM_CLASSES[dataset], f"dataset {dataset}"
+    if dataset in DATASETS and spec(dataset).num_classes:
+        return spec(dataset).num_classes, f"dataset {dataset}"
     from bise_cli.run import pipeline
     return pipeline.load_data(plain).num_classes, f"dataset {dataset}, built to count them"
 

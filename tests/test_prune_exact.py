@@ -1,15 +1,15 @@
 """Pruned model == gated model, for every backbone: BISE's physical pruning removes units whose gates are off,
 and the result must give the gated model's logits (BISE, CVPR 2026; README "Loading a pruned model").
 
-Parametrised over the backbone list, as timm's tests are over its model list: a backbone added to
-`bise_cli.models.BACKBONES` without an entry in `CASES` fails `test_every_backbone_has_an_exactness_case`.
+Parametrised over the backbone registry (bise_cli.models.registry), as timm's tests are over its model list: each
+spec's `example` is the model tested and `example_input` its input, so a backbone added to the registry is tested
+without an edit here.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import os
 
 import pytest
@@ -17,49 +17,28 @@ import torch
 
 from bise_cli.method.prune import ARCHITECTURES, load_pruned, prune_model, save_pruned
 from bise_cli.method.train import freeze
-from bise_cli.models import BACKBONES, build_backbone
+from bise_cli.models import build_backbone
+from bise_cli.models.registry import BACKBONES, spec
 
 from conftest import param_count, prune_and_compare
 
 
-def _tokens() -> torch.Tensor:
-    from bise_cli.models.bert import example_input
+def _example(name: str) -> torch.nn.Module:
+    """The registry's small random model of backbone `name` (skipped when its optional extra is missing)."""
+    backbone = spec(name)
+    if backbone.extra:
+        pytest.importorskip(backbone.extra)
+    return build_backbone(name, **backbone.example)
 
-    x = example_input(3, 8)
-    x[1, 1, 5:] = 0  # padded positions
+
+def _input(name: str) -> torch.Tensor:
+    backbone = spec(name)
+    x = backbone.example_input(3 if backbone.input_kind == "tokens" else 2)
+    if backbone.input_kind == "tokens":
+        x[1, 1, 5:] = 0  # padded positions
     return x
 
 
-def _bert():
-    pytest.importorskip("transformers")
-    return build_backbone("bert", 2, pretrained="tiny")
-
-
-def _hf():
-    pytest.importorskip("transformers")
-    # A tiny random RoBERTa: the hf backbone's non-BERT layout (pooler = classifier.dense, head = out_proj).
-    return build_backbone("hf", 2, pretrained="tiny", config_overrides={"model_type": "roberta"})
-
-
-def _timm():
-    pytest.importorskip("timm")
-    return build_backbone("timm", 10, arch="test_efficientnet", input_size=[3, 32, 32])
-
-
-# backbone name -> (builder of a small random model, builder of an input batch)
-CASES = {
-    "simple_convnet": (lambda: build_backbone("simple_convnet", 10, width=0.25), lambda: torch.randn(2, 3, 28, 28)),
-    "resnet18": (lambda: build_backbone("resnet18", 10, weights=None), lambda: torch.randn(2, 3, 32, 32)),
-    "bert": (_bert, _tokens),
-    "mlp": (lambda: build_backbone("mlp", 10), lambda: torch.rand(2, 3, 28, 28)),
-    # Automatic gates; every family they support is covered in tests/test_auto_gates.py.
-    "torchvision": (lambda: build_backbone("torchvision", 10, arch="mobilenet_v3_small", input_size=[3, 32, 32]),
-                    lambda: torch.randn(2, 3, 32, 32)),
-    "timm": (_timm, lambda: torch.randn(2, 3, 32, 32)),
-    "hf": (_hf, _tokens),
-}
-# The MLP backbone is being added separately; it is tested as soon as its module exists.
-TESTED = [name for name in CASES if name != "mlp" or importlib.util.find_spec("bise_cli.models.mlp") is not None]
 MASK_CASES = ["random", "middle_emptied", "last_emptied", "one_left", "all_kept"]
 
 
@@ -83,7 +62,7 @@ def _frozen_model(name: str) -> torch.nn.Module:
     """One frozen random model per backbone, built once (ResNet-18's init dominates the runtime); tests use a
     deep copy so that a failing case cannot leave gates attached for the next one."""
     torch.manual_seed(0)
-    model = freeze(CASES[name][0]())
+    model = freeze(_example(name))
     _randomise_norms(model, torch.Generator().manual_seed(1))
     return model
 
@@ -103,11 +82,6 @@ def _masks(points, case: str, generator: torch.Generator) -> dict[str, torch.Ten
     return masks
 
 
-def test_every_backbone_has_an_exactness_case():
-    missing = set(BACKBONES) - set(CASES)
-    assert not missing, f"backbones without a pruned == gated test case in tests/test_prune_exact.py: {missing}"
-
-
 # The GPU check (benchmarks/gpu_check.sh) runs these on CUDA with BISE_TEST_DEVICE=cuda; TF32 is switched off
 # there because TF32 convolutions and matmuls differ between the gated and the sliced model by about 1e-3.
 DEVICE = torch.device(os.environ.get("BISE_TEST_DEVICE", "cpu"))
@@ -117,11 +91,11 @@ if DEVICE.type == "cuda":
 
 
 @pytest.mark.parametrize("case", MASK_CASES)
-@pytest.mark.parametrize("name", TESTED)
+@pytest.mark.parametrize("name", BACKBONES)
 def test_pruned_equals_gated(name, case, tmp_path):
     model = copy.deepcopy(_frozen_model(name)).to(DEVICE)
     torch.manual_seed(3)
-    x = CASES[name][1]().to(DEVICE)
+    x = _input(name).to(DEVICE)
     pruned, out = prune_and_compare(model, x, lambda points: _masks(points, case, torch.Generator().manual_seed(2)),
                                     case == "all_kept", DEVICE)
 
@@ -131,11 +105,12 @@ def test_pruned_equals_gated(name, case, tmp_path):
     assert torch.equal(loaded(x), out)
 
 
-@pytest.mark.parametrize("name", TESTED)
+@pytest.mark.parametrize("name", BACKBONES)
 def test_every_pruned_architecture_is_registered(name):
     model = _frozen_model(name)
     pruned = prune_model(model, {p.name: torch.ones(p.units, dtype=torch.bool) for p in model.gate_points()})
-    assert type(pruned).arch_name in ARCHITECTURES
+    assert type(pruned).arch_name == spec(name).pruned_arch and type(pruned).arch_name in ARCHITECTURES
+    assert spec(name).function("pruned")(**pruned.constructor_kwargs()).__class__ is type(pruned)
 
 
 def test_prune_model_rejects_bad_inputs():

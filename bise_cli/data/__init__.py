@@ -1,47 +1,26 @@
 """Dataset factory and a per-split summary (what `bise data` prints).
 
-Each dataset module returns a `DatasetBundle` of (x, y, b) splits; this module only maps a name to a builder.
+Each dataset module returns a `DatasetBundle` of (x, y, b) splits; the builder of each name is declared in the
+dataset registry (bise_cli.data.registry) with the dataset's other facts.
 """
 
 from __future__ import annotations
 
 import torch
 
-from bise_cli.core.errors import check_choice
 from bise_cli.core.metrics import alignment_groups, pattern_name
 from bise_cli.data.base import SPLIT_NAMES, DatasetBundle, Split, aligned_mask, bias_columns
-
-DATASETS = ("biased_mnist", "multicolor_mnist", "civilcomments", "cifar10c", "celeba", "table", "waterbirds")
+from bise_cli.data.registry import DATASETS, spec
 
 
 def build_dataset(name: str, rho: float, seed: int, source: str, root: str, max_samples: int | None = None,
                   **options) -> DatasetBundle:
-    """Build dataset `name`; `options` are the dataset's own keyword arguments (see conf/dataset/*.yaml)."""
-    check_choice("dataset", name, DATASETS)
-    if name == "biased_mnist":
-        from bise_cli.data.biased_mnist import build_biased_mnist, check_rho
-        from bise_cli.data.mnist_source import load_digits
-        check_rho(rho)  # fail on a bad rho before reading any file
-        digits = load_digits(source, root, fallback=options.pop("fallback", "none"))
-        return build_biased_mnist(digits, rho, seed=seed, max_samples=max_samples, **options)
-    if name == "multicolor_mnist":
-        from bise_cli.data.multicolor_mnist import build as build_multicolor_mnist
-        return build_multicolor_mnist(source, root, seed, max_samples, **options)
-    if name == "cifar10c":
-        from bise_cli.data.cifar10c import build as build_cifar10c
-        return build_cifar10c(source, root, rho, seed, max_samples, **options)
-    if name == "celeba":
-        from bise_cli.data.celeba import build as build_celeba
-        return build_celeba(source, root, seed, max_samples, **options)
-    if name == "table":
-        from bise_cli.data.table import build as build_table
-        return build_table(source, root, seed, max_samples, **options)
-    if name == "waterbirds":
-        from bise_cli.data.waterbirds import build as build_waterbirds
-        return build_waterbirds(source, root, seed, max_samples, **options)
-    from bise_cli.data.civilcomments import load_civilcomments
-    return load_civilcomments(root=root, source=source, max_samples=max_samples, seed=seed,
-                              synthetic_rho=rho, **options)
+    """Build dataset `name` with its registry builder; `options` are the dataset's own keyword arguments (see
+    conf/dataset/*.yaml), `rho` goes to the builders whose bias correlation it sets."""
+    dataset = spec(name)
+    if dataset.uses_rho:
+        options["rho"] = rho
+    return dataset.function("build")(source=source, root=root, seed=seed, max_samples=max_samples, **options)
 
 
 def _attribute_summary(y: torch.Tensor, b: torch.Tensor, num_classes: int, num_bias: int) -> dict:

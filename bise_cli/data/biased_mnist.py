@@ -23,13 +23,15 @@ import torch
 
 from bise_cli.core.errors import BiseError, check_fraction
 from bise_cli.data.base import DatasetBundle, Split
-from bise_cli.data.mnist_source import Digits
+from bise_cli.data.mnist_source import Digits, load_digits
+from bise_cli.data.registry import spec
 
 COLOURS = torch.tensor([
     (255, 0, 0), (0, 255, 0), (0, 0, 255), (225, 225, 0), (225, 0, 225),
     (0, 255, 255), (255, 128, 0), (255, 0, 128), (128, 0, 255), (128, 128, 128),
 ], dtype=torch.uint8)
-NUM_CLASSES = 10
+DATASET = spec("biased_mnist")
+NUM_CLASSES = DATASET.num_classes
 UNBIASED_RHO = 0.1
 # Separate random streams so that changing one split's size never changes another split's colours.
 STREAMS = {"subset": 0, "train": 1, "search": 2, "val": 3, "test": 4, "search_perm": 5, "val_perm": 6}
@@ -120,5 +122,19 @@ def build_biased_mnist(digits: Digits, rho: float, seed: int = 0, max_samples: i
     info = {"source": digits.source, "location": digits.location, "rho": rho, "val_rho": val_rho,
             "clean_split": clean_split, "train_digits": n,
             "sizes": {name: len(split) for name, split in splits.items()}, "preprocessing": preprocessing()}
-    return DatasetBundle("biased_mnist", splits, NUM_CLASSES, NUM_CLASSES, info, bias_names=("colour",),
+    return DatasetBundle(DATASET.name, splits, NUM_CLASSES, NUM_CLASSES, info, bias_names=DATASET.bias_names,
                          nominal_rho=(rho,))
+
+
+def build(source: str, root: str, seed: int, max_samples: int | None = None, *, rho: float, fallback: str = "none",
+          **options) -> DatasetBundle:
+    """BiasedMNIST from the configured digit source (the dataset registry's builder); `rho` is checked before
+    any file is read."""
+    check_rho(rho)
+    digits = load_digits(source, root, fallback=fallback)
+    return build_biased_mnist(digits, rho, seed=seed, max_samples=max_samples, **options)
+
+
+def paper_milestones(rho: float) -> list[int]:
+    """`train.milestones: auto`: the paper's vanilla schedule, 40/60 for rho 0.99 and 0.995, else 80/90."""
+    return [40, 60] if round(float(rho), 6) in (0.99, 0.995) else [80, 90]

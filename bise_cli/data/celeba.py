@@ -36,7 +36,9 @@ from bise_cli.core.errors import BiseError, check_choice
 from bise_cli.data.augment import hflip
 from bise_cli.data.base import DatasetBundle, Split, normalize_uint8
 from bise_cli.data.image_cache import cached_memmap, digest
+from bise_cli.data.registry import spec
 
+DATASET = spec("celeba")
 SOURCES = ("files", "download")
 TARGET, BIAS = "Blond_Hair", "Male"
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -246,4 +248,5 @@ def build(source: str, root: str | Path, seed: int, max_samples: int | None = No
                        for name, s in splits.items() if name != "search"},
             "val_per_group": len(frames["val"]) // 4, "test_per_group": len(frames["test"]) // 4,
             "preprocessing": preprocessing(image_size)}
-    return DatasetBundle("celeba", splits, 2, 2, info, bias_names=("gender",), nominal_rho=None)
+    return DatasetBundle(DATASET.name, splits, DATASET.num_classes, 2, info, bias_names=DATASET.bias_names,
+                         nominal_rho=None)

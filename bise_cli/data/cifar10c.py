@@ -40,9 +40,11 @@ from bise_cli.data.base import DatasetBundle, Split, normalize_uint8
 from bise_cli.data.corruptions import PROTOCOL_SEVERITY, check_supported, corrupt, corruption_names, find_frost_dir
 from bise_cli.data.image_cache import cached_arrays, digest, file_listing_key
 from bise_cli.data.multicolor_mnist import check_max_samples, check_rho, subset_index
+from bise_cli.data.registry import spec
 
 log = logging.getLogger("bise")
-NUM_CLASSES = 10
+DATASET = spec("cifar10c")
+NUM_CLASSES = DATASET.num_classes
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")  # CIFAR-10
 SOURCES = ("files", "build", "download")
 RHO_FOLDERS = {0.995: "0.5pct", 0.99: "1pct", 0.98: "2pct", 0.95: "5pct"}
@@ -283,5 +285,5 @@ def build(source: str, root: str | Path, rho: float, seed: int, max_samples: int
     info.update(rho=rho, sizes={name: len(split) for name, split in splits.items()},
                 aligned={name: int((split.y == split.b).sum()) for name, split in splits.items()},
                 preprocessing=preprocessing())
-    return DatasetBundle("cifar10c", splits, NUM_CLASSES, NUM_CLASSES, info, bias_names=("corruption",),
+    return DatasetBundle(DATASET.name, splits, NUM_CLASSES, NUM_CLASSES, info, bias_names=DATASET.bias_names,
                          nominal_rho=(rho,))

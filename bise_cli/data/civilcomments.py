@@ -28,11 +28,13 @@ import torch
 
 from bise_cli.core.errors import BiseError, check_choice
 from bise_cli.data.base import DatasetBundle, Split
+from bise_cli.data.registry import spec
 from bise_cli.data.synthetic_text import write_synthetic_civilcomments
 from bise_cli.data.tokenize import OFFLINE_MODEL, file_sha256, tokenize_texts
 
 log = logging.getLogger(__name__)
 
+DATASET = spec("civilcomments")
 SOURCES = ("auto", "files", "download", "synthetic")
 GROUPINGS = ("coarse", "wilds")
 RELEASE = "civilcomments_v1.0"
@@ -255,4 +257,12 @@ def load_civilcomments(root: str, source: str = "auto", groups: str = "coarse",
             "tokenize_seconds": {k: round(v, 3) for k, v in seconds.items()}}
     if used == "synthetic":
         info["synthetic_settings"] = {"n": synthetic_size, "rho": synthetic_rho, "seed": seed}
-    return DatasetBundle("civilcomments", splits, num_classes=2, num_bias=2, info=info)
+    return DatasetBundle(DATASET.name, splits, num_classes=DATASET.num_classes, num_bias=2, info=info,
+                         bias_names=DATASET.bias_names)
+
+
+def build(source: str, root: str, seed: int, max_samples: int | None = None, *, rho: float,
+          **options) -> DatasetBundle:
+    """The dataset registry's builder: `rho` sets the synthetic stand-in's toxicity-identity correlation."""
+    return load_civilcomments(root=root, source=source, max_samples=max_samples, seed=seed, synthetic_rho=rho,
+                              **options)

@@ -37,8 +37,10 @@ import torch
 from bise_cli.core.errors import BiseError, check_choice, check_fraction
 from bise_cli.data.base import DatasetBundle, Split
 from bise_cli.data.mnist_source import MNIST_SOURCES, Digits, load_digits
+from bise_cli.data.registry import spec
 
-NUM_CLASSES = 10
+DATASET = spec("multicolor_mnist")
+NUM_CLASSES = DATASET.num_classes
 # The left palette: LfF's / DebiAN's `colors.th` (10 x 3, RGB in [0, 1]), decoded and rounded to 6 decimals
 # (255 * 1e-6 is far below one grey level); the right palette is 1 - left.
 PALETTE = torch.tensor([
@@ -229,7 +231,7 @@ def _bundle(splits: dict[str, Split], info: dict) -> DatasetBundle:
     info["sizes"] = {name: len(split) for name, split in splits.items()}
     info["preprocessing"] = preprocessing()
     # nominal_rho: the training correlations the data was built with (BISE's reweighting option 3 uses them).
-    return DatasetBundle("multicolor_mnist", splits, NUM_CLASSES, NUM_CLASSES, info, bias_names=("left", "right"),
+    return DatasetBundle(DATASET.name, splits, NUM_CLASSES, NUM_CLASSES, info, bias_names=DATASET.bias_names,
                          nominal_rho=(info["rho_left"], info["rho_right"]))
 
 

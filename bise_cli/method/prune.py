@@ -6,8 +6,9 @@ Every backbone prunes itself through `pruned_copy(masks)`; the layer slicing the
 
 `save_pruned` / `load_pruned` store the architecture name (the class's `arch_name`), its constructor arguments
 (plain ints, lists and dicts) and the state dict, so a pruned model loads with `torch.load(..., weights_only=True)`
-and without the original model. The name is looked up in `ARCHITECTURES`, an explicit map: a checkpoint can only
-ever name one of these constructors, never arbitrary code.
+and without the original model. The name is looked up in `ARCHITECTURES` (the backbone registry's pruned
+architectures, bise_cli.models.registry), an explicit map: a checkpoint can only ever name one of these
+constructors, never arbitrary code.
 """
 
 from __future__ import annotations
@@ -20,22 +21,15 @@ import torch
 from torch import nn
 
 from bise_cli.core.files import save_torch
+from bise_cli.models.registry import PRUNED
 from bise_cli.models.slicing import kept_indices
 
 __all__ = ["ARCHITECTURES", "kept_indices", "load_pruned", "prune_model", "save_pruned"]
 
-# arch_name -> (module, constructor) that rebuilds the architecture from `constructor_kwargs()` before
-# load_state_dict. Imported lazily: BERT needs the optional `text` extra, and loading a convnet should not pay for
-# importing transformers.
-ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "simple_convnet": ("bise_cli.models.simple_convnet", "SimpleConvNet"),
-    "pruned_resnet18": ("bise_cli.models.resnet18", "PrunedResNet18"),
-    "pruned_bert": ("bise_cli.models.bert", "PrunedBert"),
-    "mlp": ("bise_cli.models.mlp", "MLP"),
-    # Automatic gates: rebuilt from the architecture name and the masks, re-applied deterministically.
-    "pruned_torchvision": ("bise_cli.models.torchvision_net", "PrunedTorchvision"),
-    "pruned_timm": ("bise_cli.models.timm_net", "PrunedTimm"),
-}
+# arch_name -> "module:name" of the constructor that rebuilds the architecture from `constructor_kwargs()` before
+# load_state_dict: the backbone registry's pruned architectures, imported lazily (BERT needs the optional `text`
+# extra, and loading a convnet should not pay for importing transformers).
+ARCHITECTURES: dict[str, str] = PRUNED
 
 
 def prune_model(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
@@ -57,7 +51,7 @@ def prune_model(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
 def _constructor(arch: str):
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown pruned architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
-    module, name = ARCHITECTURES[arch]
+    module, _, name = ARCHITECTURES[arch].partition(":")
     try:
         return getattr(importlib.import_module(module), name)
     except ImportError as error:  # e.g. BERT without the `text` extra

@@ -15,7 +15,8 @@ nominal training correlation of attribute k:
 |           |           | identification model |
 | none | 0 | 1 everywhere (plain cross-entropy) |
 
-`auto` picks the paper's per-dataset default (`PAPER_DEFAULTS`; `empirical` for the unsupervised variant).
+`auto` picks the paper's per-dataset default (the dataset's `DatasetSpec.reweighting`, bise_cli.data.registry;
+`empirical` for the unsupervised variant).
 """
 
 from __future__ import annotations
@@ -24,12 +25,9 @@ import torch
 
 from bise_cli.core.errors import BiseError, check_choice
 from bise_cli.data.base import bias_columns
+from bise_cli.data.registry import spec
 
 REWEIGHTINGS = ("nominal_rho", "inverse_rho", "group_balanced", "empirical", "none")
-# The official code's default per dataset (its options 1, 3 and 8).
-PAPER_DEFAULTS = {"biased_mnist": "nominal_rho", "cifar10c": "nominal_rho", "multicolor_mnist": "inverse_rho",
-                  "celeba": "group_balanced", "civilcomments": "group_balanced", "table": "group_balanced",
-                  "waterbirds": "group_balanced"}
 
 
 def resolve(name: str, dataset: str, unsupervised: bool = False) -> str:
@@ -39,7 +37,7 @@ def resolve(name: str, dataset: str, unsupervised: bool = False) -> str:
         return name
     if unsupervised:
         return "empirical"
-    return PAPER_DEFAULTS.get(dataset, "group_balanced")
+    return spec(dataset).reweighting
 
 
 def _cells(y: torch.Tensor, b: torch.Tensor, num_bias: int) -> torch.Tensor:

@@ -168,7 +168,7 @@ class BertClassifier(nn.Module):
     """A Hugging Face BERT-layout classifier behind bise's backbone interface (classifier, gate_points,
     forward(x))."""
 
-    arch_name = "pruned_bert"  # key of bise_cli.method.prune's checkpoint registry (rebuilt by PrunedBert)
+    arch_name = "pruned_bert"  # its BackboneSpec's pruned_arch (bise_cli.models.registry) (rebuilt by PrunedBert)
 
     def __init__(self, num_classes: int = 2, pretrained: str | None = "tiny", config_overrides: dict | None = None,
                  model: nn.Module | None = None):

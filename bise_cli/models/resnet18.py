@@ -146,7 +146,7 @@ class PrunedResNet18(nn.Module):
     """ResNet-18 after physical pruning: the unchanged stem, pruned blocks, pooling and a classifier that reads
     only the channels kept by the last block (`fc_kept`; None in checkpoints written before it, all 512 read)."""
 
-    arch_name = "pruned_resnet18"  # key of bise_cli.method.prune's checkpoint registry
+    arch_name = "pruned_resnet18"  # its BackboneSpec's pruned_arch (bise_cli.models.registry)
 
     def __init__(self, num_classes: int, spec: list[dict], fc_kept: int | None = None):
         super().__init__()

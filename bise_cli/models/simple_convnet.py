@@ -29,7 +29,7 @@ def scaled_channels(width: float) -> list[int]:
 class SimpleConvNet(Backbone):
     """The paper's BiasedMNIST backbone; `features(x)` returns the bottleneck (input of `fc`)."""
 
-    arch_name = "simple_convnet"  # key of bise_cli.method.prune's checkpoint registry
+    arch_name = "simple_convnet"  # its BackboneSpec's pruned_arch (bise_cli.models.registry)
 
     def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 3,
                  channels: list[int] | None = None, kernel_size: int = 7):

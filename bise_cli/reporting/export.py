@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import inspect
 import io
 import json
@@ -87,18 +86,16 @@ def run_config(run_dir: str | Path) -> dict:
 
 
 def derive_preprocessing(dataset: str, info: dict) -> dict | None:
-    """A built-in dataset's preprocessing from its builder module's `preprocessing(...)`, called with the
-    options the run's info recorded (image_size, tokenizer, max_length); None when the module has none. For run
-    folders written before the builders stored it in data_summary.json."""
-    from bise_cli.data import DATASETS
+    """A built-in dataset's preprocessing from its registry `preprocessing` function (bise_cli.data.registry),
+    called with the options the run's info recorded (image_size, tokenizer, max_length); None when the dataset
+    has none. For run folders written before the builders stored it in data_summary.json."""
+    from bise_cli.data.registry import DATASETS, spec
 
-    if dataset not in DATASETS:
+    if dataset not in DATASETS or spec(dataset).preprocessing is None:
         return None
     try:
-        describe = getattr(importlib.import_module(f"bise_cli.data.{dataset}"), "preprocessing", None)
+        describe = spec(dataset).function("preprocessing")
     except ImportError:  # the dataset's optional extra is not installed
-        return None
-    if describe is None:
         return None
     options = {name: info[name] for name in inspect.signature(describe).parameters if info.get(name) is not None}
     return describe(**options)

@@ -25,6 +25,7 @@ from bise_cli.core.files import save_torch, write_json
 from bise_cli.core.metrics import METRICS_VERSION
 from bise_cli.core.precision import FP32, Autocast
 from bise_cli.data.base import DatasetBundle
+from bise_cli.data.registry import resolve_milestones
 from bise_cli.method.evaluate import evaluate_model, train_group_weights
 from bise_cli.method.probe import head_leakage, mean_over_attributes
 from bise_cli.method.prune import prune_model, save_pruned
@@ -256,12 +257,8 @@ def load_checkpoint(model, path: str, ctx: Context) -> None:
 
 
 def milestones(cfg: dict) -> list[int]:
-    """The vanilla LR milestones; `auto` is the paper's BiasedMNIST rule (40/60 for rho 0.99 and 0.995, else
-    80/90)."""
-    t = cfg["train"]
-    if t["milestones"] != "auto":
-        return list(t["milestones"])
-    return [40, 60] if round(float(cfg["rho"]), 6) in (0.99, 0.995) else [80, 90]
+    """The vanilla LR milestones; `auto` is the dataset's rule (bise_cli.data.registry)."""
+    return resolve_milestones(cfg["dataset"]["name"], cfg["train"]["milestones"], cfg["rho"])
 
 
 # ---------------------------------------------------------------------------------------------- bias labels

@@ -19,6 +19,7 @@ import yaml
 
 from bise_cli.core.defaults import CONF_DIR
 from bise_cli.core.errors import BiseError
+from bise_cli.data.registry import DATASETS, resolve_milestones
 from bise_cli.run import registry
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -259,6 +260,9 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
             options = cfg[section]
             auto = {"milestones": []} if section == "train" and options.get("milestones") == "auto" else {}
             TrainRecipe.from_section(options, section, **auto)
+    milestones, dataset = _get(cfg, "train.milestones"), _get(cfg, "dataset.name")
+    if milestones == "auto" and dataset in DATASETS:  # before any data is read: auto needs the dataset's rule
+        resolve_milestones(dataset, milestones, cfg.get("rho", 1.0))
     # The contrastive baselines' sections (the ones with a contrastive batch size).
     for stage in [name for name, options in (cfg.get("baselines") or {}).items()
                   if isinstance(options, dict) and "contrastive_batch_size" in options]:

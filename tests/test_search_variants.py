@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from bise_cli.bise import SearchSettings, make_mask_optimizer, masks_frozen, run_search
+from bise_cli.bise import SearchSettings, make_mask_optimizer, run_search
 from bise_cli.errors import BiseError
+from bise_cli.frozen import masks_frozen
 from bise_cli.masking import Gate, GatePoint, GateSet
 from bise_cli.models import build_backbone
 from bise_cli.reweighting import sample_weights

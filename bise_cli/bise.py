@@ -28,13 +28,16 @@ Variants of our own (issue 22's study, benchmarks/results/variant_study; every d
 - `restarts`: k searches from the same start with different batch orders (seed + 1000 k), the one whose
   selected masks score best on validation is kept (needs a validation split);
 - `stop_when_frozen` (on by default: the results are identical by construction): once no gate can change any
-  more (`masks_frozen`, exact branch), the remaining epochs of the schedule run forward-only: no backward pass
+  more (bise_cli.frozen: every gate saturated or on a dead unit, with the drift bound of momentum and weight
+  decay; checked after every epoch), the remaining epochs of the schedule run forward-only: no backward pass
   through the model and no validation pass (the masks, hence the validation metrics, are those of the epoch that
   froze), while everything that does not depend on the gates' learning is reproduced step for step: the same
   batches from the same generator, the bias heads' per-batch steps and refinement rounds, the gate optimiser's
-  weight-decay and momentum steps (the gates' gradient is exactly zero then), the temperature and learning-rate
-  schedules, best-epoch selection and every history row. `frozen_grad_margin` (opt-in) adds the bounded branch,
-  which relies on an observed gradient bound: the masks are then final only under that assumption.
+  weight-decay and momentum steps (the gates' gradient is exactly zero then, for both kinds of final gate), the
+  temperature and learning-rate schedules, best-epoch selection and every history row. A unit final only
+  because it was dead stays watched: if it outputs anything in a forward-only epoch, that epoch is undone and
+  run in full. `frozen_grad_margin` (opt-in) adds the bounded branch, which relies on an observed gradient
+  bound: the masks are then final only under that assumption.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ from torch import nn
 
 from bise_cli.data.base import Split, bias_columns
 from bise_cli.errors import BiseError, check_choice
-from bise_cli.frozen import EpochState, dead_unit_refusal, dead_units, gate_finality, revived, slope
+from bise_cli.frozen import EpochState, dead_unit_refusal, dead_units, describe_blocking, gate_finality, revived, slope
 from bise_cli.masking import GateSet, capture_input, round_masks
 from bise_cli.metrics import accuracy_metrics
 from bise_cli.precision import autocast, check_precision, device_generator
@@ -464,7 +464,7 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
     tau = settings.tau0
     history: list[dict] = []
     grad_bound, frozen_epoch, frozen_val = 0.0, None, None
-    watch, check = None, None  # the units final only as dead units since frozen_epoch; the last check
+    watch, check, checked_tau = None, None, None  # units final only as dead since frozen_epoch; the last check
     tracked = [settings.selection_metric, *[m for m in settings.also_select_by if m != settings.selection_metric]]
     bests = {m: {"value": -math.inf, "epoch": 0, "masks": gates.binary_masks()} for m in tracked}
     epochs = settings.num_epochs
@@ -529,8 +529,8 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
                 margin = settings.frozen_grad_margin if settings.stop_when_frozen else None
                 # Dead units count only if the masks were those of the whole epoch (bise_cli.frozen).
                 dead = dead_units(gates.peaks()) if checks and not checks["masks_changed"] else None
-                check = gate_finality(gates, mask_opt, settings, tau, steps_left,
-                                      None if margin is None else margin * grad_bound, dead)
+                check, checked_tau = gate_finality(gates, mask_opt, settings, tau, steps_left,
+                                                   None if margin is None else margin * grad_bound, dead), tau
                 log.debug("epoch %d: %s%s", epoch, check.describe(),
                           "; the masks changed during the epoch" if checks.get("masks_changed") else "")
                 if check.frozen:
@@ -540,8 +540,9 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
                              ": the remaining epochs run forward-only (pruning.stop_when_frozen)"
                              if settings.stop_when_frozen else "")
     if frozen_epoch is None and check is not None:
-        log.info("masks never frozen: at the last check %s%s", check.describe(),
-                 f"; no dead-unit branch: {refusal}" if refusal else "")
+        log.info("masks never frozen: at the last check %s%s; not final: %s", check.describe(),
+                 f"; no dead-unit branch: {refusal}" if refusal else "",
+                 describe_blocking(gates, check, checked_tau, gates.peaks()))
     result = _select(gates, bests, history, heads, pretrain_states, settings, val is not None, use_cache,
                      approximate)
     result.frozen_epoch = frozen_epoch

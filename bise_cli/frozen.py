@@ -38,6 +38,7 @@ The bounded branch (opt-in, `frozen_grad_margin`) relies on an observed gradient
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +84,7 @@ class Finality:
 
     counts: dict[str, int]
     watch: dict[str, torch.Tensor] = field(default_factory=dict)
+    blocking: dict[str, torch.Tensor] = field(default_factory=dict)  # the units not final (device booleans)
 
     @property
     def frozen(self) -> bool:
@@ -115,7 +117,7 @@ def gate_finality(gates: GateSet, mask_opt: torch.optim.Optimizer, settings, tau
     if settings.mask_optimizer != "sgd" or settings.gate_noise > 0 or mu >= 1:
         return Finality({"live": units, "drift": 0, "saturated": 0, "dead": 0, "bounded": 0})
     tau = max(tau, settings.tau_floor)
-    tallies, watch = [], {}
+    tallies, watch, blocking = [], {}, {}
     for point in gates.points:
         gate = gates.gate(point.name)
         signed = gate.logits.detach().double()
@@ -138,12 +140,34 @@ def gate_finality(gates: GateSet, mask_opt: torch.optim.Optimizer, settings, tau
             reach = lr / (1 - mu) * (mu * v + steps_left * (grad_bound * slope(half, tau) + 1.5 * wd * m))
             bounded = (half / tau >= 2.4) & (reach < half) & ~saturated & ~by_dead
         final = saturated | by_dead | bounded
-        watch[point.name] = by_dead
+        watch[point.name], blocking[point.name] = by_dead, ~final
         tallies.append(torch.stack([(~final & kept).sum(), (~final & ~kept).sum(), saturated.sum(), by_dead.sum(),
                                     bounded.sum()]))
     counts = torch.stack(tallies).sum(0).tolist()
-    return Finality(dict(zip((*NOT_FINAL, *FINAL), (int(c) for c in counts), strict=True)), watch)
+    return Finality(dict(zip((*NOT_FINAL, *FINAL), (int(c) for c in counts), strict=True)), watch, blocking)
 
+
+def describe_blocking(gates: GateSet, check: Finality, tau: float, peaks: dict[str, torch.Tensor | None],
+                      limit: int = 10) -> str:
+    """The units whose gates were not final at `check`: how many are on and off with their range of m / tau,
+    then the first `limit` as gate[unit] with m, m / tau, the hard mask and the largest |h| of the last recorded
+    epoch ("?" if none). Reads the device once."""
+    rows, names = [], list(check.blocking)
+    for number, (name, units) in enumerate(check.blocking.items()):
+        logits, peak = gates.gate(name).logits.detach(), peaks.get(name)
+        peak = torch.full_like(logits, float("nan")) if peak is None else peak
+        index = torch.arange(len(logits), device=logits.device, dtype=logits.dtype)
+        rows.append(torch.stack([torch.full_like(logits, number), index, logits, peak]).t()[units])
+    found = torch.cat(rows).tolist() if rows else []
+    parts = []
+    for side, keep in (("on", lambda m: m >= 0), ("off", lambda m: m < 0)):
+        ratios = [m / tau for _, _, m, _ in found if keep(m)]
+        if ratios:
+            parts.append(f"{len(ratios)} {side} (m/tau {min(ratios):.3g} to {max(ratios):.3g})")
+    units = ", ".join(f"{names[int(g)]}[{int(i)}] m {m:.3g} (m/tau {m / tau:.3g}, {'on' if m >= 0 else 'off'}, "
+                      f"max|h| {'?' if math.isnan(h) else f'{h:.3g}'})" for g, i, m, h in found[:limit])
+    more = f", ... {len(found) - limit} more" if len(found) > limit else ""
+    return f"{', '.join(parts)}: {units}{more}" if found else "none"
 
 def masks_frozen(gates: GateSet, mask_opt: torch.optim.Optimizer, settings, tau: float, steps_left: int,
                  grad_bound: float | None = None, dead: dict[str, torch.Tensor | None] | None = None) -> bool:

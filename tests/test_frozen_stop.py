@@ -15,7 +15,7 @@ import torch
 from bise_cli.bise import SearchSettings, make_mask_optimizer, run_search
 from bise_cli.data.augment import crop_flip
 from bise_cli.data.base import Split
-from bise_cli.frozen import dead_unit_refusal, dead_units, gate_finality, revived
+from bise_cli.frozen import dead_unit_refusal, dead_units, describe_blocking, gate_finality, revived
 from bise_cli.masking import GatePoint, GateSet
 from bise_cli.models import build_backbone
 from bise_cli.models.mlp import MLP
@@ -254,6 +254,8 @@ def test_a_unit_dead_while_an_upstream_gate_still_moves_is_not_final():
     opt = make_mask_optimizer(gates.parameters(), settings)
     check = gate_finality(gates, opt, settings, 0.1, 100, dead=dead)  # a and c saturated at tau 0.1, u not
     assert check.counts["live"] == 1 and check.counts["dead"] == 1 and not check.frozen
+    assert (describe_blocking(gates, check, 0.1, gates.peaks())
+            == "1 on (m/tau 3 to 3): fc0[1] m 0.3 (m/tau 3, on, max|h| 1)")
     gates.detach()
     # The search: u's gate flips off, d wakes up and its gate goes off too; the criterion never fired before.
     full, fast = _flip_search(stop=False), _flip_search(stop=True)

@@ -52,7 +52,15 @@ from torch import nn
 
 from bise_cli.data.base import Split, bias_columns
 from bise_cli.errors import BiseError, check_choice
-from bise_cli.frozen import EpochState, dead_unit_refusal, dead_units, describe_blocking, gate_finality, revived, slope
+from bise_cli.frozen import (
+    EpochState,
+    dead_unit_pass,
+    dead_unit_refusal,
+    describe_blocking,
+    gate_finality,
+    revived,
+    slope,
+)
 from bise_cli.masking import GateSet, capture_input, round_masks
 from bise_cli.metrics import accuracy_metrics
 from bise_cli.precision import autocast, check_precision, device_generator
@@ -277,19 +285,19 @@ class _Heads:
 
 def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, weights: SampleWeights,
                 settings: SearchSettings, num_bias: int, generator, device, epoch: int, bar,
-                tap, frozen: bool = False, probe: bool = False,
+                tap, frozen: bool = False, previous: torch.Tensor | None = None,
                 watch: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict[str, torch.Tensor], float, dict]:
     """One pass of the gates over the search split; returns the epoch's mean losses, head accuracy and unit
     sparsity, the binary masks after it (on the device), the largest |dJ/dg| seen (0 unless the bounded
-    criterion of `stop_when_frozen` needs it) and the dead-unit checks ({} without `probe`).
+    criterion of `stop_when_frozen` needs it) and the checks of the dead-unit branch (bise_cli.frozen).
 
     `frozen` (after the masks froze, bise_cli.frozen): the forward pass runs without autograd and the gates step
     on an exact zero gradient (what the backward pass would give them), so everything else (batches, heads,
     optimiser state, the row) is what the full pass gives, at the cost of the forward pass alone.
 
-    `probe`: every gate records its units' max |h| (`gates.peaks()` afterwards) and the checks say whether the
-    hard masks ever differed from those the epoch started with ("masks_changed") and, with `watch` (units final
-    only because they were dead), whether one of them had a non-zero h ("revived").
+    Checks: "settled", whether the hard masks after the epoch equal `previous` (those after the epoch before);
+    with `watch` (units final only because they were dead; every gate then records its units' max |h|),
+    "revived", whether one of them had a non-zero h.
 
     The MI subsets weight the samples instead of selecting them, and every sum stays on the device (float64):
     the host reads the device once per epoch, after the last batch."""
@@ -298,10 +306,8 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
             "finite": zero.clone()}
     bounded = settings.stop_when_frozen and settings.frozen_grad_margin is not None and not frozen
     upstream = zero.clone()  # the largest |dJ/dg| seen (the bounded criterion's gradient bound)
-    start = _hard_masks(gates) if probe else None
-    changed = torch.zeros((), dtype=torch.bool, device=device)
     n = 0
-    gates.record_peaks(probe)
+    gates.record_peaks(watch is not None)
     for x, y, b in search.batches(settings.batch_size, shuffle=True, generator=generator, device=device,
                                   augment=settings.augment):
         if settings.gate_noise > 0:
@@ -344,8 +350,6 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
             loss.backward()
             sums["head_hits"] += (head_logits.argmax(1) == column).sum() / len(heads.pairs)
         mask_opt.step()
-        if probe:  # the masks the next batch (or the next epoch) runs with
-            changed |= (_hard_masks(gates) != start).any()
         for _, opt in heads.pairs:
             opt.step()
         sums["loss_ce"] += loss_ce.detach() * len(y)
@@ -356,18 +360,18 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
     gates.sample_noise(0.0, generator)  # evaluation and the head epochs see the deterministic gates
     masks = {p.name: gates.gate(p.name).hard().bool() for p in gates.points}
     kept = torch.stack([m.sum() for m in masks.values()]).sum().double()
-    woke = revived(gates.peaks(), watch) if probe and watch else torch.zeros((), dtype=torch.bool, device=device)
-    loss_ce, mi, mi_batches, head_hits, nonfinite, kept, upstream, changed, woke = torch.stack(
+    settled = (_hard_masks(gates) == previous).all() if previous is not None else zero.bool()
+    woke = revived(gates.peaks(), watch) if watch is not None else zero.bool()
+    loss_ce, mi, mi_batches, head_hits, nonfinite, kept, upstream, settled, woke = torch.stack(
         [sums["loss_ce"], sums["mi"], sums["mi_batches"], sums["head_hits"], sums["finite"], kept,
-         upstream.to(kept.device), changed.to(kept), woke.to(kept)]).tolist()
+         upstream.to(kept.device), settled.to(kept), woke.to(kept)]).tolist()
     if nonfinite:
         raise BiseError(f"the BISE objective became non-finite at epoch {epoch}; lower pruning.mask_lr or "
                         "pruning.gamma")
     units = sum(m.numel() for m in masks.values())
     row = {"loss_ce": loss_ce / n, "mi": mi / mi_batches if mi_batches else None, "head_acc": head_hits / n,
            "sparsity_units": 1.0 - kept / units}
-    checks = {"masks_changed": bool(changed), "revived": bool(woke)} if probe else {}
-    return row, masks, upstream, checks
+    return row, masks, upstream, {"settled": bool(settled), "revived": bool(woke)}
 
 
 def _hard_masks(gates: GateSet) -> torch.Tensor:
@@ -465,6 +469,9 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
     history: list[dict] = []
     grad_bound, frozen_epoch, frozen_val = 0.0, None, None
     watch, check, checked_tau = None, None, None  # units final only as dead since frozen_epoch; the last check
+    # The dead units under the masks in force (a pass over the search split once the masks settle; None: not
+    # known) and the masks after the previous epoch.
+    verified, previous = None, _hard_masks(gates)
     tracked = [settings.selection_metric, *[m for m in settings.also_select_by if m != settings.selection_metric]]
     bests = {m: {"value": -math.inf, "epoch": 0, "masks": gates.binary_masks()} for m in tracked}
     epochs = settings.num_epochs
@@ -478,8 +485,7 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
             state = EpochState(gates, mask_opt, heads.pairs, generator) if frozen and watch else None
             stats, masks, upstream, checks = _mask_epoch(
                 model, gates, heads, mask_opt, search, weights, settings, num_bias, generator, device, epoch, bar,
-                tap, frozen=frozen, probe=refusal is None and (frozen_epoch is None or watch is not None),
-                watch=watch)
+                tap, frozen=frozen, previous=previous, watch=watch)
             if checks.get("revived"):
                 log.warning("epoch %d: a unit found dead after epoch %d is not any more (the model's activations "
                             "changed between epochs); the masks are not final: %s", epoch, frozen_epoch,
@@ -488,8 +494,11 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
                     state.restore(gates, mask_opt, heads.pairs, generator)
                     stats, masks, upstream, checks = _mask_epoch(
                         model, gates, heads, mask_opt, search, weights, settings, num_bias, generator, device,
-                        epoch, _NoBar(), tap, probe=True)
-                frozen, frozen_epoch, frozen_val, watch = False, None, None, None
+                        epoch, _NoBar(), tap, previous=previous)
+                frozen, frozen_epoch, frozen_val, watch, verified = False, None, None, None, None
+            previous = _hard_masks(gates)
+            if not checks["settled"]:
+                verified = None
             row = {"epoch": epoch, "tau": tau, **stats}
             if frozen:
                 # The masks are those of the epoch that froze: so are the evaluation's metrics (same computation).
@@ -527,12 +536,13 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
                 grad_bound = max(grad_bound, upstream)
                 steps_left = (epochs - epoch) * search.num_batches(settings.batch_size)
                 margin = settings.frozen_grad_margin if settings.stop_when_frozen else None
-                # Dead units count only if the masks were those of the whole epoch (bise_cli.frozen).
-                dead = dead_units(gates.peaks()) if checks and not checks["masks_changed"] else None
+                if refusal is None and checks["settled"] and verified is None:
+                    # The masks did not change over the epoch: which units are dead under them (bise_cli.frozen).
+                    verified = dead_unit_pass(model, gates, search, settings.batch_size, settings.precision, device)
                 check, checked_tau = gate_finality(gates, mask_opt, settings, tau, steps_left,
-                                                   None if margin is None else margin * grad_bound, dead), tau
+                                                   None if margin is None else margin * grad_bound, verified), tau
                 log.debug("epoch %d: %s%s", epoch, check.describe(),
-                          "; the masks changed during the epoch" if checks.get("masks_changed") else "")
+                          "" if checks["settled"] else "; the masks changed over the epoch")
                 if check.frozen:
                     frozen_epoch, frozen_val = epoch, (val_metrics, test_metrics)
                     watch = check.watch if check.counts["dead"] else None
@@ -542,7 +552,7 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
     if frozen_epoch is None and check is not None:
         log.info("masks never frozen: at the last check %s%s; not final: %s", check.describe(),
                  f"; no dead-unit branch: {refusal}" if refusal else "",
-                 describe_blocking(gates, check, checked_tau, gates.peaks()))
+                 describe_blocking(gates, check, checked_tau, gates.peaks() if verified is not None else {}))
     result = _select(gates, bests, history, heads, pretrain_states, settings, val is not None, use_cache,
                      approximate)
     result.frozen_epoch = frozen_epoch

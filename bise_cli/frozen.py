@@ -11,24 +11,30 @@ one of two reasons:
 1. saturated: the float32 sigmoid of (|m0| - D0) / tau is exactly 1 (or of -(|m0| - D0) / tau exactly 0), so
    sigma (1 - sigma) / tau, the straight-through derivative, is exactly 0 at every later step whatever dJ/dg is
    (by induction over the steps: zero gradient => |m| stays >= |m0| - D0 => still saturated);
-2. dead unit: the tensor h the gate multiplies was exactly zero for every search sample during the last epoch,
-   and the masks stayed the same during that whole epoch (checked after every step). dJ/dg = sum dJ/d(h g) h is
-   then exactly zero. A gate with m0 == 0 is final only with a momentum buffer of exactly 0: it then stays at
-   exactly 0 (wd 0 = 0), where the hard mask is 1 (1[0 >= 0]); any other buffer would move it to either side.
+2. dead unit: the tensor h the gate multiplies is exactly zero for every search sample under the masks M now
+   in force (`dead_unit_pass`: one forward pass over the search split with the gates fixed to M, recording
+   every unit's max |h| on the device). dJ/dg = sum dJ/d(h g) h is then exactly zero. A gate with m0 == 0 is
+   final only with a momentum buffer of exactly 0: it then stays at exactly 0 (wd 0 = 0), where the hard mask
+   is 1 (1[0 >= 0]); any other buffer would move it to either side. The search runs that pass once the masks
+   have not changed over an epoch (a sign they are settling; any other time would do, the pass is exact for M)
+   and reuses its result while the masks after each epoch stay M, so a search pays one forward pass per
+   settled mask set instead of any cost per batch.
 
-Why the dead unit stays dead (induction over the steps after the epoch E that found it dead): suppose every gate
-is final and the masks at step t are those of epoch E (true at the first step). The frozen model runs in eval
-mode with fixed weights, and the search inputs are the same samples every epoch (no augmentation), so each
-sample's activations under the same masks are those of epoch E: the unit's h is exactly zero again, its gate's
-gradient is exactly zero, a saturated gate's too, so every gate steps on weight decay and momentum alone and D0
-keeps every mask: the masks at step t + 1 are those of epoch E. Preconditions (`dead_unit_refusal` refuses the
+Why the dead unit stays dead (induction over the steps after the check): suppose every gate is final and the
+masks at step t are M (true at the first step). The frozen model runs in eval mode with fixed weights, and the
+search inputs are the same samples every epoch (no augmentation), so each sample's activations under M are
+those of the pass: the unit's h is exactly zero again, its gate's gradient is exactly zero, a saturated gate's
+too, so every gate steps on weight decay and momentum alone and D0 keeps every mask: the masks at step t + 1
+are M. (An upstream gate that could still flip and revive the unit is not final, so the stop waits for it.)
+Preconditions (`dead_unit_refusal` refuses the
 branch when one fails): no augmentation of the search inputs (the same fact that makes cached bottleneck features
 exact), every module in eval mode (BatchNorm statistics, dropout), no gate noise (a random mask per batch), SGD
 on the gates, no sparsity penalty (its gradient reaches every gate whatever h is), and no mask-dependent layer
 (BERT's mask-aware LayerNorm reads the gates outside h g). One more precondition cannot be checked beforehand:
 that a sample's activations do not depend on the batch it is in (floating-point kernels may round differently
-for another batch composition). So the search keeps recording h after the stop: if a unit final only by branch 2
-becomes non-zero, the forward-only epoch is undone and run in full (`EpochState`), and the criterion starts over.
+for another batch composition, and the training batches are shuffled). So the search keeps recording h after
+the stop: if a unit final only by branch 2 becomes non-zero, the forward-only epoch is undone and run in full
+(`EpochState`), and the criterion starts over.
 Both branches assume a finite dJ/dg (0 x inf is NaN), as a finite objective makes likely but does not prove.
 
 The bounded branch (opt-in, `frozen_grad_margin`) relies on an observed gradient bound instead: see
@@ -45,6 +51,7 @@ import torch
 from torch import nn
 
 from bise_cli.masking import GateSet
+from bise_cli.precision import autocast
 
 # Reasons a gate is not final yet, as `Finality.counts` names them (the log prints them when the masks never
 # freeze): a unit that carries signal with a gate not saturated, or momentum and weight decay able to move m.
@@ -102,8 +109,8 @@ class Finality:
 def gate_finality(gates: GateSet, mask_opt: torch.optim.Optimizer, settings, tau: float, steps_left: int,
                   grad_bound: float | None = None, dead: dict[str, torch.Tensor | None] | None = None) -> Finality:
     """Which gates cannot change in the `steps_left` remaining SGD steps (module docstring); tau <= `tau` from
-    now on. `dead` ({gate name: per-unit booleans, or None}; None: branch refused) marks the units whose h was
-    exactly zero on every search sample of an epoch with unchanged masks. One read of the device.
+    now on. `dead` ({gate name: per-unit booleans, or None}; None: not known) marks the units whose h is exactly
+    zero on every search sample under the masks in force (`dead_unit_pass`). One read of the device.
 
     Bounded branch (only with `grad_bound` U, an assumption: the search passes the largest |dJ/dg| it has seen
     times `frozen_grad_margin`): while |m| stays in [|m0|/2, 3|m0|/2], |dJ/dm| <= U s with
@@ -150,8 +157,8 @@ def gate_finality(gates: GateSet, mask_opt: torch.optim.Optimizer, settings, tau
 def describe_blocking(gates: GateSet, check: Finality, tau: float, peaks: dict[str, torch.Tensor | None],
                       limit: int = 10) -> str:
     """The units whose gates were not final at `check`: how many are on and off with their range of m / tau,
-    then the first `limit` as gate[unit] with m, m / tau, the hard mask and the largest |h| of the last recorded
-    epoch ("?" if none). Reads the device once."""
+    then the first `limit` as gate[unit] with m, m / tau, the hard mask and the largest |h| in `peaks` ("?" if
+    none). Reads the device once."""
     rows, names = [], list(check.blocking)
     for number, (name, units) in enumerate(check.blocking.items()):
         logits, peak = gates.gate(name).logits.detach(), peaks.get(name)
@@ -173,6 +180,21 @@ def masks_frozen(gates: GateSet, mask_opt: torch.optim.Optimizer, settings, tau:
                  grad_bound: float | None = None, dead: dict[str, torch.Tensor | None] | None = None) -> bool:
     """True when no gate can change in the `steps_left` remaining steps (`gate_finality`)."""
     return gate_finality(gates, mask_opt, settings, tau, steps_left, grad_bound, dead).frozen
+
+
+def dead_unit_pass(model: nn.Module, gates: GateSet, search, batch_size: int, precision: str,
+                   device) -> dict[str, torch.Tensor | None]:
+    """The units whose h is exactly zero on every sample of `search` under the current hard masks: one forward
+    pass in batches of `batch_size` (the search's), gates fixed, no gradient and no random draw, each gate
+    recording its units' max |h| on the device (nothing is read back). Leaves the peaks in `gates.peaks()`."""
+    gates.record_peaks(True)
+    try:
+        with torch.no_grad(), gates.mode("fixed"), autocast(precision, device):
+            for x, _, _ in search.batches(batch_size, device=device):
+                model(x)
+    finally:
+        gates.record_peaks(False)
+    return dead_units(gates.peaks())
 
 
 def dead_units(peaks: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:

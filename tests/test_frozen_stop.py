@@ -15,7 +15,7 @@ import torch
 from bise_cli.bise import SearchSettings, make_mask_optimizer, run_search
 from bise_cli.data.augment import crop_flip
 from bise_cli.data.base import Split
-from bise_cli.frozen import dead_unit_refusal, dead_units, describe_blocking, gate_finality, revived
+from bise_cli.frozen import dead_unit_pass, dead_unit_refusal, dead_units, describe_blocking, gate_finality, revived
 from bise_cli.masking import GatePoint, GateSet
 from bise_cli.models import build_backbone
 from bise_cli.models.mlp import MLP
@@ -238,7 +238,7 @@ def _flip_search(stop: bool, u: float = 0.3, **options):
         gates.detach()
 
 
-def test_a_unit_dead_while_an_upstream_gate_still_moves_is_not_final():
+def test_a_unit_dead_while_an_upstream_gate_still_moves_is_not_final(caplog):
     settings = SearchSettings()
     # After the first epoch: d is dead but u's gate is not final (live, unsaturated): no stop.
     model = _upstream_flip_model()
@@ -251,6 +251,14 @@ def test_a_unit_dead_while_an_upstream_gate_still_moves_is_not_final():
     gates.record_peaks(False)
     dead = dead_units(gates.peaks())
     assert dead["fc1"].tolist() == [False, True] and not dead["fc0"].any()
+    # The pass over a split under the current masks finds the same, and d alive once u's gate is off.
+    split = Split(torch.rand(30, 2), torch.zeros(30, dtype=torch.long), torch.zeros(30, dtype=torch.long))
+    assert dead_unit_pass(model, gates, split, 7, "fp32", "cpu")["fc1"].tolist() == [False, True]
+    with torch.no_grad():
+        gates.gate("fc0").logits[1] = -0.3
+    assert not dead_unit_pass(model, gates, split, 7, "fp32", "cpu")["fc1"].any()
+    with torch.no_grad():
+        gates.gate("fc0").logits[1] = 0.3
     opt = make_mask_optimizer(gates.parameters(), settings)
     check = gate_finality(gates, opt, settings, 0.1, 100, dead=dead)  # a and c saturated at tau 0.1, u not
     assert check.counts["live"] == 1 and check.counts["dead"] == 1 and not check.frozen
@@ -258,7 +266,9 @@ def test_a_unit_dead_while_an_upstream_gate_still_moves_is_not_final():
             == "1 on (m/tau 3 to 3): fc0[1] m 0.3 (m/tau 3, on, max|h| 1)")
     gates.detach()
     # The search: u's gate flips off, d wakes up and its gate goes off too; the criterion never fired before.
-    full, fast = _flip_search(stop=False), _flip_search(stop=True)
+    with caplog.at_level("INFO", logger="bise_cli.bise"):
+        full, fast = _flip_search(stop=False), _flip_search(stop=True)
+    assert "is not any more" not in caplog.text  # no stop that the guard had to undo
     sparsity = [row["sparsity_units"] for row in full[0].history]
     assert sparsity[0] == 0 and sparsity[-1] == 0.5  # all on after epoch 1; u and d off at the end
     assert not full[0].last_masks["fc0"][1] and not full[0].last_masks["fc1"][1] and full[1]["fc1"][1] < 0
@@ -269,10 +279,10 @@ def test_a_unit_dead_while_an_upstream_gate_still_moves_is_not_final():
     assert not math.isnan(full[0].history[-1]["loss_ce"])
 
 
-def test_masks_that_change_within_the_epoch_refuse_the_dead_unit_branch(caplog):
+def test_a_unit_dead_under_masks_no_longer_in_force_is_not_final(caplog):
     """One batch per epoch: u's gate jumps in the epoch's only step from just above 0 to saturated off, after
-    the forward pass that found d dead. Every other gate is final then, but d was dead under masks that are no
-    longer in force: the branch must wait an epoch (d wakes up and its gate goes off)."""
+    the forward pass that saw d dead. Every other gate is final then, but d was dead under masks that are no
+    longer in force: the branch must not count it (d wakes up and its gate goes off)."""
     options = dict(u=1e-4, tau0=0.01, tau_min=0.001, mask_lr=1.0, mask_momentum=0.0, batch_size=200)
     with caplog.at_level("INFO", logger="bise_cli.bise"):
         full, fast = _flip_search(stop=False, **options), _flip_search(stop=True, **options)
@@ -282,3 +292,16 @@ def test_masks_that_change_within_the_epoch_refuse_the_dead_unit_branch(caplog):
     assert full[0].frozen_epoch == fast[0].frozen_epoch == 2  # by saturation, once d's gate has gone off
     assert fast[0].history == full[0].history
     assert not fast[0].last_masks["fc1"][1] and torch.equal(fast[1]["fc1"], full[1]["fc1"])
+
+
+def test_dead_units_found_under_earlier_masks_do_not_count_after_a_change(caplog):
+    """One batch per epoch, tau 1, 0.01, 1e-4: after epoch 1 the masks have not changed, and the pass under them
+    finds d dead (u is still on). In epoch 2 u's gate jumps to saturated off: every other gate is final, but the
+    dead units found under the old masks must not count (d is alive now)."""
+    options = dict(u=0.05, tau_factor=0.01, tau_min=1e-5, mask_lr=0.1, mask_momentum=0.0, batch_size=200)
+    with caplog.at_level("DEBUG", logger="bise_cli.bise"):
+        full, fast = _flip_search(stop=False, **options), _flip_search(stop=True, **options)
+    assert [row["sparsity_units"] for row in full[0].history] == [0.0, 0.25, 0.5]
+    assert "epoch 1: 1 of 4 gates not final (1 live" in caplog.text and "1 on dead units" in caplog.text
+    assert "is not any more" not in caplog.text and full[0].frozen_epoch is None
+    assert fast[0].history == full[0].history and fast[0].frozen_epoch is None

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from bise_cli.core.errors import BiseError
+from bise_cli.method.frozen import masks_frozen
 from bise_cli.method.recipe import TrainRecipe
 from bise_cli.method.reweighting import sample_weights
-from bise_cli.method.search import SearchSettings, make_mask_optimizer, masks_frozen, run_search
+from bise_cli.method.search import SearchSettings, make_mask_optimizer, run_search
 from bise_cli.method.train import fit, freeze
 from bise_cli.models import build_backbone
 from bise_cli.models.masking import Gate, GatePoint, GateSet

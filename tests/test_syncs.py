@@ -158,6 +158,33 @@ def test_one_mask_epoch_reads_once():
     assert len(mode.syncs) == 1, mode.where()
 
 
+def test_dead_unit_pass_and_epoch_undo_never_wait():
+    """The early stop's pass over the search split under the current masks (bise_cli.method.frozen.dead_unit_pass),
+    the watch for units waking up after the stop, and the copy and restore of an epoch's state stay on the
+    device: nothing is read back (the criterion reads its verdict once, in gate_finality)."""
+    from bise_cli.method.frozen import EpochState, dead_unit_pass, revived
+
+    with warnings.catch_warnings(), meta_device() as mode:
+        warnings.simplefilter("ignore")
+        model = _model(frozen=True).to(META)
+        search = _split(40).to(META)
+        gates = GateSet(model.gate_points(), init=0.5).to(META).attach(model)
+        heads = [make_head(model.classifier.in_features, 2, 0.1, 0.9, 1e-4, 0)]
+        heads[0][0].to(META)
+        opt = torch.optim.SGD(gates.parameters(), lr=0.1, momentum=0.9)
+        for param in gates.parameters():  # momentum buffers to copy
+            param.grad = torch.zeros_like(param)
+        opt.step()
+        generator = torch.Generator().manual_seed(0)
+        mode.syncs.clear()
+        dead = dead_unit_pass(model, gates, search, 10, "fp32", META)
+        woke = revived(gates.peaks(), dead)
+        state = EpochState(gates, opt, heads, generator)
+        state.restore(gates, opt, heads, generator)
+    assert mode.syncs == [], mode.where()
+    assert woke.device == META and all(d is not None and d.device == META for d in dead.values())
+
+
 def test_head_epochs_on_cached_features_never_wait():
     with meta_device() as mode:
         z = torch.randn(200, 8).to(META)

@@ -28,13 +28,16 @@ Variants of our own (issue 22's study, benchmarks/results/variant_study; every d
 - `restarts`: k searches from the same start with different batch orders (seed + 1000 k), the one whose
   selected masks score best on validation is kept (needs a validation split);
 - `stop_when_frozen` (on by default: the results are identical by construction): once no gate can change any
-  more (`masks_frozen`, exact branch), the remaining epochs of the schedule run forward-only: no backward pass
+  more (bise_cli.method.frozen: every gate saturated or on a dead unit, with the drift bound of momentum and weight
+  decay; checked after every epoch), the remaining epochs of the schedule run forward-only: no backward pass
   through the model and no validation pass (the masks, hence the validation metrics, are those of the epoch that
   froze), while everything that does not depend on the gates' learning is reproduced step for step: the same
   batches from the same generator, the bias heads' per-batch steps and refinement rounds, the gate optimiser's
-  weight-decay and momentum steps (the gates' gradient is exactly zero then), the temperature and learning-rate
-  schedules, best-epoch selection and every history row. `frozen_grad_margin` (opt-in) adds the bounded branch,
-  which relies on an observed gradient bound: the masks are then final only under that assumption.
+  weight-decay and momentum steps (the gates' gradient is exactly zero then, for both kinds of final gate), the
+  temperature and learning-rate schedules, best-epoch selection and every history row. A unit final only
+  because it was dead stays watched: if it outputs anything in a forward-only epoch, that epoch is undone and
+  run in full. `frozen_grad_margin` (opt-in) adds the bounded branch, which relies on an observed gradient
+  bound: the masks are then final only under that assumption.
 """
 
 from __future__ import annotations
@@ -52,6 +55,15 @@ from bise_cli.core.metrics import accuracy_metrics
 from bise_cli.core.precision import FP32, Autocast, device_generator
 from bise_cli.core.progress import progress_bar
 from bise_cli.data.base import Split, bias_columns
+from bise_cli.method.frozen import (
+    EpochState,
+    dead_unit_pass,
+    dead_unit_refusal,
+    describe_blocking,
+    gate_finality,
+    revived,
+    slope,
+)
 from bise_cli.method.probe import (
     HeadOptimiser,
     feature_epoch,
@@ -279,14 +291,19 @@ class _Heads:
 
 def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, weights: SampleWeights,
                 settings: SearchSettings, num_bias: int, generator, device, epoch: int, bar,
-                tap, frozen: bool = False) -> tuple[dict, dict[str, torch.Tensor], float]:
+                tap, frozen: bool = False, previous: torch.Tensor | None = None,
+                watch: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict[str, torch.Tensor], float, dict]:
     """One pass of the gates over the search split; returns the epoch's mean losses, head accuracy and unit
-    sparsity, the binary masks after it (on the device) and the largest |dJ/dg| seen (0 unless the bounded
-    criterion of `stop_when_frozen` needs it).
+    sparsity, the binary masks after it (on the device), the largest |dJ/dg| seen (0 unless the bounded
+    criterion of `stop_when_frozen` needs it) and the checks of the dead-unit branch (bise_cli.method.frozen).
 
-    `frozen` (after `masks_frozen` held): the forward pass runs without autograd and the gates step on an exact
-    zero gradient (what the backward pass would give them, see masks_frozen), so everything else (batches,
-    heads, optimiser state, the row) is what the full pass gives, at the cost of the forward pass alone.
+    `frozen` (after the masks froze, bise_cli.method.frozen): the forward pass runs without autograd and the gates step
+    on an exact zero gradient (what the backward pass would give them), so everything else (batches, heads,
+    optimiser state, the row) is what the full pass gives, at the cost of the forward pass alone.
+
+    Checks: "settled", whether the hard masks after the epoch equal `previous` (those after the epoch before);
+    with `watch` (units final only because they were dead; every gate then records its units' max |h|),
+    "revived", whether one of them had a non-zero h.
 
     The MI subsets weight the samples instead of selecting them, and every sum stays on the device (float64):
     the host reads the device once per epoch, after the last batch."""
@@ -296,6 +313,7 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
     bounded = settings.stop_when_frozen and settings.frozen_grad_margin is not None and not frozen
     upstream = zero.clone()  # the largest |dJ/dg| seen (the bounded criterion's gradient bound)
     n = 0
+    gates.record_peaks(watch is not None)
     for x, y, b in search.batches(settings.batch_size, shuffle=True, generator=generator, device=device,
                                   augment=settings.augment):
         if settings.gate_noise > 0:
@@ -344,25 +362,27 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
         sums["finite"] += torch.isfinite(objective.detach()).logical_not()
         n += len(y)
         bar.advance_batch()
+    gates.record_peaks(False)
     gates.sample_noise(0.0, generator)  # evaluation and the head epochs see the deterministic gates
     masks = {p.name: gates.gate(p.name).hard().bool() for p in gates.points}
     kept = torch.stack([m.sum() for m in masks.values()]).sum().double()
-    loss_ce, mi, mi_batches, head_hits, nonfinite, kept, upstream = torch.stack(
+    settled = (_hard_masks(gates) == previous).all() if previous is not None else zero.bool()
+    woke = revived(gates.peaks(), watch) if watch is not None else zero.bool()
+    loss_ce, mi, mi_batches, head_hits, nonfinite, kept, upstream, settled, woke = torch.stack(
         [sums["loss_ce"], sums["mi"], sums["mi_batches"], sums["head_hits"], sums["finite"], kept,
-         upstream.to(kept.device)]).tolist()
+         upstream.to(kept.device), settled.to(kept), woke.to(kept)]).tolist()
     if nonfinite:
         raise BiseError(f"the BISE objective became non-finite at epoch {epoch}; lower pruning.mask_lr or "
                         "pruning.gamma")
     units = sum(m.numel() for m in masks.values())
     row = {"loss_ce": loss_ce / n, "mi": mi / mi_batches if mi_batches else None, "head_acc": head_hits / n,
            "sparsity_units": 1.0 - kept / units}
-    return row, masks, upstream
+    return row, masks, upstream, {"settled": bool(settled), "revived": bool(woke)}
 
 
-def _slope(logits: torch.Tensor, tau: float) -> torch.Tensor:
-    """The straight-through derivative sigma'(m/tau)/tau of every gate."""
-    soft = torch.sigmoid(logits / tau)
-    return soft * (1 - soft) / tau
+def _hard_masks(gates: GateSet) -> torch.Tensor:
+    """Every gate's hard mask 1[m >= 0] in one boolean vector, on the device."""
+    return torch.cat([gate.logits.detach() >= 0 for gate in gates.gates.values()])
 
 
 def _upstream_gradient(gates: GateSet) -> torch.Tensor:
@@ -371,56 +391,10 @@ def _upstream_gradient(gates: GateSet) -> torch.Tensor:
     for gate in gates.gates.values():
         if gate.logits.grad is None:
             continue
-        slope = _slope(gate.logits.detach(), gate.tau)
-        usable = slope > 1e-6
-        largest.append((gate.logits.grad.abs() / slope.clamp(min=1e-6) * usable).max())
+        gate_slope = slope(gate.logits.detach(), gate.tau)
+        usable = gate_slope > 1e-6
+        largest.append((gate.logits.grad.abs() / gate_slope.clamp(min=1e-6) * usable).max())
     return torch.stack(largest).max().double() if largest else torch.zeros((), dtype=torch.float64)
-
-
-def masks_frozen(gates: GateSet, mask_opt: torch.optim.Optimizer, settings: SearchSettings, tau: float,
-                 steps_left: int, grad_bound: float | None = None) -> bool:
-    """True when no gate can change in the `steps_left` remaining SGD steps (the criterion of
-    `stop_when_frozen`); tau <= `tau` from now on (both schedules only lower it, `tau_floor` included) and the
-    mask learning rate never rises (constant or cosine). With SGD, v <- mu v + dJ/dm + wd m, m <- m - lr v, so
-    over T steps |m_T - m_0| <= lr / (1 - mu) (mu |v_0| + sum_t |dJ/dm_t + wd m_t|). A gate is final when:
-
-    - exact branch (always): its gradient is exactly zero for good. With no gradient, the drift is at most
-      D0 = lr / (1 - mu) (mu |v_0| + T 1.5 wd |m_0|) (while |m| <= 1.5 |m_0|, which D0 <= |m_0| / 2 keeps). If
-      D0 <= |m_0| / 2 and the float32 sigmoid of (|m_0| - D0) / tau is exactly 1 (or of -(|m_0| - D0) / tau
-      exactly 0: m/tau below about -104), then sigmoid(m_t / tau_t) stays exactly 1 (0) at every later step, so
-      the straight-through gradient sigma (1 - sigma) / tau of the gate is exactly 0 whatever dJ/dg is, by
-      induction over the steps. No assumption: the masks are final and the gates' gradient is exactly zero.
-    - bounded branch (only with `grad_bound` U, an assumption: the run passes the largest |dJ/dg| it has seen
-      times `frozen_grad_margin`): while |m| stays in [|m_0|/2, 3|m_0|/2], |dJ/dm| <= U s with
-      s = sigma'(|m_0| / (2 tau)) / tau (which falls as tau falls once |m_0|/(2 tau) >= 2.4), so
-      D = lr / (1 - mu) (mu |v_0| + T (U s + 1.5 wd |m_0|)) < |m_0| / 2 keeps the gate's sign.
-
-    Only plain SGD without gate noise qualifies."""
-    if settings.mask_optimizer != "sgd" or settings.gate_noise > 0:
-        return False
-    group = mask_opt.param_groups[0]
-    lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-    if mu >= 1:
-        return False
-    tau = max(tau, settings.tau_floor)
-    for gate in gates.gates.values():
-        signed = gate.logits.detach().double()
-        m = signed.abs()
-        buffer = mask_opt.state.get(gate.logits, {}).get("momentum_buffer")
-        v = buffer.detach().double().abs() if buffer is not None else torch.zeros_like(m)
-        drift = lr / (1 - mu) * (mu * v + steps_left * 1.5 * wd * m)
-        # The closest m can come to zero without gradient, as the float32 sigmoid of the gate would see it.
-        # (x 0.999: a margin for the rounding of m / tau in float32 near the saturation thresholds)
-        nearest = (torch.sign(signed) * 0.999 * (m - drift).clamp(min=0) / tau).float()
-        soft = torch.sigmoid(nearest)
-        final = (drift <= m / 2) & ((soft == 1) | (soft == 0))
-        if grad_bound is not None:
-            half = m / 2
-            reach = lr / (1 - mu) * (mu * v + steps_left * (grad_bound * _slope(half, tau) + 1.5 * wd * m))
-            final |= (half / tau >= 2.4) & (reach < half)
-        if not bool(final.all()):
-            return False
-    return True
 
 
 def _evaluate(model, split: Split | None, num_classes, num_bias, bias_names, batch_size, device,
@@ -484,6 +458,10 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
     approximate = use_cache and augmented
     if approximate:
         log.warning("bias-head epochs use cached features of un-augmented inputs: an approximation")
+    # The same fact makes a dead unit's zero gradient last (bise_cli.method.frozen: the dead-unit branch).
+    refusal = dead_unit_refusal(model, settings, same_inputs=not augmented)
+    if refusal is not None:
+        log.info("masks frozen only by saturated gates (pruning.stop_when_frozen): no dead-unit branch, %s", refusal)
     heads = _Heads(model, search, num_bias, settings, use_cache, generator, seed, device)
     head_acc = heads.train(settings.head_pretrain_epochs, gates, "vanilla")
     pretrain_states = heads.states()
@@ -496,6 +474,10 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
     tau = settings.tau0
     history: list[dict] = []
     grad_bound, frozen_epoch, frozen_val = 0.0, None, None
+    watch, check, checked_tau = None, None, None  # units final only as dead since frozen_epoch; the last check
+    # The dead units under the masks in force (a pass over the search split once the masks settle; None: not
+    # known) and the masks after the previous epoch.
+    verified, previous = None, _hard_masks(gates)
     tracked = [settings.selection_metric, *[m for m in settings.also_select_by if m != settings.selection_metric]]
     bests = {m: {"value": -math.inf, "epoch": 0, "masks": gates.binary_masks()} for m in tracked}
     epochs = settings.num_epochs
@@ -505,8 +487,24 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
             capture_input(model.classifier) as tap:
         for epoch in range(1, epochs + 1):
             frozen = frozen_epoch is not None and settings.stop_when_frozen
-            stats, masks, upstream = _mask_epoch(model, gates, heads, mask_opt, search, weights, settings, num_bias,
-                                                 generator, device, epoch, bar, tap, frozen=frozen)
+            # A forward-only epoch that finds a watched unit awake is undone and run in full (bise_cli.method.frozen).
+            state = EpochState(gates, mask_opt, heads.pairs, generator) if frozen and watch else None
+            stats, masks, upstream, checks = _mask_epoch(
+                model, gates, heads, mask_opt, search, weights, settings, num_bias, generator, device, epoch, bar,
+                tap, frozen=frozen, previous=previous, watch=watch)
+            if checks.get("revived"):
+                log.warning("epoch %d: a unit found dead after epoch %d is not any more (the model's activations "
+                            "changed between epochs); the masks are not final: %s", epoch, frozen_epoch,
+                            "the epoch runs again in full" if frozen else "checking again")
+                if frozen:
+                    state.restore(gates, mask_opt, heads.pairs, generator)
+                    stats, masks, upstream, checks = _mask_epoch(
+                        model, gates, heads, mask_opt, search, weights, settings, num_bias, generator, device,
+                        epoch, _NoBar(), tap, previous=previous)
+                frozen, frozen_epoch, frozen_val, watch, verified = False, None, None, None, None
+            previous = _hard_masks(gates)
+            if not checks["settled"]:
+                verified = None
             row = {"epoch": epoch, "tau": tau, **stats}
             if frozen:
                 # The masks are those of the epoch that froze: so are the evaluation's metrics (same computation).
@@ -544,16 +542,34 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
                 grad_bound = max(grad_bound, upstream)
                 steps_left = (epochs - epoch) * search.num_batches(settings.batch_size)
                 margin = settings.frozen_grad_margin if settings.stop_when_frozen else None
-                if masks_frozen(gates, mask_opt, settings, tau, steps_left,
-                                None if margin is None else margin * grad_bound):
+                if refusal is None and checks["settled"] and verified is None:
+                    # The masks did not change over the epoch: which units are dead under them (bise_cli.method.frozen).
+                    verified = dead_unit_pass(model, gates, search, settings.batch_size, settings.amp, device)
+                check, checked_tau = gate_finality(gates, mask_opt, settings, tau, steps_left,
+                                                   None if margin is None else margin * grad_bound, verified), tau
+                log.debug("epoch %d: %s%s", epoch, check.describe(),
+                          "" if checks["settled"] else "; the masks changed over the epoch")
+                if check.frozen:
                     frozen_epoch, frozen_val = epoch, (val_metrics, test_metrics)
-                    log.info("masks frozen after epoch %d of %d%s", epoch, epochs,
+                    watch = check.watch if check.counts["dead"] else None
+                    log.info("masks frozen after epoch %d of %d (%s)%s", epoch, epochs, check.describe(),
                              ": the remaining epochs run forward-only (pruning.stop_when_frozen)"
                              if settings.stop_when_frozen else "")
+    if frozen_epoch is None and check is not None:
+        log.info("masks never frozen: at the last check %s%s; not final: %s", check.describe(),
+                 f"; no dead-unit branch: {refusal}" if refusal else "",
+                 describe_blocking(gates, check, checked_tau, gates.peaks() if verified is not None else {}))
     result = _select(gates, bests, history, heads, pretrain_states, settings, val is not None, use_cache,
                      approximate)
     result.frozen_epoch = frozen_epoch
     return result
+
+
+class _NoBar:
+    """A progress bar that shows nothing (an epoch run again after an undone forward-only epoch)."""
+
+    def advance_batch(self) -> None:
+        pass
 
 
 def _on_host(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

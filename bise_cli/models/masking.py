@@ -70,6 +70,11 @@ class Gate(nn.Module):
         # Per-unit offset added to the logits in masked mode (a stochastic, Gumbel-sigmoid gate; None = the
         # paper's deterministic gate). Set per batch by GateSet.sample_noise.
         self.noise: torch.Tensor | None = None
+        # Per-unit max |h| over the tensors this gate multiplied while `recording` (GateSet.record_peaks),
+        # kept on the device; `calls` counts those tensors (a gate never applied has seen nothing).
+        self.recording = False
+        self.peak: torch.Tensor | None = None
+        self.calls = 0
 
     def hard(self) -> torch.Tensor:
         """The binary mask 1[m >= 0] as a float tensor (no gradient)."""
@@ -92,12 +97,24 @@ class Gate(nn.Module):
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         """Multiply `h` unit-wise by the gate values (broadcast over every other dimension)."""
+        if self.recording:
+            self._record(h)
         g = self.values()
         if g is None:
             return h
         shape = [1] * h.dim()
         shape[self.dim] = -1
         return h * g.to(h).view(shape)  # to(h): same dtype and device as the activations
+
+    def _record(self, h: torch.Tensor) -> None:
+        # The tensor the gate multiplies is what dJ/dg sums over (dJ/dg = sum dJ/dout * h); NaN propagates
+        # through amax and maximum, so a NaN never reads as zero.
+        unit_dim = self.dim % h.dim()
+        others = [d for d in range(h.dim()) if d != unit_dim]
+        largest = h.detach().abs()
+        largest = largest.amax(dim=others) if others else largest
+        self.peak = torch.maximum(self.peak, largest.to(self.peak.dtype))
+        self.calls += 1
 
 
 def _key(name: str) -> str:
@@ -181,6 +198,18 @@ class GateSet(nn.Module):
                 continue
             u = torch.rand(gate.logits.shape, generator=generator).clamp_(1e-6, 1 - 1e-6)
             gate.noise = (scale * (torch.log(u) - torch.log1p(-u))).to(gate.logits.device)
+
+    def record_peaks(self, on: bool) -> None:
+        """Start recording (from zero), or stop, for every unit the largest |h| of the tensors its gate
+        multiplies, on the device (no value is read back); `peaks()` returns them, also after the stop."""
+        for gate in self.gates.values():
+            if on:
+                gate.peak, gate.calls = torch.zeros_like(gate.logits.detach()), 0
+            gate.recording = on
+
+    def peaks(self) -> dict[str, torch.Tensor | None]:
+        """{gate name: per-unit max |h| of the last recording, or None for a gate that multiplied nothing}."""
+        return {p.name: self.gate(p.name).peak if self.gate(p.name).calls else None for p in self.points}
 
     def soft_fraction(self) -> torch.Tensor:
         """The mean of sigmoid(m / tau) over every unit: a differentiable stand-in for the kept fraction (the

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from bise_cli.core.precision import FP32
 from bise_cli.data.augment import crop_flip
 from bise_cli.data.base import Split
 from bise_cli.method.frozen import (
@@ -172,7 +173,7 @@ def test_gates_record_the_largest_input_per_unit(killed_mlp):
 # -------------------------------------------------------------------------------------------- the search
 
 def test_the_stop_fires_on_dead_units_and_changes_no_result(killed_mlp, caplog):
-    with caplog.at_level("INFO", logger="bise_cli.bise"):
+    with caplog.at_level("INFO", logger="bise_cli.method.search"):
         full = _search(killed_mlp, stop_when_frozen=False)
         fast = _search(killed_mlp)
     assert "on dead units" in caplog.text and "is not any more" not in caplog.text
@@ -204,7 +205,7 @@ def _wakes_up_late(gates):
 
 def test_a_unit_that_wakes_up_after_the_stop_undoes_the_forward_only_epoch(killed_mlp, caplog):
     full = _search(killed_mlp, hook=_wakes_up_late, stop_when_frozen=False)
-    with caplog.at_level("WARNING", logger="bise_cli.bise"):
+    with caplog.at_level("WARNING", logger="bise_cli.method.search"):
         fast = _search(killed_mlp, hook=_wakes_up_late)
     assert "runs again in full" in caplog.text
     # The woken unit's gate moved (a forward-only replay would have left it at 0), identically in both runs.
@@ -262,10 +263,10 @@ def test_a_unit_dead_while_an_upstream_gate_still_moves_is_not_final(caplog):
     assert dead["fc1"].tolist() == [False, True] and not dead["fc0"].any()
     # The pass over a split under the current masks finds the same, and d alive once u's gate is off.
     split = Split(torch.rand(30, 2), torch.zeros(30, dtype=torch.long), torch.zeros(30, dtype=torch.long))
-    assert dead_unit_pass(model, gates, split, 7, "fp32", "cpu")["fc1"].tolist() == [False, True]
+    assert dead_unit_pass(model, gates, split, 7, FP32, "cpu")["fc1"].tolist() == [False, True]
     with torch.no_grad():
         gates.gate("fc0").logits[1] = -0.3
-    assert not dead_unit_pass(model, gates, split, 7, "fp32", "cpu")["fc1"].any()
+    assert not dead_unit_pass(model, gates, split, 7, FP32, "cpu")["fc1"].any()
     with torch.no_grad():
         gates.gate("fc0").logits[1] = 0.3
     opt = make_mask_optimizer(gates.parameters(), settings)
@@ -275,7 +276,7 @@ def test_a_unit_dead_while_an_upstream_gate_still_moves_is_not_final(caplog):
             == "1 on (m/tau 3 to 3): fc0[1] m 0.3 (m/tau 3, on, max|h| 1)")
     gates.detach()
     # The search: u's gate flips off, d wakes up and its gate goes off too; the criterion never fired before.
-    with caplog.at_level("INFO", logger="bise_cli.bise"):
+    with caplog.at_level("INFO", logger="bise_cli.method.search"):
         full, fast = _flip_search(stop=False), _flip_search(stop=True)
     assert "is not any more" not in caplog.text  # no stop that the guard had to undo
     sparsity = [row["sparsity_units"] for row in full[0].history]
@@ -293,7 +294,7 @@ def test_a_unit_dead_under_masks_no_longer_in_force_is_not_final(caplog):
     the forward pass that saw d dead. Every other gate is final then, but d was dead under masks that are no
     longer in force: the branch must not count it (d wakes up and its gate goes off)."""
     options = dict(u=1e-4, tau0=0.01, tau_min=0.001, mask_lr=1.0, mask_momentum=0.0, batch_size=200)
-    with caplog.at_level("INFO", logger="bise_cli.bise"):
+    with caplog.at_level("INFO", logger="bise_cli.method.search"):
         full, fast = _flip_search(stop=False, **options), _flip_search(stop=True, **options)
     # Not even a stop after epoch 1 that the guard would then undo.
     assert "is not any more" not in caplog.text and "masks frozen after epoch 1 " not in caplog.text
@@ -308,7 +309,7 @@ def test_dead_units_found_under_earlier_masks_do_not_count_after_a_change(caplog
     finds d dead (u is still on). In epoch 2 u's gate jumps to saturated off: every other gate is final, but the
     dead units found under the old masks must not count (d is alive now)."""
     options = dict(u=0.05, tau_factor=0.01, tau_min=1e-5, mask_lr=0.1, mask_momentum=0.0, batch_size=200)
-    with caplog.at_level("DEBUG", logger="bise_cli.bise"):
+    with caplog.at_level("DEBUG", logger="bise_cli.method.search"):
         full, fast = _flip_search(stop=False, **options), _flip_search(stop=True, **options)
     assert [row["sparsity_units"] for row in full[0].history] == [0.0, 0.25, 0.5]
     assert "epoch 1: 1 of 4 gates not final (1 live" in caplog.text and "1 on dead units" in caplog.text

@@ -19,6 +19,7 @@ from meta_device import meta_device
 
 from bise_cli.baselines.ffw import FFWSettings, run_ffw, train_head_to_plateau
 from bise_cli.baselines.lff import train_lff
+from bise_cli.core.precision import FP32
 from bise_cli.data.augment import crop_flip
 from bise_cli.data.base import Split
 from bise_cli.data.cifar10c import encode
@@ -177,7 +178,7 @@ def test_dead_unit_pass_and_epoch_undo_never_wait():
         opt.step()
         generator = torch.Generator().manual_seed(0)
         mode.syncs.clear()
-        dead = dead_unit_pass(model, gates, search, 10, "fp32", META)
+        dead = dead_unit_pass(model, gates, search, 10, FP32, META)
         woke = revived(gates.peaks(), dead)
         state = EpochState(gates, opt, heads, generator)
         state.restore(gates, opt, heads, generator)

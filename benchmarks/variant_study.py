@@ -1,8 +1,10 @@
 """Issue 22, section 3: which changes to the BISE search (and to the fine-tuning) beat the paper's recipe?
 
 Every variant runs on the same data, vanilla model and seeds as the paper's recipe, so each comparison is
-paired by seed. Multi-Color MNIST has no validation split, so the study holds out 5,000 training digits coloured
-like the test split (`dataset.val_holdout=5000`, a deviation from the paper) and everything that chooses (the
+paired by seed. Multi-Color MNIST has no validation split, so the study holds out 5,000 of the 60,000 training
+digits (the paper and quickstart protocols both read the MNIST files shipped in datasets/mnist; the smoke check's
+5,000 embedded digits hold out 500), coloured like the test split (`dataset.val_holdout`, a deviation from the
+paper), and everything that chooses (the
 mask epoch, the fine-tuning epoch, the restart, the recommended variant) reads that split only; test metrics are
 reported, never used to choose.
 
@@ -12,10 +14,11 @@ with the best validation unbiased accuracy). One fine-tuning run likewise gives 
 (r = 0, 1, 2), exactly what `pruning.restarts=3` runs, keeping the one whose selected masks score best on
 validation. Results go through the package's stage cache, so an interrupted study resumes where it stopped.
 
-    python benchmarks/variant_study.py run --protocol paper --seeds 0 1 2 3 4 --searches paper noise
+    python benchmarks/variant_study.py run --protocol paper --seeds 0 1 2 3 4 --searches paper noise_0.1
     python benchmarks/variant_study.py table --out benchmarks/results/variant_study
 
-`run` writes one JSON line per (protocol, seed, method) into <output_root>/study/records/; `table` writes
+`run` writes one JSON line per (protocol, seed, method) into <output_root>/study/records/ (--output-root, default
+outputs/variant_study, git-ignored; the stage cache lives there too); `table` writes
 table.md / table.csv: mean +- sd over seeds of the test and validation unbiased accuracy, the worst group, the
 units pruned and the fresh-probe leakage, and per row the paired difference against its stage's paper-recipe row
 (mean, 95 % t interval, scipy.stats.ttest_rel p).
@@ -34,11 +37,13 @@ from pathlib import Path
 
 import torch
 
-OUTPUT_ROOT = "/work/w22research_out"
-HOLDOUT = "dataset.val_holdout=5000"
+OUTPUT_ROOT = "outputs/variant_study"  # --output-root: the stage cache and the records
+HOLDOUT = "dataset.val_holdout=5000"  # of the 60k MNIST training digits
+# source=files: the study needs the 60k digits in datasets/mnist; the quickstart's embedded fallback (5k digits)
+# would leave too few after the holdout, so a missing file is an error here rather than a silent fallback.
 PROTOCOLS = {
-    "paper": ["experiment=paper/multicolor_mnist", HOLDOUT],
-    "quickstart": ["experiment=quickstart", HOLDOUT],
+    "paper": ["experiment=paper/multicolor_mnist", HOLDOUT, "dataset.source=files"],
+    "quickstart": ["experiment=quickstart", HOLDOUT, "dataset.source=files"],
     # Seconds-long check of this script itself (embedded digits, two epochs everywhere); not a result.
     "smoke": ["experiment=quickstart", "dataset.val_holdout=500", "dataset.source=embedded", "train.epochs=2",
               "pruning.tau_period=1", "pruning.tau_min=0.3", "pruning.head_pretrain_epochs=1",
@@ -335,12 +340,14 @@ def main() -> None:
     r.add_argument("--searches", nargs="+", default=["paper"], choices=sorted(SEARCHES))
     r.add_argument("--ft-searches", nargs="*", default=["paper"], help="searches whose masks are fine-tuned")
     r.add_argument("--restarts", action="store_true", help=f"also the {RESTARTS}-restart variant of the paper search")
-    r.add_argument("--output-root", default=OUTPUT_ROOT)
+    r.add_argument("--output-root", default=OUTPUT_ROOT, help="stage cache and records (default: %(default)s)")
     r.add_argument("--control-recipes", nargs="+", default=["adam_1e-3"], choices=sorted(FINETUNES))
     r.add_argument("--ft-recipes", nargs="+", default=["adam_1e-3"], choices=sorted(FINETUNES))
     r.add_argument("--tag", default="main", help="names this run's records file (<protocol>_seed<seed>_<tag>.jsonl)")
     t = sub.add_parser("table")
-    t.add_argument("--records", default=f"{OUTPUT_ROOT}/study/records", help="folder of *.jsonl record files")
+    t.add_argument("--output-root", default=OUTPUT_ROOT, help="the run's --output-root (default: %(default)s)")
+    t.add_argument("--records", default=None, help="folder of *.jsonl record files (default: "
+                   "<output-root>/study/records)")
     t.add_argument("--out", default="benchmarks/results/variant_study")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -348,7 +355,10 @@ def main() -> None:
         run(args.protocol, args.seeds, args.searches, args.ft_searches, args.restarts, args.output_root, args.tag,
             args.control_recipes, args.ft_recipes)
     else:
-        table(Path(args.records), Path(args.out))
+        records = Path(args.records or Path(args.output_root) / "study" / "records")
+        if not records.is_dir() or not any(records.glob("*.jsonl")):
+            parser.error(f"no *.jsonl records in {records} (run `variant_study.py run` first, same --output-root)")
+        table(records, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -242,10 +242,18 @@ def run(protocol: str, seeds: list[int], searches: list[str], ft_searches: list[
         for name in ft_searches:
             result = trajectories[name]
             selections = ("last", "val") if name == "paper" else ("val",)
+            done = {}  # recipe -> (masks, fine-tuned result) of the `last` selection
             for selection in selections:
                 masks = result[selection]["masks"]
                 for recipe_name in ft_recipes:
-                    tuned = finetune(ctx, model, masks, result["key"], FINETUNES[recipe_name], f"{name}:{selection}")
+                    earlier = done.get(recipe_name)
+                    if earlier is not None and all(torch.equal(masks[k], earlier[0][k]) for k in masks):
+                        # Same masks, same data, same seed: the fine-tuning would repeat bit for bit.
+                        tuned = earlier[1]
+                    else:
+                        tuned = finetune(ctx, model, masks, result["key"], FINETUNES[recipe_name],
+                                         f"{name}:{selection}")
+                        done.setdefault(recipe_name, (masks, tuned))
                     for ft_selection in ("last", "val"):
                         rows.append({**base, "stage": "bise_ft",
                                      "method": f"{name} masks:{selection} {recipe_name} ft:{ft_selection}",

@@ -270,6 +270,15 @@ REFERENCE = {"vanilla": "vanilla", "bise": "paper masks:last", "bise_ft": "paper
              "reweighted_ft": "rwft adam_1e-3 ft:last"}
 
 
+def ordered(frame):
+    """(stage, method) groups of `frame` in the pipeline's stage order, each stage's reference row first, then by
+    name: the order of the record files does not decide the table's."""
+    order = ("vanilla", "reweighted_ft", "bise", "bise_ft")
+    return sorted(frame.groupby(["stage", "method"], sort=False),
+                  key=lambda item: (order.index(item[0][0]) if item[0][0] in order else len(order), item[0][0],
+                                    item[0][1] != REFERENCE.get(item[0][0]), item[0][1]))
+
+
 def paired(a: list[float], b: list[float]) -> tuple[float, float, float, float]:
     """Mean of a - b, its 95 % t interval and the two-sided paired t-test p (scipy.stats.ttest_rel)."""
     from scipy import stats
@@ -303,7 +312,7 @@ def per_seed(frame) -> list[str]:
     lines = ["Test unbiased accuracy per seed (in brackets: minus the same seed's vanilla)", "",
              "| stage | method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|---|---|" + "---|" * len(seeds)]
-    for (stage, method), group in frame.groupby(["stage", "method"], sort=False):
+    for (stage, method), group in ordered(frame):
         values = group.set_index("seed").acc_unbiased * 100
         cells = [f"{values[s]:.1f}" + (f" ({values[s] - vanilla[s]:+.1f})" if s in vanilla.index else "")
                  if s in values.index else "–" for s in seeds]
@@ -319,7 +328,7 @@ def table(records: Path, out: Path) -> None:
     for protocol, frame in df.groupby("protocol", sort=False):
         lines += [f"## {protocol}", "", "| stage | method | n | test unbiased | val unbiased | worst group | units off "
                   "| leakage | vs paper row: diff [95 % CI] | p |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for (stage, method), group in frame.groupby(["stage", "method"], sort=False):
+        for (stage, method), group in ordered(frame):
             group = group.sort_values("seed")
             ref = frame[(frame.stage == stage) & (frame.method == REFERENCE[stage])].set_index("seed")
             common = [s for s in group.seed if s in ref.index]

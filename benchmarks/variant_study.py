@@ -1,8 +1,10 @@
 """Issue 22, section 3: which changes to the BISE search (and to the fine-tuning) beat the paper's recipe?
 
 Every variant runs on the same data, vanilla model and seeds as the paper's recipe, so each comparison is
-paired by seed. Multi-Color MNIST has no validation split, so the study holds out 5,000 training digits coloured
-like the test split (`dataset.val_holdout=5000`, a deviation from the paper) and everything that chooses (the
+paired by seed. Multi-Color MNIST has no validation split, so the study holds out 5,000 of the 60,000 training
+digits (the paper and quickstart protocols both read the MNIST files shipped in datasets/mnist; the smoke check's
+5,000 embedded digits hold out 500), coloured like the test split (`dataset.val_holdout`, a deviation from the
+paper), and everything that chooses (the
 mask epoch, the fine-tuning epoch, the restart, the recommended variant) reads that split only; test metrics are
 reported, never used to choose.
 
@@ -12,10 +14,11 @@ with the best validation unbiased accuracy). One fine-tuning run likewise gives 
 (r = 0, 1, 2), exactly what `pruning.restarts=3` runs, keeping the one whose selected masks score best on
 validation. Results go through the package's stage cache, so an interrupted study resumes where it stopped.
 
-    python benchmarks/variant_study.py run --protocol paper --seeds 0 1 2 3 4 --searches paper noise
+    python benchmarks/variant_study.py run --protocol paper --seeds 0 1 2 3 4 --searches paper noise_0.1
     python benchmarks/variant_study.py table --out benchmarks/results/variant_study
 
-`run` writes one JSON line per (protocol, seed, method) into <output_root>/study/records/; `table` writes
+`run` writes one JSON line per (protocol, seed, method) into <output_root>/study/records/ (--output-root, default
+outputs/variant_study, git-ignored; the stage cache lives there too); `table` writes
 table.md / table.csv: mean +- sd over seeds of the test and validation unbiased accuracy, the worst group, the
 units pruned and the fresh-probe leakage, and per row the paired difference against its stage's paper-recipe row
 (mean, 95 % t interval, scipy.stats.ttest_rel p).
@@ -34,11 +37,13 @@ from pathlib import Path
 
 import torch
 
-OUTPUT_ROOT = "/work/w22research_out"
-HOLDOUT = "dataset.val_holdout=5000"
+OUTPUT_ROOT = "outputs/variant_study"  # --output-root: the stage cache and the records
+HOLDOUT = "dataset.val_holdout=5000"  # of the 60k MNIST training digits
+# source=files: the study needs the 60k digits in datasets/mnist; the quickstart's embedded fallback (5k digits)
+# would leave too few after the holdout, so a missing file is an error here rather than a silent fallback.
 PROTOCOLS = {
-    "paper": ["experiment=paper/multicolor_mnist", HOLDOUT],
-    "quickstart": ["experiment=quickstart", HOLDOUT],
+    "paper": ["experiment=paper/multicolor_mnist", HOLDOUT, "dataset.source=files"],
+    "quickstart": ["experiment=quickstart", HOLDOUT, "dataset.source=files"],
     # Seconds-long check of this script itself (embedded digits, two epochs everywhere); not a result.
     "smoke": ["experiment=quickstart", "dataset.val_holdout=500", "dataset.source=embedded", "train.epochs=2",
               "pruning.tau_period=1", "pruning.tau_min=0.3", "pruning.head_pretrain_epochs=1",
@@ -237,10 +242,18 @@ def run(protocol: str, seeds: list[int], searches: list[str], ft_searches: list[
         for name in ft_searches:
             result = trajectories[name]
             selections = ("last", "val") if name == "paper" else ("val",)
+            done = {}  # recipe -> (masks, fine-tuned result) of the `last` selection
             for selection in selections:
                 masks = result[selection]["masks"]
                 for recipe_name in ft_recipes:
-                    tuned = finetune(ctx, model, masks, result["key"], FINETUNES[recipe_name], f"{name}:{selection}")
+                    earlier = done.get(recipe_name)
+                    if earlier is not None and all(torch.equal(masks[k], earlier[0][k]) for k in masks):
+                        # Same masks, same data, same seed: the fine-tuning would repeat bit for bit.
+                        tuned = earlier[1]
+                    else:
+                        tuned = finetune(ctx, model, masks, result["key"], FINETUNES[recipe_name],
+                                         f"{name}:{selection}")
+                        done.setdefault(recipe_name, (masks, tuned))
                     for ft_selection in ("last", "val"):
                         rows.append({**base, "stage": "bise_ft",
                                      "method": f"{name} masks:{selection} {recipe_name} ft:{ft_selection}",
@@ -255,6 +268,15 @@ def run(protocol: str, seeds: list[int], searches: list[str], ft_searches: list[
 
 REFERENCE = {"vanilla": "vanilla", "bise": "paper masks:last", "bise_ft": "paper masks:last adam_1e-3 ft:last",
              "reweighted_ft": "rwft adam_1e-3 ft:last"}
+
+
+def ordered(frame):
+    """(stage, method) groups of `frame` in the pipeline's stage order, each stage's reference row first, then by
+    name: the order of the record files does not decide the table's."""
+    order = ("vanilla", "reweighted_ft", "bise", "bise_ft")
+    return sorted(frame.groupby(["stage", "method"], sort=False),
+                  key=lambda item: (order.index(item[0][0]) if item[0][0] in order else len(order), item[0][0],
+                                    item[0][1] != REFERENCE.get(item[0][0]), item[0][1]))
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float, float, float]:
@@ -282,6 +304,22 @@ def load(records: Path):
     return df.drop_duplicates(["protocol", "seed", "stage", "method"], keep="last")
 
 
+def per_seed(frame) -> list[str]:
+    """Markdown lines: the test unbiased accuracy of every (stage, method) per seed, and its difference from the
+    same seed's vanilla model (the quickstart target reads seeds 0 and 1: BISE alone >= vanilla + 5 points)."""
+    seeds = sorted(frame.seed.unique())
+    vanilla = frame[frame.stage == "vanilla"].set_index("seed").acc_unbiased * 100
+    lines = ["Test unbiased accuracy per seed (in brackets: minus the same seed's vanilla)", "",
+             "| stage | method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|" + "---|" * len(seeds)]
+    for (stage, method), group in ordered(frame):
+        values = group.set_index("seed").acc_unbiased * 100
+        cells = [f"{values[s]:.1f}" + (f" ({values[s] - vanilla[s]:+.1f})" if s in vanilla.index else "")
+                 if s in values.index else "–" for s in seeds]
+        lines.append(f"| {stage} | {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def table(records: Path, out: Path) -> None:
     import pandas as pd
 
@@ -290,7 +328,7 @@ def table(records: Path, out: Path) -> None:
     for protocol, frame in df.groupby("protocol", sort=False):
         lines += [f"## {protocol}", "", "| stage | method | n | test unbiased | val unbiased | worst group | units off "
                   "| leakage | vs paper row: diff [95 % CI] | p |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for (stage, method), group in frame.groupby(["stage", "method"], sort=False):
+        for (stage, method), group in ordered(frame):
             group = group.sort_values("seed")
             ref = frame[(frame.stage == stage) & (frame.method == REFERENCE[stage])].set_index("seed")
             common = [s for s in group.seed if s in ref.index]
@@ -319,7 +357,7 @@ def table(records: Path, out: Path) -> None:
                              "diff_vs_paper": diff[0] if diff else None, "ci_low": diff[1] if diff else None,
                              "ci_high": diff[2] if diff else None, "p": diff[3] if diff else None,
                              "seeds": " ".join(map(str, group.seed))})
-        lines.append("")
+        lines += ["", *per_seed(frame), ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text("\n".join(lines))
     pd.DataFrame(csv_rows).to_csv(out / "table.csv", index=False)
@@ -335,12 +373,14 @@ def main() -> None:
     r.add_argument("--searches", nargs="+", default=["paper"], choices=sorted(SEARCHES))
     r.add_argument("--ft-searches", nargs="*", default=["paper"], help="searches whose masks are fine-tuned")
     r.add_argument("--restarts", action="store_true", help=f"also the {RESTARTS}-restart variant of the paper search")
-    r.add_argument("--output-root", default=OUTPUT_ROOT)
+    r.add_argument("--output-root", default=OUTPUT_ROOT, help="stage cache and records (default: %(default)s)")
     r.add_argument("--control-recipes", nargs="+", default=["adam_1e-3"], choices=sorted(FINETUNES))
     r.add_argument("--ft-recipes", nargs="+", default=["adam_1e-3"], choices=sorted(FINETUNES))
     r.add_argument("--tag", default="main", help="names this run's records file (<protocol>_seed<seed>_<tag>.jsonl)")
     t = sub.add_parser("table")
-    t.add_argument("--records", default=f"{OUTPUT_ROOT}/study/records", help="folder of *.jsonl record files")
+    t.add_argument("--output-root", default=OUTPUT_ROOT, help="the run's --output-root (default: %(default)s)")
+    t.add_argument("--records", default=None, help="folder of *.jsonl record files (default: "
+                   "<output-root>/study/records)")
     t.add_argument("--out", default="benchmarks/results/variant_study")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -348,7 +388,10 @@ def main() -> None:
         run(args.protocol, args.seeds, args.searches, args.ft_searches, args.restarts, args.output_root, args.tag,
             args.control_recipes, args.ft_recipes)
     else:
-        table(Path(args.records), Path(args.out))
+        records = Path(args.records or Path(args.output_root) / "study" / "records")
+        if not records.is_dir() or not any(records.glob("*.jsonl")):
+            parser.error(f"no *.jsonl records in {records} (run `variant_study.py run` first, same --output-root)")
+        table(records, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def compose(overrides: list[str]) -> dict:
 
 def context(protocol: str, seed: int, output_root: str):
     """The pipeline's Context for one (protocol, seed): data built and fingerprinted, cache under output_root."""
-    from bise_cli.core.precision import configure_backends
+    from bise_cli.core.precision import autocast, configure_backends
     from bise_cli.run import pipeline, stages
     from bise_cli.run.cache import StageCache
     from bise_cli.run.fingerprint import fingerprint_bundle
@@ -112,7 +112,8 @@ def context(protocol: str, seed: int, output_root: str):
     fingerprint = fingerprint_bundle(bundle)["sha256"]
     bundle.splits = {name: split.to(device) for name, split in bundle.splits.items()}
     run_dir = RunDir(Path(output_root) / "study" / "runs" / f"{protocol}_seed{seed}")
-    return stages.Context(cfg, bundle, device, StageCache(stages.cache_root(cfg), True), run_dir, fingerprint)
+    return stages.Context(cfg, bundle, device, StageCache(stages.cache_root(cfg), True), run_dir, fingerprint,
+                          amp=autocast(cfg["precision"], device))
 
 
 def _metrics(metrics: dict) -> dict:
@@ -135,7 +136,7 @@ def search(ctx, model, vanilla_key: dict, options: dict, restart: int = 0) -> di
            "reweighting": ctx.reweighting()}
 
     def compute() -> dict:
-        settings = dataclasses.replace(stages.pruning_settings(p), precision=ctx.cfg["precision"])
+        settings = dataclasses.replace(stages.pruning_settings(p), amp=ctx.amp)
         split = ctx.bundle["search"]
         weights = sample_weights(ctx.reweighting(), split.y, split.b, ctx.bundle.num_classes, ctx.bundle.num_bias,
                                  ctx.bundle.nominal_rho)
@@ -168,6 +169,7 @@ def finetune(ctx, model, masks, parent_key: dict, recipe: dict, label: str) -> d
     from bise_cli.baselines import matched
     from bise_cli.method.evaluate import train_group_weights
     from bise_cli.method.prune import prune_model
+    from bise_cli.method.recipe import TrainRecipe
     from bise_cli.method.reweighting import sample_weights
     from bise_cli.method.train import fit, freeze
     from bise_cli.run import stages
@@ -184,11 +186,9 @@ def finetune(ctx, model, masks, parent_key: dict, recipe: dict, label: str) -> d
         best = matched.BestState(tuned, ctx.bundle["val"], ctx.bundle.num_classes, ctx.bundle.num_bias,
                                    batch_size=ctx.cfg["eval_batch_size"], device=ctx.device, metric=VAL_METRIC,
                                    group_weights=train_group_weights(ctx.bundle))
-        fit(tuned, split, epochs=f["epochs"], batch_size=f["batch_size"], optimizer=f["optimizer"], lr=f["lr"],
-            momentum=f["momentum"], weight_decay=f["weight_decay"], scheduler=f["scheduler"],
-            milestones=f.get("milestones"), sample_weights=weights, device=ctx.device,
+        fit(tuned, split, TrainRecipe.from_section(f, "finetune"), sample_weights=weights, device=ctx.device,
             seed=stages.seed_stage(ctx.seed, "bise_ft" if masks is not None else "reweighted_ft"),
-            description=f"ft {label}", after_epoch=best.update, precision=ctx.cfg["precision"])
+            description=f"ft {label}", after_epoch=best.update, amp=ctx.amp)
         if gates is not None:
             gates.detach()
         out = {"best_epoch": best.epoch}

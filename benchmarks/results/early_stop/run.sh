@@ -22,7 +22,7 @@ run() {  # run NAME OVERRIDES...: the pair off / on
     fi
     echo "== $name $mode $(date -Is)"
     PYTHONPATH=. "$PY" -m bise_cli run "$@" "pruning.stop_when_frozen=$stop" "output_root=$OUT/$mode" \
-      "hydra.run.dir=$OUT/$mode/runs/$name" "hydra.verbose=bise_cli.bise" > "$LOGS/${name}_$mode.log" 2>&1
+      "hydra.run.dir=$OUT/$mode/runs/$name" "hydra.verbose=bise_cli.method.search" > "$LOGS/${name}_$mode.log" 2>&1
   done
 }
 

@@ -98,6 +98,22 @@ def without_timing(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
+def randomise_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Move 1-d parameters (norm scales, biases), layer scales and BN statistics away from their init values, so
+    that a mis-sliced BatchNorm, LayerNorm or layer scale cannot hide behind weight 1, bias 0, mean 0, variance 1
+    (the pruned == gated tests)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1 or name.endswith("layer_scale"):
+                noise = 0.2 * torch.randn(param.shape, generator=generator)
+                param.copy_(noise + (1.0 if name.endswith("weight") else 0.0))
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
+            elif name.endswith("running_var"):
+                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
+
+
 def param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -26,7 +26,7 @@ from bise_cli.models.auto_gates import AutoGatedNet, KeptInput, PrunedAutoNet
 from bise_cli.models.masking import GatePoint, GateSet
 from bise_cli.reporting.efficiency import count_macs
 
-from conftest import param_count, prune_and_compare
+from conftest import param_count, prune_and_compare, randomise_norms
 
 
 def _image() -> torch.Tensor:
@@ -67,24 +67,11 @@ FAMILIES = {
 MASK_CASES = ["all_kept", "random", "one_left", "emptied", "removable_only"]
 
 
-def _randomise_norms(model: nn.Module, generator: torch.Generator) -> None:
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1 or name.endswith("layer_scale"):
-                noise = 0.2 * torch.randn(param.shape, generator=generator)
-                param.copy_(noise + (1.0 if name.endswith("weight") else 0.0))
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
-            elif name.endswith("running_var"):
-                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
-
-
 @functools.cache
 def _frozen(family: str) -> nn.Module:
     torch.manual_seed(0)
     model = freeze(FAMILIES[family][0]())
-    _randomise_norms(model, torch.Generator().manual_seed(1))
+    randomise_norms(model, torch.Generator().manual_seed(1))
     return model
 
 
@@ -199,7 +186,7 @@ def test_automatic_resnet18_is_the_papers_resnet18():
     weights: the same 16 gates at the same places (3,840 units) and the same gated and pruned logits."""
     torch.manual_seed(0)
     hand = freeze(build_backbone("resnet18", 10, weights=None))
-    _randomise_norms(hand, torch.Generator().manual_seed(1))
+    randomise_norms(hand, torch.Generator().manual_seed(1))
     auto = copy.deepcopy(_frozen("resnet18"))
     auto.net.load_state_dict(hand.net.state_dict())
     hand_points, auto_points = hand.gate_points(), auto.gate_points()

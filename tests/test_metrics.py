@@ -154,7 +154,7 @@ def test_disparity_agrees_with_fairlearn_on_random_cases_with_empty_cells():
 
     rng = np.random.default_rng(0)
     empty_cells = conventions_differ = 0
-    for case in range(300):
+    for case in range(100):
         n = int(rng.integers(2, 16))
         values = int(rng.integers(1, 4))
         y, s, pred = rng.integers(0, 2, n), rng.integers(0, values, n), rng.integers(0, 2, n)
@@ -165,9 +165,9 @@ def test_disparity_agrees_with_fairlearn_on_random_cases_with_empty_cells():
         assert (ours["dp_diff"], ours["eo_diff"]) == pytest.approx(_disparity_by_definition(y, s, pred)), case
         empty_cells += any(not ((s == v) & (y == label)).any() for v in np.unique(s) for label in (0, 1))
         conventions_differ += _disparity_by_definition(y, s, pred, missing=None)[1] != ours["eo_diff"]
-    # A third of the cases have a value of s without positives or without negatives, and in many of them
-    # skipping that value instead of counting its rate as 0 would change eo_diff.
-    assert empty_cells > 60 and conventions_differ > 20
+    # A third of the cases (35 of these 100) have a value of s without positives or without negatives, and in
+    # many of them (13) skipping that value instead of counting its rate as 0 would change eo_diff.
+    assert empty_cells > 25 and conventions_differ > 8
 
 
 def test_biased_mnist_baselines_are_attributed_to_their_methods_in_the_reference_footer(tmp_path):

@@ -20,7 +20,7 @@ from bise_cli.method.train import freeze
 from bise_cli.models import build_backbone
 from bise_cli.models.registry import BACKBONES, spec
 
-from conftest import param_count, prune_and_compare
+from conftest import param_count, prune_and_compare, randomise_norms
 
 
 def _example(name: str) -> torch.nn.Module:
@@ -42,28 +42,13 @@ def _input(name: str) -> torch.Tensor:
 MASK_CASES = ["random", "middle_emptied", "last_emptied", "one_left", "all_kept"]
 
 
-def _randomise_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Move 1-d parameters (norm scales, biases) and BN statistics away from their init values, so that a
-    mis-sliced BatchNorm or LayerNorm cannot hide behind weight 1, bias 0, mean 0, variance 1."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1:
-                noise = 0.2 * torch.randn(param.shape, generator=generator)
-                param.copy_(noise + (1.0 if name.endswith("weight") else 0.0))
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
-            elif name.endswith("running_var"):
-                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
-
-
 @functools.cache
 def _frozen_model(name: str) -> torch.nn.Module:
     """One frozen random model per backbone, built once (ResNet-18's init dominates the runtime); tests use a
     deep copy so that a failing case cannot leave gates attached for the next one."""
     torch.manual_seed(0)
     model = freeze(_example(name))
-    _randomise_norms(model, torch.Generator().manual_seed(1))
+    randomise_norms(model, torch.Generator().manual_seed(1))
     return model
 
 

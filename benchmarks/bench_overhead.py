@@ -48,7 +48,8 @@ PARTS = [  # the subpackage layout first, then the flat layout of older trees
     ("  leakage probe", "bise_cli.method.evaluate", "fresh_probe_leakage"),
     ("latency report", "bise_cli.run.stages", "efficiency_report"),
     ("records", "bise_cli.run.records", "RunDir.add_record"),
-    ("report", "bise_cli.run.pipeline", "write_report"),
+    ("report", "bise_cli.reporting.card", "write_report"),  # inside the card since report.md is its text
+    ("report", "bise_cli.run.pipeline", "write_report"),  # trees where the pipeline wrote the report itself
     ("card", "bise_cli.run.pipeline", "write_run_card"),
     ("  plots", "bise_cli.reporting.card", "plot_group_accuracy"),
     ("  plots", "bise_cli.reporting.plots", "plot_kept_units"),

@@ -211,8 +211,8 @@ def fixed_costs(mnist: str, reps: int) -> list[str]:
     from bise_cli.data.biased_mnist import build_biased_mnist
     from bise_cli.data.mnist_source import load_digits
     from bise_cli.method.evaluate import evaluate_model
+    from bise_cli.reporting.card import write_run_card
     from bise_cli.reporting.efficiency import efficiency_report
-    from bise_cli.reporting.report import write_report
     from bise_cli.run.records import RunDir, make_record
 
     lines = []
@@ -263,8 +263,8 @@ def fixed_costs(mnist: str, reps: int) -> list[str]:
         run_dir = RunDir(Path(tmp) / "run")
         for stage in ("vanilla", "bise", "bise_ft"):
             run_dir.add_record(make_record(stage, metrics, cfg))
-        write_report(run_dir.path, cfg, run_dir.records)
-        lines.append(f"| records: 3 stage records + report.md | {time.perf_counter() - started:.2f} s |")
+        write_run_card(run_dir.path, cfg, run_dir.records)
+        lines.append(f"| records: 3 stage records + model card and report.md | {time.perf_counter() - started:.2f} s |")
     return lines
 
 

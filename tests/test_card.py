@@ -75,6 +75,17 @@ def test_card_numbers_equal_the_records(tiny_run):
                     "## 6. Known limitations", "not a conformity assessment", "decisions about people"):
         assert heading in text
     assert (run_dir / "group_accuracy.png").stat().st_size > 5000
+    # The records the before/after columns do not show (alternative selections here) are the card's other stages.
+    firsts = [next(r for r in records if r["stage"] == s) for s in card["performance"]]
+    others = [r for r in records if not any(r is first for first in firsts)]
+    assert [(o["stage"], o["selection"]) for o in card["other_stages"]] == \
+        [(r["stage"], r.get("selection")) for r in others]
+    assert all(r[name] == value for o, r in zip(card["other_stages"], others, strict=True)
+               for name, value in o["metrics"].items())
+    # report.md is that same text, then the search plots: nothing in it is rendered a second time.
+    report = (run_dir / "report.md").read_text()
+    assert report.startswith(text) and report[len(text):].startswith("\n## Plots of the mask search\n")
+    assert not any(line.startswith("|") for line in report[len(text):].splitlines())
 
 
 def test_vanilla_only_card_is_an_audit(tiny_run):

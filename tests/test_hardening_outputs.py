@@ -392,7 +392,7 @@ def _check_markdown(text: str) -> None:
     tokens = MarkdownIt("commonmark", {"html": True}).enable("table").parse(text)
     inline = [child.type for token in tokens for child in (token.children or [])]
     assert not any(t.startswith("html") for t in [token.type for token in tokens] + inline)
-    assert "em_open" not in inline and "link_open" not in inline  # (report.md bolds its note itself)
+    assert "em_open" not in inline and "link_open" not in inline  # (the card bolds its note itself)
     assert "<script>" not in text and "<b>" not in text
     lines = text.splitlines()
     assert not any(line.startswith(("break", "$x$")) for line in lines)  # no value broke onto its own line
@@ -417,7 +417,7 @@ def test_hostile_class_and_bias_names_are_escaped_everywhere(tmp_path):
     _check_markdown(card)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in card and "a\\|b \\$\\\\undefined\\$" in card
     assert "line break" in card and "\\$x\\$ \\*y\\* [z\\](http://e.com)" in card
-    assert "- Run note: [bold]n\\|o\\*te\\*" in card
+    assert "**[bold]n\\|o\\*te\\***" in card  # the note, first (bold by the card itself)
     # As a renderer reads them, the (class x bias value) tables (test counts, vanilla and BISE accuracies) have the
     # bias values as their header and the classes as their first column.
     matrices = [t for t in rendered_tables(card) if t[0][0] == "class \\ bias value"]
@@ -431,7 +431,7 @@ def test_hostile_class_and_bias_names_are_escaped_everywhere(tmp_path):
     assert (run / "group_accuracy.png").stat().st_size > 5000 and "plot skipped" not in result.stderr
     report = (run / "report.md").read_text()
     _check_markdown(report)
-    assert "**[bold]n\\|o\\*te\\***" in report
+    assert report.startswith(card) and "**[bold]n\\|o\\*te\\***" in report
 
     table = bise("table", "out/runs", "--by", "stage", "tag", "--metrics", "acc", cwd=tmp_path)
     assert table.returncode == 0, table.stderr[-3000:]

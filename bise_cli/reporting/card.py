@@ -1,11 +1,13 @@
-"""A model card per run: `MODEL_CARD.md`, `model_card.json` and `group_accuracy.png`.
+"""A model card per run: `MODEL_CARD.md`, `model_card.json` and `group_accuracy.png`, and `report.md` (the card's
+Markdown followed by the search plots, report.py): a run's one human-readable account.
 
 The card follows the outline of the technical documentation the EU AI Act asks of high-risk systems (Annex IV):
 1. general description and intended use, 2. data and data governance, 3. accuracy and robustness across groups
 (group accuracy matrices target class x bias value before and after BISE, worst group, disparity, bias leakage),
-4. efficiency, 5. settings (deviations from the packaged defaults, seeds, versions), 6. known limitations. It
-documents one run; the provider's risk management, post-market monitoring and conformity assessment (Annex IV
-points 5-9) are outside what a run can know, and the card says so.
+4. efficiency, 5. settings (deviations from the packaged defaults, seeds, versions), 6. known limitations. Section
+3 also lists the run's other stages (baselines, alternative mask selections) for comparison. It documents one
+run; the provider's risk management, post-market monitoring and conformity assessment (Annex IV points 5-9) are
+outside what a run can know, and the card says so.
 
 Numbers come from the run's records and data summary unchanged (model_card.json holds them as stored:
 fractions, counts, ms), the group accuracy matrices included: every record carries the test split's
@@ -31,8 +33,11 @@ from bise_cli import __version__
 from bise_cli.core.errors import BiseError
 from bise_cli.core.escape import markdown, plot_label
 from bise_cli.core.files import read_jsonl, write_json, write_text
-from bise_cli.core.names import format_value, heading
+from bise_cli.core.names import METRIC_NAMES, format_value, heading
 from bise_cli.core.names import metric as declared_metric
+from bise_cli.reporting.deviations import deviations
+from bise_cli.reporting.labels import stage_label
+from bise_cli.reporting.report import write_report
 from bise_cli.run import registry
 from bise_cli.run.registry import spec as declared_stage
 
@@ -40,13 +45,11 @@ log = logging.getLogger(__name__)
 
 # Before, and after BISE (with its fine-tuning when run): the stages whose StageSpec has `card` set.
 CARD_STAGES = tuple(spec.name for spec in registry.SPECS if spec.card)
-ACCURACY_ROWS = ("acc", "acc_unbiased", "acc_aligned", "acc_conflicting", "acc_worst_group")
-PATTERN_ROWS = ("acc_both_aligned", "acc_left_aligned_right_conflicting", "acc_left_conflicting_right_aligned",
-                "acc_both_conflicting")
-FAIRNESS_ROWS = ("dp_diff", "eo_diff")
 EXTRA_SPLIT_ROWS = ("val_acc_unbiased", "val_acc_worst_group", "test_conflicting_acc", "wilds_acc_worst_group")
 EFFICIENCY_ROWS = ("sparsity_units", "sparsity_weights", "params", "params_dense", "macs", "macs_dense",
                    "latency_ms_b1", "latency_ms_b100", "latency_ms_b1_dense", "latency_ms_b100_dense")
+# Section 3's rows: every declared metric but the efficiency ones (section 4), in declared order.
+PERFORMANCE_ROWS = tuple(m for m in METRIC_NAMES if m not in EFFICIENCY_ROWS)
 MAX_GROUPS = 16        # group lists longer than this are left to the (class x bias value) tables
 SMALL_CELL = 30        # test cells with fewer samples than this give noisy group accuracies (flagged)
 DECIMALS = 6           # matrices are rounded like the records' `group_acc`
@@ -181,9 +184,9 @@ def _data_section(cfg: dict, records: list[dict], data_summary: dict, names: lis
 
 
 def _stage_performance(record: dict, matrices: dict, names: list[str], num_bias: int | None) -> dict:
-    rows = [*ACCURACY_ROWS, *PATTERN_ROWS, *FAIRNESS_ROWS, "leakage",
-            *[f"leakage_{name}" for name in names if len(names) > 1], "leakage_head", "leakage_head_vanilla",
-            *EXTRA_SPLIT_ROWS]
+    per_attribute = [f"leakage_{name}" for name in names if len(names) > 1]  # right after `leakage`
+    rows = [*[x for m in PERFORMANCE_ROWS for x in ([m, *per_attribute] if m == "leakage" else [m])],
+            "leakage_head_vanilla", *EXTRA_SPLIT_ROWS]
     metrics = {name: record[name] for name in rows if record.get(name) is not None}
     aligned, conflicting = record.get("acc_aligned"), record.get("acc_conflicting")
     return {
@@ -195,6 +198,16 @@ def _stage_performance(record: dict, matrices: dict, names: list[str], num_bias:
         "leakage_chance": 1 / num_bias if num_bias else None,
         "selection": record.get("selection"),
     }
+
+
+def _other_stages(records: list[dict], stages: list[str]) -> list[dict]:
+    """Every record the before/after columns do not show (baselines, alternative mask selections), with the
+    declared metrics it carries and their bootstrap intervals: the run's comparison."""
+    shown = [id(_first(records, s)) for s in stages]
+    return [{"stage": r["stage"], "selection": r.get("selection"),
+             "metrics": {m: r[m] for m in METRIC_NAMES if r.get(m) is not None},
+             "intervals": {m: r[f"{m}_ci"] for m in METRIC_NAMES if isinstance(r.get(f"{m}_ci"), list)}}
+            for r in records if id(r) not in shown]
 
 
 def _limitations(cfg: dict, records: list[dict], data: dict, performance: dict, audit: bool) -> list[str]:
@@ -232,8 +245,6 @@ def _limitations(cfg: dict, records: list[dict], data: dict, performance: dict, 
                  "hardware, thread count and load.")
     if data["synthetic"]:
         lines.append("The data are synthetic: the numbers say nothing about real data.")
-    if cfg.get("note"):
-        lines.append(f"Run note: {cfg['note']}")
     if audit:
         lines.append("Audit only: the model was evaluated as given and not pruned; no BISE results.")
     return lines
@@ -265,8 +276,6 @@ def _what_bise_did(cfg: dict, bise: dict) -> str:
 def build_card(cfg: dict, records: list[dict], data_summary: dict) -> dict:
     """The model card as plain data (what model_card.json holds), from a run's records and data summary. Works
     for a vanilla-only run (an audit)."""
-    from bise_cli.reporting.report import deviations
-
     stages = [s for s in CARD_STAGES if _first(records, s) is not None]
     audit = stages == ["vanilla"]
     names = _attribute_names(data_summary)
@@ -280,6 +289,7 @@ def build_card(cfg: dict, records: list[dict], data_summary: dict) -> dict:
         "task": f"{data['dataset']} classification" + (f" into {len(classes)} classes ({', '.join(classes)})"
                                                        if classes else ""),
         "backbone": cfg["backbone"]["name"],
+        "note": cfg.get("note") or None,   # e.g. "reduced-scale demo: not the paper's numbers", shown first
         "model": "vanilla model evaluated as given (audit)" if audit else "BISE subnetwork (pruned_bise.pt)",
         "vanilla_checkpoint": cfg.get("vanilla_checkpoint"),
         "what_bise_did": None if bise is None else _what_bise_did(cfg, bise),
@@ -307,13 +317,14 @@ def build_card(cfg: dict, records: list[dict], data_summary: dict) -> dict:
     efficiency = {s: {name: _first(records, s).get(name) for name in (*EFFICIENCY_ROWS, "latency_device")}
                   for s in stages}
     return {
-        "card": "bise model card 1",
+        "card": "bise model card 2",  # 2: other_stages, general.note (no longer a limitation)
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "kind": "audit" if audit else "bise",
         "annex_iv": ANNEX_IV_NOTE,
         "general": general,
         "data": data,
         "performance": performance,
+        "other_stages": _other_stages(records, stages),
         "efficiency": efficiency,
         "settings": settings,
         "limitations": _limitations(cfg, records, data, performance, audit),
@@ -356,6 +367,25 @@ def _matrix_lines(matrix: list[list], classes: list[str] | None, fmt, values: li
     return _table(["class \\ bias value", *values], rows)
 
 
+def _without_repeats(names: list[str], metrics: list[dict]) -> list[str]:
+    """`names` without `acc_avg_group` where it equals `acc_unbiased` in every one of `metrics` that has it (the
+    same number unless another group definition is chosen)."""
+    if all(m.get("acc_avg_group") in (None, m.get("acc_unbiased")) for m in metrics):
+        return [n for n in names if n != "acc_avg_group"]
+    return names
+
+
+def _other_stage_lines(others: list[dict]) -> list[str]:
+    """The run's other stages (card["other_stages"]), one row each, every declared metric one of them carries."""
+    if not others:
+        return []
+    metrics = [x["metrics"] for x in others]
+    names = _without_repeats([m for m in METRIC_NAMES if any(m in x for x in metrics)], metrics)
+    rows = [[stage_label(x), *[_cell(n, x["metrics"].get(n), x["intervals"].get(n)) for n in names]] for x in others]
+    return ["The run's other stages, for comparison (test split; efficiency included):", "",
+            *_table(["stage", *map(heading, names)], rows)]
+
+
 def render_markdown(card: dict) -> str:
     """MODEL_CARD.md from a card built by `build_card`. Every value that comes from the user's data or command
     line (dataset, class and bias value names, attribute names, paths, notes, settings) goes through
@@ -365,11 +395,13 @@ def render_markdown(card: dict) -> str:
     titles = [declared_stage(x).title for x in stages]
     classes = (d.get("preprocessing") or {}).get("class_names")
     lines = [f"# Model card: {markdown(d['dataset'])} / {markdown(g['backbone'])} "
-             f"({'audit' if card['kind'] == 'audit' else 'BISE'})",
-             "", f"Generated by bise {markdown(s['versions']['bise'])} on {card['generated']}. {card['annex_iv']}", "",
-             "## 1. General description and intended use", "",
-             f"- Task: {markdown(g['task'])}.",
-             f"- Model: {g['model']}, backbone {markdown(g['backbone'], code=True)}."]
+             f"({'audit' if card['kind'] == 'audit' else 'BISE'})", ""]
+    if g.get("note"):  # the run's own caveat (e.g. a reduced-scale demo) comes before any number
+        lines += [f"**{markdown(g['note'])}**", ""]
+    lines += [f"Generated by bise {markdown(s['versions']['bise'])} on {card['generated']}. {card['annex_iv']}", "",
+              "## 1. General description and intended use", "",
+              f"- Task: {markdown(g['task'])}.",
+              f"- Model: {g['model']}, backbone {markdown(g['backbone'], code=True)}."]
     if g["vanilla_checkpoint"]:
         lines.append(f"- Vanilla model read from {markdown(g['vanilla_checkpoint'], code=True)}.")
     if g["what_bise_did"]:
@@ -413,8 +445,8 @@ def render_markdown(card: dict) -> str:
     header = ["metric", *titles, *(["BISE - vanilla"] if change else [])]
     names = [a["name"] for a in d["bias_attributes"]]
     rows = []
-    metric_names = [m for m in dict.fromkeys(m for stage in p.values() for m in stage["metrics"])
-                    if m != "leakage_head_vanilla"]
+    metric_names = _without_repeats([m for m in dict.fromkeys(m for stage in p.values() for m in stage["metrics"])
+                                     if m != "leakage_head_vanilla"], [x["metrics"] for x in p.values()])
 
     def value(stage: str, name: str):
         # BISE's own bias head scored on the vanilla model is recorded with the bise stage: shown as vanilla's.
@@ -450,6 +482,7 @@ def render_markdown(card: dict) -> str:
                           *_matrix_lines(matrix, classes, _pct, d.get("bias_value_names", {}).get(name))]
     if any(p[x]["group_accuracy"] for x in stages):
         lines += ["![group accuracy before and after](group_accuracy.png)", ""]
+    lines += _other_stage_lines(card.get("other_stages") or [])
 
     lines += ["## 4. Efficiency", ""]
     # The vanilla column is the dense model, so the records' *_dense copies are left out here (kept in the JSON).
@@ -515,8 +548,9 @@ def plot_group_accuracy(card: dict, path: str | Path) -> Path | None:
 
 
 def write_card(run_dir: str | Path, card: dict) -> Path:
-    """Write model_card.json, MODEL_CARD.md and group_accuracy.png into `run_dir`; returns the Markdown path.
-    A plotting problem never fails the card (logged)."""
+    """Write model_card.json, MODEL_CARD.md, group_accuracy.png and report.md (the same Markdown text, then the
+    search plots) into `run_dir`; returns the card's Markdown path. A plotting problem never fails the card
+    (logged)."""
     run_dir = Path(run_dir)
     try:
         status = json.loads((run_dir / "status.json").read_text())
@@ -529,13 +563,16 @@ def write_card(run_dir: str | Path, card: dict) -> Path:
         plot_group_accuracy(card, run_dir / "group_accuracy.png")
     except Exception as error:  # a plot is a convenience: log, keep the card
         log.warning("group accuracy plot skipped: %s", error)
-    return write_text(run_dir / "MODEL_CARD.md", render_markdown(card))
+    text = render_markdown(card)
+    write_report(run_dir, text)  # rendered once: the two documents cannot disagree
+    return write_text(run_dir / "MODEL_CARD.md", text)
 
 
 # ----------------------------------------------------------------------------------------------- entry points
 
 def write_run_card(run_dir: str | Path, cfg: dict, records: list[dict]) -> Path:
-    """The card of a run from its records and its `data_summary.json`; returns the path of MODEL_CARD.md."""
+    """The card (and report.md) of a run from its records and its `data_summary.json`; returns the path of
+    MODEL_CARD.md."""
     run_dir = Path(run_dir)
     summary_path = run_dir / "data_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -543,8 +580,8 @@ def write_run_card(run_dir: str | Path, cfg: dict, records: list[dict]) -> Path:
 
 
 def rebuild_run_card(run_dir: str | Path) -> Path:
-    """The card of a finished run folder (its config.yaml, metrics.jsonl and data_summary.json), e.g. after an
-    upgrade of bise; nothing is re-evaluated."""
+    """The card (and report.md) of a finished run folder (its config.yaml, metrics.jsonl and data_summary.json),
+    e.g. after an upgrade of bise; nothing is re-evaluated."""
     import yaml
 
     run_dir = Path(run_dir)

@@ -14,26 +14,19 @@ from rich.table import Table
 
 from bise_cli.core.escape import console as escape
 from bise_cli.core.files import write_json
-from bise_cli.core.names import format_value, heading, metric
+from bise_cli.core.names import format_value, heading
 from bise_cli.data import summarize_bundle
 from bise_cli.data.base import DatasetBundle
-from bise_cli.run.registry import spec as stage
+from bise_cli.reporting.labels import stage_label
 
 # Logs, pipes and CI capture output without a terminal: 120 columns, the width the headline table is made for.
 TABLE_WIDTH = 120
 console = Console(width=None if sys.stdout.isatty() else TABLE_WIDTH)
 
 # The terminal table a newcomer reads: the stage by its full title and the headline metrics, each with its full
-# declared title (bise_cli.core.names), in at most TABLE_WIDTH columns. Every other metric is in report.md,
-# MODEL_CARD.md, metrics.jsonl and `bise table`.
+# declared title (bise_cli.core.names), in at most TABLE_WIDTH columns. Every other metric is in report.md (the
+# model card's text and the plots), metrics.jsonl and `bise table`.
 HEADLINE_METRICS = ("acc_unbiased", "acc_worst_group", "acc_conflicting", "sparsity_units", "macs", "leakage")
-
-
-def _stage_label(record: dict) -> str:
-    """The stage's title (BISE+FT, Reweighted FT, ...), with the validation metric that selected the masks when a
-    run records several selections of one search (`pruning.also_select_by`)."""
-    label = stage(record["stage"]).title
-    return f"{label}, val {metric(record['selection']).title}" if record.get("selection") else label
 
 
 def print_run_summary(records: list[dict], note: str = "", out_dir: str | Path | None = None,
@@ -52,11 +45,11 @@ def print_run_summary(records: list[dict], note: str = "", out_dir: str | Path |
     for key in columns:
         table.add_column(heading(key), justify="right", no_wrap=True)
     for record in records:
-        table.add_row(escape(_stage_label(record)), *[escape(format_value(k, record.get(k))) for k in columns])
+        table.add_row(escape(stage_label(record)), *[escape(format_value(k, record.get(k))) for k in columns])
     out.print(table)
     if out_dir is not None:
-        out.print(f"every metric: {escape(Path(out_dir) / 'report.md')}, MODEL_CARD.md and metrics.jsonl there; "
-                  "`bise table DIR` over several runs")
+        out.print(f"every metric: {escape(Path(out_dir) / 'report.md')} (the model card and the plots) and "
+                  "metrics.jsonl there; `bise table DIR` over several runs")
 
 
 def save_sample_grid(bundle: DatasetBundle, path: str | Path, per_class: int = 8) -> Path | None:

@@ -35,7 +35,6 @@ from bise_cli.data import build_dataset, summarize_bundle
 from bise_cli.data.base import DatasetBundle, Split, place_splits
 from bise_cli.data.noise import flip_labels
 from bise_cli.reporting.card import write_run_card
-from bise_cli.reporting.report import write_report
 from bise_cli.reporting.tracking import check_tracker, track_run
 from bise_cli.run import registry, stages
 from bise_cli.run.cache import StageCache
@@ -106,8 +105,7 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
         except Exception as tracking_error:  # noqa: BLE001
             log.warning("tracking the failed run failed too: %s", tracking_error)
         raise
-    write_report(run_dir.path, cfg, run_dir.records, cfg.get("note", ""))
-    write_run_card(run_dir.path, cfg, run_dir.records)
+    write_run_card(run_dir.path, cfg, run_dir.records)  # MODEL_CARD.md and report.md, one text
     run_dir.finish(identity, data_sha256=fingerprint["sha256"], seconds=round(time.perf_counter() - started, 1),
                    estimated_seconds=estimate)
     track_run(cfg.get("logger"), run_dir.path, cfg, run_dir.records)

@@ -20,35 +20,19 @@ import time
 import torch
 
 import bise_cli.method.search as search_module
-from bise_cli.method.recipe import TrainRecipe
-from bise_cli.method.reweighting import sample_weights
 from bise_cli.method.search import SearchSettings, run_search
-from bise_cli.method.train import fit, freeze
-from bise_cli.models import build_backbone
 from bise_cli.models.masking import GateSet
-from bise_cli.run import pipeline
+
+from common import add_frozen_mlp_args, frozen_mlp_search_start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--source", default="embedded", help="dataset.source of multicolor_mnist")
-    parser.add_argument("--root", default="datasets/mnist", help="dataset.root (the MNIST files)")
+    add_frozen_mlp_args(parser)
     parser.add_argument("--tau-period", type=int, default=1, help="epochs per temperature halving (paper: 10)")
-    parser.add_argument("--epochs", type=int, default=5, help="vanilla epochs")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = {"dataset": {"name": "multicolor_mnist", "source": args.source, "root": args.root, "max_samples": None,
-                       "fallback": "embedded", "rho_left": 0.99, "rho_right": 0.95, "severity": 4,
-                       "val_holdout": 0, "label_noise": 0.0}, "rho": 0.99, "seed": 0}
-    bundle = pipeline.load_data(cfg)
-    torch.manual_seed(0)
-    model = build_backbone("mlp", 10)
-    fit(model, bundle["train"], TrainRecipe(epochs=args.epochs, batch_size=256, optimizer="adam", lr=1e-3), seed=0)
-    freeze(model)
-    search = bundle["search"]
-    weights = sample_weights("inverse_rho", search.y, search.b, 10, 10, bundle.nominal_rho)
+    model, search, weights = frozen_mlp_search_start(args)
     settings = SearchSettings(batch_size=256, tau_period=args.tau_period, head_pretrain_epochs=2,
                               head_refine_epochs=2, selection="last", stop_when_frozen=False)
     refusal = search_module.dead_unit_refusal

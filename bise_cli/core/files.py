@@ -82,9 +82,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def file_sha256(path: str | Path) -> str | None:
-    """Hex sha256 of the file at `path`, or None when there is no such file."""
+    """Hex sha256 of the file at `path`, or None when there is no such file. Read in 1 MB chunks: a dataset file
+    (CivilComments' CSV) or a checkpoint is never held in memory whole."""
     path = Path(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:

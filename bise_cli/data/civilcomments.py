@@ -27,10 +27,11 @@ import pandas as pd
 import torch
 
 from bise_cli.core.errors import BiseError, check_choice
+from bise_cli.core.files import file_sha256
 from bise_cli.data.base import DatasetBundle, Split
 from bise_cli.data.registry import spec
 from bise_cli.data.synthetic_text import write_synthetic_civilcomments
-from bise_cli.data.tokenize import OFFLINE_MODEL, file_sha256, tokenize_texts
+from bise_cli.data.tokenize import OFFLINE_MODEL, tokenize_texts
 
 log = logging.getLogger(__name__)
 

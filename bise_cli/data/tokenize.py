@@ -67,15 +67,6 @@ def load_tokenizer(name: str):
                         f"use dataset.tokenizer={OFFLINE_MODEL}): {str(error).splitlines()[0]}") from None
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cache_path(texts: list[str], tokenizer: str, max_length: int, cache_dir: str | Path,
                cache_key: str) -> Path:
     """Where the tokens of `texts` are cached; the texts themselves are part of the key, so a stale entry

@@ -1,9 +1,12 @@
-"""Shared fixtures: small real data (the embedded MNIST digits) and tiny generated IDX files."""
+"""Shared fixtures: small real data (the embedded MNIST digits) and tiny generated IDX files; `run_bise`, the
+`bise` command in a subprocess."""
 
 from __future__ import annotations
 
 import gzip
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,20 @@ def tiny(embedded_digits):
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(min(2, THREADS))
+
+
+def bise_env(**extra: str) -> dict[str, str]:
+    """The environment of a `bise` subprocess: this process's (OMP_NUM_THREADS as set above) with Hydra's one-line
+    errors (HYDRA_FULL_ERROR=0), plus `extra`."""
+    return {**os.environ, "HYDRA_FULL_ERROR": "0", **extra}
+
+
+def run_bise(*args, cwd: Path, timeout: int = 300, entry: tuple[str, ...] = ("-m", "bise_cli"),
+             **kwargs) -> subprocess.CompletedProcess:
+    """`python -m bise_cli ARGS` in `cwd`, as a user types it, with `bise_env()`; stdout and stderr captured as
+    text. `entry` replaces `-m bise_cli` (another module, or `-c CODE`); `kwargs` go to subprocess.run."""
+    return subprocess.run([sys.executable, *entry, *map(str, args)], cwd=cwd, env=bise_env(), capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:

@@ -4,9 +4,6 @@ on a saved checkpoint and `bise gates`."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ from bise_cli.models import build_backbone
 from bise_cli.reporting.card import build_card, disparity, rebuild_run_card, record_matrices, render_markdown
 from bise_cli.run import pipeline
 
-from conftest import TINY_OVERRIDES, compose_config
+from conftest import TINY_OVERRIDES, compose_config, run_bise
 
 MLP = ["backbone=mlp", "~backbone.width"]  # the smoke preset sets simple_convnet's width
 
@@ -102,10 +99,8 @@ def test_vanilla_only_card_is_an_audit(tiny_run):
 def test_audit_command_on_a_saved_checkpoint(tmp_path):
     torch.manual_seed(0)
     torch.save(build_backbone("mlp", 10).state_dict(), tmp_path / "model.pt")
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    result = subprocess.run([sys.executable, "-m", "bise_cli", "audit", *TINY_OVERRIDES, *MLP, "bootstrap.n=0",
-                             "vanilla_checkpoint=model.pt", "output_root=out"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = run_bise("audit", *TINY_OVERRIDES, *MLP, "bootstrap.n=0", "vanilla_checkpoint=model.pt",
+                      "output_root=out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     [folder] = list((tmp_path / "out" / "audits").iterdir())
     assert f"model card: {folder / 'MODEL_CARD.md'}" in result.stdout.replace("\n", "")

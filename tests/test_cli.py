@@ -14,13 +14,11 @@ from pathlib import Path
 
 from bise_cli.core.files import read_jsonl
 
-from conftest import TINY_OVERRIDES, TINY_SETTINGS, without_timing
+from conftest import TINY_OVERRIDES, TINY_SETTINGS, run_bise, without_timing
 
 
 def bise(*args: str, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    result = subprocess.run([sys.executable, "-m", "bise_cli", *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=timeout)
+    result = run_bise(*args, cwd=cwd, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"bise {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result

@@ -4,9 +4,6 @@ step after it), balanced subsampling, the folded last layer, C selection, settin
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +32,7 @@ from bise_cli.core.errors import BiseError
 from bise_cli.core.files import read_jsonl
 from bise_cli.models.mlp import MLP
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, run_bise
 
 CONFIG = Path(dfr_module.__file__).parents[1] / "conf" / "config.yaml"
 
@@ -347,16 +344,10 @@ def test_settings_per_stage_and_bad_values():
             dfr_options({**settings, **bad}, stage)
 
 
-def _bise(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "bise_cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 def test_records_carry_the_chosen_c_and_the_subsamples(tmp_path):
     # Through the real entry point, per-stage overrides as a user types them.
-    result = _bise("run", *TINY_OVERRIDES, "stages=[vanilla,dfr_train,dfr_val]",
-                   "baselines.dfr.n_subsamples.dfr_val=3", "output_root=out", cwd=tmp_path)
+    result = run_bise("run", *TINY_OVERRIDES, "stages=[vanilla,dfr_train,dfr_val]",
+                      "baselines.dfr.n_subsamples.dfr_val=3", "output_root=out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     [folder] = list((tmp_path / "out" / "runs").iterdir())
     records = {r["stage"]: r for r in read_jsonl(folder / "metrics.jsonl")}
@@ -365,8 +356,8 @@ def test_records_carry_the_chosen_c_and_the_subsamples(tmp_path):
         history = json.loads((folder / f"{stage}_history.json").read_text())
         assert records[stage]["dfr_c"] in DFR_C_GRID and [row["c"] for row in history] == list(DFR_C_GRID)
     # A bad DFR setting stops the run before the vanilla model trains (exit 2, one line).
-    bad = _bise("run", *TINY_OVERRIDES, "stages=[vanilla,dfr_val]", "baselines.dfr.select_max_iter.dfr_val=0",
-                "output_root=bad", cwd=tmp_path)
+    bad = run_bise("run", *TINY_OVERRIDES, "stages=[vanilla,dfr_val]", "baselines.dfr.select_max_iter.dfr_val=0",
+                   "output_root=bad", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "baselines.dfr.select_max_iter must be an integer >= 1, got 0" in bad.stderr
     assert not (tmp_path / "bad" / "runs").exists() or not any((tmp_path / "bad" / "runs").rglob("metrics.jsonl"))

@@ -9,7 +9,6 @@ and `bise data hydra.run.dir=X`.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from bise_cli.data.mnist_source import load_digits, read_idx
 from bise_cli.run.registry import RUNNABLE
 from bise_cli.run.validate import check_writable, validate_config
 
-from conftest import compose_config, write_idx
+from conftest import bise_env, compose_config, write_idx
 
 # The known stages, from the stage registry (which imports no stage code).
 STAGES = RUNNABLE
@@ -222,7 +221,7 @@ def test_interrupt_exit_codes():
 
 
 def _bise(*args: str, cwd: Path, **kwargs):
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    env = bise_env()
     # SIGINT back to its default in the child: a shell that starts the test suite in the background (`make test &`,
     # nohup) makes it ignored, Python then keeps ignoring it, and Ctrl-C could not be tested.
     return subprocess.Popen([sys.executable, "-m", "bise_cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,

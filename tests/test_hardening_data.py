@@ -21,15 +21,9 @@ from test_table_data import TINY, write_table
 
 from bise_cli.core.files import read_jsonl
 
-from conftest import TINY_OVERRIDES, compose_config
+from conftest import TINY_OVERRIDES, bise_env, compose_config, run_bise
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def bise(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "bise_cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -70,7 +64,7 @@ def test_a_finished_run_is_redone_when_its_data_changed(tmp_path):
     frame = write_table(data, size=(28, 28), fmt="bmp")
     args = ["run", *table_args(data, tmp_path / "out", "stages=[vanilla]", f"hydra.run.dir={tmp_path / 'run'}"),
             *TINY]
-    ok(bise(*args, cwd=tmp_path))
+    ok(run_bise(*args, cwd=tmp_path))
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     first = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]["data_sha256"]
     assert status["state"] == "done" and status["data_sha256"] == first
@@ -80,7 +74,7 @@ def test_a_finished_run_is_redone_when_its_data_changed(tmp_path):
     Image.fromarray(np.full((28, 28, 3), 250, np.uint8)).save(image)
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert image.stat().st_size == size and image.stat().st_mtime_ns == stat.st_mtime_ns
-    changed = ok(bise(*args, cwd=tmp_path))
+    changed = ok(run_bise(*args, cwd=tmp_path))
     assert "already done" not in changed.stdout + changed.stderr
     assert "the data changed since the run finished" in changed.stdout + changed.stderr
     second = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]["data_sha256"]
@@ -94,12 +88,12 @@ def test_a_finished_run_is_redone_when_its_data_changed(tmp_path):
                        & (manifest["place"] == "land")][0]
     manifest.loc[[a, b], "target"] = manifest.loc[[b, a], "target"].to_numpy()
     manifest.to_csv(data / "manifest.csv", index=False)
-    swapped = ok(bise(*args, cwd=tmp_path))
+    swapped = ok(run_bise(*args, cwd=tmp_path))
     assert "already done" not in swapped.stdout + swapped.stderr
     third = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]["data_sha256"]
     assert third not in (first, second)
 
-    again = ok(bise(*args, cwd=tmp_path))   # nothing changed since: the finished run is reused
+    again = ok(run_bise(*args, cwd=tmp_path))   # nothing changed since: the finished run is reused
     assert "already done, skipping" in again.stdout + again.stderr
 
 
@@ -110,7 +104,7 @@ def test_image_cache_built_twice_at_once_then_damaged_is_rebuilt(tmp_path):
     succeed and leave no partial files; rows zeroed in the cache afterwards fail its checksum and are rebuilt."""
     data = tmp_path / "data"
     write_table(data)
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    env = bise_env(OMP_NUM_THREADS="1")
     runs = [subprocess.Popen([sys.executable, "-m", "bise_cli", "data",
                               *table_args(data, tmp_path / "out", f"hydra.run.dir={tmp_path / f'data{i}'}")],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -131,13 +125,13 @@ def test_image_cache_built_twice_at_once_then_damaged_is_rebuilt(tmp_path):
     damaged.flush()
     del damaged
     assert array.read_bytes() != original
-    rerun = ok(bise("data", *table_args(data, tmp_path / "out", f"hydra.run.dir={tmp_path / 'data2'}"),
-                    cwd=tmp_path))
+    rerun = ok(run_bise("data", *table_args(data, tmp_path / "out", f"hydra.run.dir={tmp_path / 'data2'}"),
+                        cwd=tmp_path))
     assert "fails its checksum (changed since it was written); rebuilding" in rerun.stdout + rerun.stderr
     assert json.loads((tmp_path / "data2" / "summary.json").read_text())["info"]["image_cache_hit"] is False
     assert array.read_bytes() == original
-    hit = ok(bise("data", *table_args(data, tmp_path / "out", f"hydra.run.dir={tmp_path / 'data3'}"),
-                  cwd=tmp_path))
+    hit = ok(run_bise("data", *table_args(data, tmp_path / "out", f"hydra.run.dir={tmp_path / 'data3'}"),
+                      cwd=tmp_path))
     assert json.loads((tmp_path / "data3" / "summary.json").read_text())["info"]["image_cache_hit"] is True
     assert "rebuilding" not in hit.stdout + hit.stderr
 
@@ -209,7 +203,7 @@ def test_16_bit_pngs_are_scaled_not_clipped(tmp_path):
         Image.fromarray(np.full((8, 8), value, np.uint16)).save(data / name)
         values[i] = value
     assert Image.open(data / frame["path"][0]).mode == "I;16"
-    ok(bise("data", *table_args(data, tmp_path / "out", f"hydra.run.dir={tmp_path / 'd'}"), cwd=tmp_path))
+    ok(run_bise("data", *table_args(data, tmp_path / "out", f"hydra.run.dir={tmp_path / 'd'}"), cwd=tmp_path))
     [array] = (tmp_path / "out" / "cache" / "data").glob("table*.npy")
     pixels = np.load(array)[:, :, 0, 0]     # every file opens, so the cache holds every row in manifest order
     expected = np.array([round(values[i] * 255 / 65535) for i in range(len(frame))])
@@ -247,13 +241,13 @@ def test_label_and_bias_values_are_mapped_exactly(tmp_path):
     write_coded(data)
     base = ["dataset=table", f"dataset.manifest={data / 'manifest.csv'}", f"output_root={tmp_path / 'out'}",
             "dataset.workers=1"]
-    ok(bise("data", *base, "dataset.bias_columns=[bg,nb]", f"hydra.run.dir={tmp_path / 'd'}", cwd=tmp_path))
+    ok(run_bise("data", *base, "dataset.bias_columns=[bg,nb]", f"hydra.run.dir={tmp_path / 'd'}", cwd=tmp_path))
     info = json.loads((tmp_path / "d" / "summary.json").read_text())["info"]
     assert info["class_names"] == ["01", "1"]
     assert info["bias_values"] == {"bg": ["01", "1", "2"], "nb": ["NA", "None"]}
     assert info["bias_alignment"]["bg"] == {"01": "01", "1": "1"}
-    missing = bise("data", *base, "dataset.bias_columns=[bg,nb]", "dataset.missing_values=[NA]",
-                   f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
+    missing = run_bise("data", *base, "dataset.bias_columns=[bg,nb]", "dataset.missing_values=[NA]",
+                       f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
     one_line_error(missing, "column 'nb' is empty in 36 row(s)")
 
 
@@ -263,7 +257,7 @@ def test_label_and_bias_values_are_mapped_exactly(tmp_path):
 def test_label_noise_outside_0_1_is_refused_before_anything_runs(tmp_path, value):
     """Case 6: -0.1 was accepted (noise 0, recorded -0.1) and abc was a traceback (1.0 is refused by the same
     check)."""
-    result = bise("run", *TINY_OVERRIDES, f"dataset.label_noise={value}", "output_root=out", cwd=tmp_path)
+    result = run_bise("run", *TINY_OVERRIDES, f"dataset.label_noise={value}", "output_root=out", cwd=tmp_path)
     shown = repr(float(value)) if value != "abc" else "'abc'"
     one_line_error(result, "dataset.label_noise must be a number in [0, 1)", f"got {shown}")
     assert not list((tmp_path / "out").rglob("status.json")) and not (tmp_path / "out" / "cache").exists()
@@ -282,7 +276,7 @@ def test_table_never_averages_one_seed_on_two_datasets(tmp_path):
     for name, records in (("old", [_record(0, "a", 0.5), _record(1, "a", 0.7)]), ("new", [_record(0, "b", 0.9)])):
         (tmp_path / "runs" / name).mkdir(parents=True)
         (tmp_path / "runs" / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    result = ok(bise("table", tmp_path / "runs", "--format", "csv", cwd=tmp_path))
+    result = ok(run_bise("table", tmp_path / "runs", "--format", "csv", cwd=tmp_path))
     assert "records of the same seed on different data" in result.stderr and "split by data_sha256" in result.stderr
     table = pd.read_csv(tmp_path / "runs" / "table.csv", dtype={"data_sha256": str})
     assert sorted(zip(table["data_sha256"], table["n"], table["acc_mean"].round(3), strict=True)) == [
@@ -303,7 +297,7 @@ def test_table_into_an_unwritable_folder_is_one_line(tmp_path):
     (tmp_path / "runs" / "a").mkdir(parents=True)
     (tmp_path / "runs" / "a" / "metrics.jsonl").write_text(json.dumps(_record(0, "a", 0.5)) + "\n")
     (tmp_path / "blocker").write_text("a file")
-    result = bise("table", tmp_path / "runs", "--out", tmp_path / "blocker" / "tables", cwd=tmp_path)
+    result = run_bise("table", tmp_path / "runs", "--out", tmp_path / "blocker" / "tables", cwd=tmp_path)
     one_line_error(result, f"output folder {tmp_path / 'blocker' / 'tables'} is not writable")
 
 
@@ -316,8 +310,8 @@ def test_table_into_an_unwritable_folder_is_one_line(tmp_path):
 def test_input_column_equal_to_target_or_bias_is_refused(table, tmp_path, column, message):
     """Case 10: dataset.input_column=target (the answer fed in as text) was accepted."""
     data, _ = table
-    result = bise("data", *table_args(data, tmp_path / "out", f"dataset.input_column={column}",
-                                      f"hydra.run.dir={tmp_path / 'd'}"), cwd=tmp_path)
+    result = run_bise("data", *table_args(data, tmp_path / "out", f"dataset.input_column={column}",
+                                          f"hydra.run.dir={tmp_path / 'd'}"), cwd=tmp_path)
     one_line_error(result, message)
 
 
@@ -326,9 +320,9 @@ def test_input_column_equal_to_target_or_bias_is_refused(table, tmp_path, column
 def test_round_to_that_undoes_the_search_warns_and_records_both_sparsities(tmp_path):
     """Case 11: pruning.round_to=1000 turned all pruning off in silence; now a warning, and the bise record holds
     the units off before (sparsity_units_unrounded) and after (sparsity_units) rounding."""
-    result = ok(bise("run", *TINY_OVERRIDES, "stages=[vanilla,bise]", "pruning.round_to=1000",
-                     "pruning.gate_init=0.0", "pruning.mask_lr=1.0", "leakage_probe.epochs=0", "threads=1",
-                     "output_root=out", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path))
+    result = ok(run_bise("run", *TINY_OVERRIDES, "stages=[vanilla,bise]", "pruning.round_to=1000",
+                         "pruning.gate_init=0.0", "pruning.mask_lr=1.0", "leakage_probe.epochs=0", "threads=1",
+                         "output_root=out", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path))
     [bise_record] = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["stage"] == "bise"]
     assert bise_record["sparsity_units_unrounded"] > 0, "the tiny search switched nothing off: no test"
     assert bise_record["sparsity_units"] < bise_record["sparsity_units_unrounded"] / 2
@@ -359,22 +353,22 @@ def test_checkpoints_with_wrong_dtypes_or_no_bytes_are_one_line_and_optional_buf
     bad[floats[1]] = bad[floats[1]] > 0
     save_file(bad, str(tmp_path / "ints.safetensors"))
     run = ["run", *TINY_OVERRIDES, "stages=[vanilla]", "leakage_probe.epochs=0", "output_root=out"]
-    line = one_line_error(bise(*run, f"vanilla_checkpoint={tmp_path / 'ints.safetensors'}", cwd=tmp_path),
+    line = one_line_error(run_bise(*run, f"vanilla_checkpoint={tmp_path / 'ints.safetensors'}", cwd=tmp_path),
                           "dtype mismatches 2", f"{floats[0]} int64 vs float32", f"{floats[1]} bool vs float32")
     assert "diverged" not in line
 
     (tmp_path / "empty.pt").write_bytes(b"")
-    one_line_error(bise(*run, f"vanilla_checkpoint={tmp_path / 'empty.pt'}", cwd=tmp_path),
+    one_line_error(run_bise(*run, f"vanilla_checkpoint={tmp_path / 'empty.pt'}", cwd=tmp_path),
                    "the file is empty (0 bytes)")
-    gates = bise("gates", "backbone=torchvision", "backbone.arch=resnet18", "backbone.input_size=[3,32,32]",
-                 f"backbone.weights={tmp_path / 'empty.pt'}", "classes=2", cwd=tmp_path)
+    gates = run_bise("gates", "backbone=torchvision", "backbone.arch=resnet18", "backbone.input_size=[3,32,32]",
+                     f"backbone.weights={tmp_path / 'empty.pt'}", "classes=2", cwd=tmp_path)
     one_line_error(gates, "backbone.weights", "the file is empty (0 bytes)")
 
     counters = [k for k in state if k.endswith("num_batches_tracked")]
     assert counters
     torch.save({k: v for k, v in state.items() if k not in counters}, tmp_path / "old.pt")
-    ok(bise(*run, f"vanilla_checkpoint={tmp_path / 'old.pt'}", f"hydra.run.dir={tmp_path / 'run'}",
-            cwd=tmp_path))
+    ok(run_bise(*run, f"vanilla_checkpoint={tmp_path / 'old.pt'}", f"hydra.run.dir={tmp_path / 'run'}",
+                cwd=tmp_path))
     assert [r["stage"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == ["vanilla"]
 
 
@@ -396,11 +390,11 @@ def test_unwritable_run_or_sweep_folder_is_one_line(tmp_path):
     """Also-case: an unwritable hydra.run.dir was Hydra's PermissionError traceback though the README promises
     one line and exit 2 (a file where the folder should be fails the same way, also for root)."""
     (tmp_path / "blocker").write_text("a file")
-    run = bise("run", *TINY_OVERRIDES, "output_root=out", f"hydra.run.dir={tmp_path / 'blocker' / 'run'}",
-               cwd=tmp_path)
+    run = run_bise("run", *TINY_OVERRIDES, "output_root=out", f"hydra.run.dir={tmp_path / 'blocker' / 'run'}",
+                   cwd=tmp_path)
     one_line_error(run, f"output folder {tmp_path / 'blocker' / 'run'} is not writable", "hydra.run.dir")
-    sweep = bise("run", "-m", *TINY_OVERRIDES, "seed=0,1", "output_root=out",
-                 f"hydra.sweep.dir={tmp_path / 'blocker' / 'sweep'}", cwd=tmp_path)
+    sweep = run_bise("run", "-m", *TINY_OVERRIDES, "seed=0,1", "output_root=out",
+                     f"hydra.sweep.dir={tmp_path / 'blocker' / 'sweep'}", cwd=tmp_path)
     one_line_error(sweep, "is not writable", "hydra.sweep.dir")
     assert not (tmp_path / "out").exists()
 
@@ -410,8 +404,8 @@ def test_skip_unreadable_that_drops_every_test_image_says_so(table, tmp_path):
     data, frame = table
     for name in frame.loc[frame["split"] == "test", "path"]:
         (data / name).write_bytes(b"not an image")
-    result = bise("data", *table_args(data, tmp_path / "out", "dataset.skip_unreadable=true",
-                                      f"hydra.run.dir={tmp_path / 'd'}"), cwd=tmp_path)
+    result = run_bise("data", *table_args(data, tmp_path / "out", "dataset.skip_unreadable=true",
+                                          f"hydra.run.dir={tmp_path / 'd'}"), cwd=tmp_path)
     line = one_line_error(result, "every test image of the manifest (8) is unreadable and was skipped",
                           "dataset.skip_unreadable=true")
     assert "mark test rows" not in line

@@ -18,8 +18,6 @@ import re
 import shutil
 import socket
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,21 +33,22 @@ from bise_cli.models import build_backbone
 from bise_cli.reporting.export import SCRATCH_PREFIX, remove_stale_scratch
 from bise_cli.run.records import RunDir
 
+from conftest import run_bise
+
 # The cheapest real runs: the smoke preset's tiny schedules with the MLP, no bootstrap; for dataset=table (the
 # smoke preset picks BiasedMNIST's embedded digits) the same schedules spelled out.
 TINY = ["experiment=smoke", "backbone=mlp", "~backbone.width", "bootstrap.n=0"]
 TINY_TABLE = ["backbone=mlp", "train.epochs=1", "pruning.tau_period=1", "pruning.tau_min=0.3", "pruning.gate_init=1.0",
               "pruning.head_pretrain_epochs=1", "pruning.head_refine_epochs=1", "leakage_probe.epochs=1",
               "latency.repeats=1", "latency.warmup=0", "bootstrap.n=0"]
-ENV = {**os.environ, "HYDRA_FULL_ERROR": "0"}
 
 
 def bise(*args: str, cwd: Path, patch: str | None = None, umask: int | None = None, timeout: int = 300):
     """`python -m bise_cli ARGS` (or, with `patch`, that code followed by the real cli.main(ARGS))."""
-    command = [sys.executable, "-m", "bise_cli", *args] if patch is None else \
-        [sys.executable, "-c", f"import sys\n{patch}\nfrom bise_cli.cli import main\nmain(sys.argv[1:])", *args]
-    return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=None if umask is None else lambda: os.umask(umask))
+    entry = ("-m", "bise_cli") if patch is None else \
+        ("-c", f"import sys\n{patch}\nfrom bise_cli.cli import main\nmain(sys.argv[1:])")
+    return run_bise(*args, cwd=cwd, timeout=timeout, entry=entry,
+                    preexec_fn=None if umask is None else lambda: os.umask(umask))
 
 
 def error_line(result) -> str:

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import shlex
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,7 @@ import yaml
 
 from bise_cli.core.files import read_jsonl
 
-from conftest import TINY_SETTINGS, compose_config
+from conftest import TINY_SETTINGS, compose_config, run_bise
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -123,12 +121,6 @@ def make_variables() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- running
-
-def bise(argv: list[str], cwd: Path, module: str = "bise_cli", timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, (f"{' '.join(result.args[2:])} exited with {result.returncode}:\n"
@@ -239,7 +231,7 @@ class Workspace:
         key = (module, *argv, *extra)
         if key not in self.by_argv:  # two README commands that are the same once placeholders are replaced
             before = self._folders()
-            result = ok(bise([*argv, *extra], self.root, module))
+            result = ok(run_bise(*argv, *extra, cwd=self.root, entry=("-m", module), timeout=600))
             self.by_argv[key] = Outcome(result, sorted(self._folders() - before))
         return self.by_argv[key]
 
@@ -248,7 +240,8 @@ class Workspace:
         assert argv[:2] in (["bise", "run"], [".venv/bin/bise", "run"]), f"cannot compose {command.text!r}"
         args = [a for a in argv[2:] if a not in ("-m", "--multirun")]
         jobs = _sweep_jobs(args) if len(args) < len(argv[2:]) else [args]
-        printed = yaml.safe_load(ok(bise(["run", *jobs[0], "--cfg", "job", "--resolve"], self.root)).stdout)
+        printed = yaml.safe_load(ok(run_bise("run", *jobs[0], "--cfg", "job", "--resolve", cwd=self.root,
+                                             timeout=600)).stdout)
         configs = []
         for job in jobs:
             plain = compose_config(job)

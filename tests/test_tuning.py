@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -19,7 +15,7 @@ from bise_cli.core.files import read_jsonl
 from bise_cli.run.tuning import objective_value, parse_objective
 from bise_cli.run.validate import validate_config
 
-from conftest import compose_config
+from conftest import compose_config, run_bise
 
 # Smoke-size settings for the Multi-Color MNIST tuning preset; the keys fixed here leave the sweeper's space
 # (a fixed override removes its key from the space), the rest (mask_lr, gamma, gate_init, finetune.lr) is searched.
@@ -29,15 +25,9 @@ TINY_TUNE = ["dataset.source=embedded", "dataset.max_samples=400", "dataset.val_
              "latency.warmup=0", "bootstrap.n=0"]
 
 
-def bise(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "bise_cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
-
-
 def test_two_trial_optuna_sweep_end_to_end(tmp_path):
-    result = bise("run", "-m", "hydra/sweeper=optuna", "experiment=tune/multicolor_mnist", "hydra.sweeper.n_trials=2",
-                  *TINY_TUNE, "output_root=out", cwd=tmp_path)
+    result = run_bise("run", "-m", "hydra/sweeper=optuna", "experiment=tune/multicolor_mnist",
+                      "hydra.sweeper.n_trials=2", *TINY_TUNE, "output_root=out", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "out" / "sweeps" / "tune_multicolor_mnist"
     trials = sorted(p for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
@@ -55,7 +45,7 @@ def test_two_trial_optuna_sweep_end_to_end(tmp_path):
     logs = [(trial / "run.log").read_text() for trial in trials]
     assert sorted("vanilla from cache" in log for log in logs) == [False, True]
     # `bise table` shows the study's best trial by validation, its test metrics and the number of trials.
-    table = bise("table", str(sweep), cwd=tmp_path)
+    table = run_bise("table", str(sweep), cwd=tmp_path, timeout=600)
     assert table.returncode == 0, table.stderr[-2000:]
     assert "2 of 2" in table.stdout and "bise_ft.val_acc_unbiased" in table.stdout
     [row] = list(csv.DictReader((sweep / "tuning.csv").open()))
@@ -68,11 +58,12 @@ def test_a_failed_trial_is_reported_to_optuna_as_failed_not_as_a_number(tmp_path
     # pruning.round_to in {1, 0}, seeded random sampler: the first trial draws 0 and fails (a one-line BiseError
     # in the run), the second draws 1 and completes; the sweep goes on and the study's best is the completed trial.
     # (Not the grid sampler: with optuna 2.10 a failed last grid trial stops the study with a traceback.)
-    result = bise("run", "-m", "experiment=smoke", "stages=[vanilla]", "hydra/sweeper=optuna",
-                  "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.direction=maximize",
-                  "hydra.sweeper.n_trials=2",
-                  "tune.objective=vanilla.val_acc_unbiased", "pruning.round_to=choice(1,0)", "leakage_probe.epochs=1",
-                  "bootstrap.n=0", "latency.repeats=1", "output_root=out", "name=fail", cwd=tmp_path)
+    result = run_bise("run", "-m", "experiment=smoke", "stages=[vanilla]", "hydra/sweeper=optuna",
+                      "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
+                      "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=2",
+                      "tune.objective=vanilla.val_acc_unbiased", "pruning.round_to=choice(1,0)",
+                      "leakage_probe.epochs=1", "bootstrap.n=0", "latency.repeats=1", "output_root=out", "name=fail",
+                      cwd=tmp_path, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert output.count("Failed experiment") == 1 and "pruning.round_to must be an integer >= 1" in output

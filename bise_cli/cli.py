@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bise_cli import __version__
 from bise_cli.core.defaults import CONF_DIR, NOT_RECORD_SETTINGS
-from bise_cli.core.errors import BiseError, Terminated
+from bise_cli.core.errors import BiseError, Terminated, unknown_choice
 
 log = logging.getLogger("bise")
 
@@ -295,15 +295,45 @@ def audit_task(cfg: DictConfig):
 def _compose(overrides: list[str]) -> dict:
     """The resolved config for `overrides` through Hydra's compose API (no run folder, no log file)."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+            try:
+                return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+            except MissingConfigException as error:  # inside: the group's choices are read from Hydra's loader
+                raise _missing_config(error, overrides, GlobalHydra.instance().config_loader()) from None
     except (HydraException, OmegaConfBaseException) as error:
-        # Hydra appends its config search path to "not found" messages: the first sentence is the message.
-        raise BiseError(" ".join(str(error).split(" Config search path")[0].split())[:300]) from None
+        raise BiseError(_hydra_message(error)) from None
+
+
+def _hydra_message(error: Exception) -> str:
+    """Hydra's message on one line, without the config search path it appends to "not found" messages."""
+    return " ".join(str(error).split("Config search path")[0].split())[:300]
+
+
+def _missing_config(error, overrides: list[str], loader) -> BiseError:
+    """A group choice with no config file (`backbone=resnet19`) as every bad choice is worded: the override as
+    typed and the group's choices. One that no override names (a config file's defaults list) keeps Hydra's
+    message, on one line."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        group = key.split("@")[0]  # `group@package=choice`
+        if f"{group}/{value}" == error.missing_cfg_file:
+            return unknown_choice(key, value, _group_choices(loader, group))
+    return BiseError(_hydra_message(error))
+
+
+def _group_choices(loader, group: str) -> list[str]:
+    """Every config of a Hydra group, nested ones as `sub/name` (`experiment=tune/multicolor_mnist`)."""
+    from hydra.core.object_type import ObjectType
+
+    choices = list(loader.get_group_options(group, ObjectType.CONFIG))
+    for sub in loader.get_group_options(group, ObjectType.GROUP):
+        choices += [f"{sub}/{name}" for name in _group_choices(loader, f"{group}/{sub}")]
+    return choices
 
 
 def _gate_rows(model) -> list[dict]:

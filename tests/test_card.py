@@ -7,8 +7,10 @@ import json
 
 import pytest
 import torch
+from hydra.errors import MissingConfigException
 
 from bise_cli import cli
+from bise_cli.core.defaults import CONF_DIR
 from bise_cli.core.errors import BiseError
 from bise_cli.core.files import read_jsonl
 from bise_cli.models import build_backbone
@@ -147,5 +149,28 @@ def test_gates_lists_every_gate(capsys, backbone, total):
 def test_gates_errors():
     with pytest.raises(BiseError, match="classes must be a positive integer, got 'x'"):
         cli.gates_command(["classes=x"])
-    with pytest.raises(BiseError, match="Could not find 'backbone/nonet'"):
+
+
+def _configs(group: str) -> list[str]:
+    folder = CONF_DIR / group
+    return sorted(str(path.relative_to(folder).with_suffix("")) for path in folder.rglob("*.yaml"))
+
+
+def test_a_group_choice_without_a_config_is_one_line_naming_it_and_the_choices(tmp_path):
+    """Worded as every bad choice (core.errors.unknown_choice), not Hydra's text with its config search path."""
+    with pytest.raises(BiseError) as error:
         cli.gates_command(["backbone=nonet"])
+    assert str(error.value) == f"unknown backbone 'nonet'; allowed: {', '.join(_configs('backbone'))}"
+    with pytest.raises(BiseError) as error:  # nested configs are choices too
+        cli.gates_command(["experiment=tune/nope"])
+    assert str(error.value).startswith("unknown experiment 'tune/nope'; allowed: ")
+    assert sorted(str(error.value).split("allowed: ")[1].split(", ")) == _configs("experiment")
+    result = run_bise("gates", "backbone=resnet19", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.splitlines() == \
+        [f"error: unknown backbone 'resnet19'; allowed: {', '.join(_configs('backbone'))}"]
+    # A missing config no override names (a config file's defaults list): Hydra's message, on one line, without
+    # the config search path.
+    hydra_text = ("In 'config': Could not find 'backbone/gone'\n\nAvailable options in 'backbone':\n\tmlp\n"
+                  "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf")
+    fallback = cli._missing_config(MissingConfigException(hydra_text, "backbone/gone", ["mlp"]), ["seed=1"], None)
+    assert str(fallback) == "In 'config': Could not find 'backbone/gone' Available options in 'backbone': mlp"

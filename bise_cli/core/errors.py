@@ -9,11 +9,16 @@ class BiseError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
 
+def unknown_choice(what: str, value, allowed) -> BiseError:
+    """The error for a `value` of `what` that is not one of `allowed`: how every bad choice is worded."""
+    return BiseError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
 def check_choice(what: str, value, allowed) -> None:
     """Raise BiseError unless `value` is one of `allowed`."""
     allowed = list(allowed)
     if value not in allowed:
-        raise BiseError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}")
+        raise unknown_choice(what, value, allowed)
 
 
 class Terminated(KeyboardInterrupt):

@@ -474,6 +474,7 @@ def render_markdown(card: dict) -> str:
     if chance:
         lines += [f"Bias probe accuracy at chance level: {_pct(chance)} %. Intervals in brackets: bootstrap over the "
                   "test predictions.", ""]
+    lines += _other_stage_lines(card.get("other_stages") or [])  # beside the main table, before the matrices
     for name in names:
         for x in stages:
             matrix = p[x]["group_accuracy"].get(name)
@@ -482,7 +483,6 @@ def render_markdown(card: dict) -> str:
                           *_matrix_lines(matrix, classes, _pct, d.get("bias_value_names", {}).get(name))]
     if any(p[x]["group_accuracy"] for x in stages):
         lines += ["![group accuracy before and after](group_accuracy.png)", ""]
-    lines += _other_stage_lines(card.get("other_stages") or [])
 
     lines += ["## 4. Efficiency", ""]
     # The vanilla column is the dense model, so the records' *_dense copies are left out here (kept in the JSON).

@@ -326,6 +326,34 @@ def _missing_config(error, overrides: list[str], loader) -> BiseError:
     return BiseError(_hydra_message(error))
 
 
+def _check_group_choices(overrides: list[str]) -> None:
+    """Fail before Hydra starts on a group choice with no config (`bise run backbone=resnet19`, one choice of a sweep
+    `backbone=mlp,resnet19`, `hydra/launcher=slurm2`), worded as every bad choice is, instead of Hydra's dozen lines
+    with its search path. Left to Hydra: sweep functions and globs, interpolations, quoted values, `null` and
+    deletions (`~group`)."""
+    suspects = []
+    for override in overrides:
+        key, sep, value = override.lstrip("+").partition("=")
+        group = key.split("@")[0]  # `group@package=choice`
+        if (not sep or override.startswith("~") or any(c in value for c in "()*[]{}$'\" ")
+                or not (group.startswith("hydra/") or (CONF_DIR / group).is_dir())):
+            continue
+        # The project's groups are checked on disk; Hydra's own groups (launchers, sweepers) come from plugins.
+        suspects += [(key, group, choice) for choice in value.split(",") if choice and choice != "null"
+                     and (group.startswith("hydra/") or not (CONF_DIR / group / f"{choice}.yaml").is_file())]
+    if not suspects:
+        return
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for key, group, choice in suspects:
+            choices = _group_choices(loader, group)
+            if choices and choice not in choices:  # a group Hydra does not know is left to Hydra's message
+                raise unknown_choice(key, choice, choices)
+
+
 def _group_choices(loader, group: str) -> list[str]:
     """Every config of a Hydra group, nested ones as `sub/name` (`experiment=tune/multicolor_mnist`)."""
     from hydra.core.object_type import ObjectType
@@ -439,9 +467,15 @@ def _hydra_app(task, argv: list[str], program: str, extra: list[str] = ()) -> No
 
     if not CONF_DIR.is_dir():
         raise BiseError(f"config folder {CONF_DIR} not found; reinstall bise (pip install -e . or the wheel)")
+    _check_group_choices(argv)
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
     sys.argv = [program, *argv, *extra]
-    app()
+    try:
+        app()
+    except ValueError as error:  # Hydra's own usage errors (`-m` with `--cfg`) would otherwise be a traceback
+        if "can be specified" not in str(error):
+            raise
+        raise BiseError(str(error)) from None
 
 
 def _exit_if_jobs_failed() -> None:

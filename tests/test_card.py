@@ -174,3 +174,34 @@ def test_a_group_choice_without_a_config_is_one_line_naming_it_and_the_choices(t
                   "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf")
     fallback = cli._missing_config(MissingConfigException(hydra_text, "backbone/gone", ["mlp"]), ["seed=1"], None)
     assert str(fallback) == "In 'config': Could not find 'backbone/gone' Available options in 'backbone': mlp"
+
+
+@pytest.mark.parametrize("command, override, what, bad", [
+    ("run", "backbone=resnet19", "backbone", "resnet19"),
+    ("run", "backbone=mlp,resnet19", "backbone", "resnet19"),          # one choice of a sweep
+    ("audit", "+experiment=tune/nope", "experiment", "tune/nope"),
+    ("data", "dataset@dataset=cifar11", "dataset@dataset", "cifar11"),
+])
+def test_run_audit_and_data_name_a_bad_group_choice_in_one_line(capsys, command, override, what, bad):
+    """`bise run backbone=resnet19` fails before Hydra starts (which would print a dozen lines with its config
+    search path), worded as `bise gates` words it, exit 2."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "-m" if "," in override else "seed=0", override])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    head, allowed = line.split("; allowed: ")
+    assert head == f"error: unknown {what} {bad!r}"
+    assert sorted(allowed.split(", ")) == _configs(what.split("@")[0])
+
+
+def test_a_bad_launcher_and_hydras_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "hydra/launcher=nope"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: unknown hydra/launcher 'nope'; allowed: ")
+    assert {"basic", "local_parallel", "submitit_local", "slurm"} <= set(err.strip().split("allowed: ")[1].split(", "))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "-m", "experiment=smoke", "--cfg", "job"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == \
+        ["error: Only one of --run, --multirun, --cfg, --info and --shell_completion can be specified"]

@@ -85,7 +85,8 @@ def probes(model, test, seed: int) -> dict:
     them."""
     z = predict(model, test, 1024, features=True)["z"]
     y = test.y.long()
-    return {"probe_norm": round(linear_probe(z, y, seed, True), 4), "probe_raw": round(linear_probe(z, y, seed, False), 4)}
+    return {"probe_norm": round(linear_probe(z, y, seed, True), 4),
+            "probe_raw": round(linear_probe(z, y, seed, False), 4)}
 
 
 def epoch_stats(model, bundle) -> dict:

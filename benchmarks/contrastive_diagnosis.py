@@ -12,19 +12,22 @@ prints one JSON line per (variant, epoch) with:
 - `acc_unbiased`: the model's unbiased test accuracy (the four alignment patterns weighted equally), `acc_test`
   its plain test accuracy (81 % of the test digits conflict with both colours);
 
-and after the last epoch `probe_norm` / `probe_raw`: a fresh linear head fitted on the frozen features of one
+after the last epoch `probe_norm` / `probe_raw`: a fresh linear head fitted on the frozen features of one
 half of the (unbiased) test split, L2-normalised as the contrastive loss sees them or raw as the classifier sees
 them, and scored (plain accuracy) on the other half: how much of the digit the features carry, whatever the
 model's own classifier learned (compare `acc_test`). The bias-capturing model of SoftCon is a vanilla MLP trained
-here with the vanilla recipe for `--bias-epochs` epochs (the stage uses the run's vanilla model).
+here with the vanilla recipe for `--bias-epochs` epochs (the stage uses the run's vanilla model). A first line
+gives BiasBal's cross-entropy at all-zero logits, log P(y | b) alone, for the joint colour pair and each colour.
 
     python benchmarks/contrastive_diagnosis.py --samples 10000 --epochs 9 \
-        --variants softcon softcon:weight_decay=0 softcon:ce_weight=1 bcon_bbal bcon_bbal:ce_weight=1
+        --variants vanilla vanilla:double_scale=0 softcon softcon:weight_decay=0 softcon:ce_weight=1 \
+        softcon:double_scale=0 bcon_bbal bcon_bbal:weight_decay=0 bcon_bbal:ce_weight=1 bcon_bbal:double_scale=0
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -39,14 +42,19 @@ from bise_cli.method.train import fit, predict
 from bise_cli.models.mlp import MLP
 
 AUTHORS = {"epochs": 80, "batch_size": 128, "contrastive_batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4,
-           "milestones": "auto", "gamma": 0.1, "ce_weight": 0.01, "temperature": 0.07, "ratio": 10}
+           "milestones": "auto", "gamma": 0.1, "ce_weight": 0.01, "temperature": 0.07, "ratio": 10,
+           "double_scale": 1}  # the MLP's input / 255 again (backbone.double_scale; the authors' input is in [-1, 1])
+
+
+# The vanilla recipe of Multi-Color MNIST (conf/train/multicolor_mnist.yaml): Adam 1e-3, wd 1e-4, batch 256.
+VANILLA = TrainRecipe(epochs=1, batch_size=256, optimizer="adam", lr=1e-3, weight_decay=1e-4, name="vanilla")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
     """'softcon:ce_weight=1,weight_decay=0' -> ("softcon", the authors' options with those two replaced)."""
     stage, _, changes = text.partition(":")
-    if stage not in ("softcon", "bcon_bbal"):
-        raise SystemExit(f"unknown variant stage {stage!r} (softcon or bcon_bbal)")
+    if stage not in ("vanilla", "softcon", "bcon_bbal"):
+        raise SystemExit(f"unknown variant stage {stage!r} (vanilla, softcon or bcon_bbal)")
     options = dict(AUTHORS)
     for item in filter(None, changes.split(",")):
         key, _, value = item.partition("=")
@@ -104,8 +112,42 @@ def epoch_stats(model, bundle) -> dict:
             "acc_unbiased": round(test["acc_unbiased"], 4), "acc_test": round(test["acc"], 4)}
 
 
+def prior_cross_entropy(bundle) -> dict:
+    """BiasBal's training cross-entropy with all-zero logits, i.e. how much of the training labels the log prior
+    log P(y | b) explains by itself: for the joint colour pair (what `bcon_bbal` uses) and each colour alone."""
+    train = bundle["train"]
+    y = train.y.long()
+    out = {}
+    for name, b, values in (("joint", con.joint_bias(train.b, bundle.num_bias), bundle.num_bias ** 2),
+                            ("left", train.b[:, 0].long(), bundle.num_bias),
+                            ("right", train.b[:, 1].long(), bundle.num_bias)):
+        prior = con.class_given_bias_prior(y, b, bundle.num_classes, values)
+        logits = con.bias_balanced_logits(torch.zeros(len(y), bundle.num_classes), b, prior)
+        out[f"biasbal_ce_at_zero_logits_{name}"] = round(float(F.cross_entropy(logits, y)), 4)
+    return out
+
+
+def run_vanilla(options: dict, bundle, seed: int) -> None:
+    """The reference: a seeded MLP trained with the vanilla recipe (only `epochs` and `double_scale` of the
+    options apply), with the same per-epoch and final lines."""
+    torch.manual_seed(seed)
+    model = MLP(bundle.num_classes, double_scale=bool(options["double_scale"]))
+    label = "vanilla" + ("" if options["double_scale"] else " double_scale=0")
+    start = time.perf_counter()
+
+    def after_epoch(epoch: int) -> None:
+        print(json.dumps({"variant": label, "epoch": epoch, **epoch_stats(model, bundle),
+                          "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+
+    fit(model, bundle["train"], dataclasses.replace(VANILLA, epochs=options["epochs"]), seed=seed,
+        description="vanilla", after_epoch=after_epoch)
+    print(json.dumps({"variant": label, "final": True, **probes(model, bundle["test"], seed)}), flush=True)
+
+
 def run_variant(stage: str, options: dict, bundle, bias_features: torch.Tensor, seed: int) -> None:
     """Train one variant from a seeded MLP and print its per-epoch and final JSON lines."""
+    if stage == "vanilla":
+        return run_vanilla(options, bundle, seed)
     train = bundle["train"]
     generator = torch.Generator().manual_seed(seed)
     if stage == "softcon":
@@ -123,7 +165,7 @@ def run_variant(stage: str, options: dict, bundle, bias_features: torch.Tensor, 
         def pairs(index):
             return con.biascon_pair_weights(bias[index])
     torch.manual_seed(seed)
-    model = MLP(bundle.num_classes)
+    model = MLP(bundle.num_classes, double_scale=bool(options["double_scale"]))
     section = {k: options[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "milestones", "gamma")}
     recipe = con.contrastive_recipe(section, stage)
     label = stage + "".join(f" {k}={v}" for k, v in options.items() if v != AUTHORS[k] and k != "epochs")
@@ -151,14 +193,15 @@ def main() -> None:
     parser.add_argument("--bias-epochs", type=int, default=10, help="vanilla epochs of SoftCon's bias model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=["softcon", "bcon_bbal"],
-                        help="stage[:option=value,...], options as in baselines.softcon")
+                        help="stage[:option=value,...], options as in baselines.softcon, and double_scale")
     args = parser.parse_args()
     torch.set_num_threads(1)
     bundle = multicolor_mnist.build("files", args.mnist, args.seed, max_samples=args.samples)
+    print(json.dumps({"samples": len(bundle["train"]), **prior_cross_entropy(bundle)}), flush=True)
     torch.manual_seed(args.seed)
     vanilla = MLP(bundle.num_classes)
-    fit(vanilla, bundle["train"], TrainRecipe(epochs=args.bias_epochs, batch_size=256, optimizer="adam", lr=1e-3,
-                                              weight_decay=1e-4), seed=args.seed, description="vanilla")
+    fit(vanilla, bundle["train"], dataclasses.replace(VANILLA, epochs=args.bias_epochs), seed=args.seed,
+        description="vanilla")
     print(json.dumps({"variant": "vanilla (bias model)", "epoch": args.bias_epochs, **epoch_stats(vanilla, bundle),
                       **probes(vanilla, bundle["test"], args.seed)}), flush=True)
     bias_features = predict(vanilla, bundle["train"], 1024, features=True)["z"]

@@ -43,7 +43,7 @@ from bise_cli.models.mlp import MLP
 
 AUTHORS = {"epochs": 80, "batch_size": 128, "contrastive_batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4,
            "milestones": "auto", "gamma": 0.1, "ce_weight": 0.01, "temperature": 0.07, "ratio": 10,
-           "double_scale": 1}  # the MLP's input / 255 again (backbone.double_scale; the authors' input is in [-1, 1])
+           "double_scale": 1}  # the MLP's input / 255 again (backbone.double_scale); the authors': [-1, 1]
 
 
 # The vanilla recipe of Multi-Color MNIST (conf/train/multicolor_mnist.yaml): Adam 1e-3, wd 1e-4, batch 256.

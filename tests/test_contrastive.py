@@ -164,3 +164,19 @@ def test_bcon_bbal_refuses_pseudo_labels_for_several_attributes(tmp_path):
                           "stages=[vanilla,bcon_bbal]", f"output_root={tmp_path / 'outputs'}"])
     with pytest.raises(BiseError, match="bcon_bbal with bias_labels=identification needs one bias attribute"):
         pipeline.run(cfg, tmp_path / "run")
+
+
+def test_the_authors_schedule_never_decays_before_the_first_step():
+    """lr / 10 after a third and two thirds of the epochs; their formula's milestone 0 (under 3 epochs) would make
+    MultiStepLR start at lr / 100 (1 epoch), so a smoke-size run trains at the configured rate."""
+    from bise_cli.baselines.contrastive import contrastive_recipe, default_milestones
+    from bise_cli.method.train import recipe_optimizer, recipe_scheduler
+
+    assert default_milestones(80) == [26, 53] and default_milestones(40) == [13, 26] and default_milestones(3) == [1, 2]
+    assert default_milestones(2) == [1] and default_milestones(1) == []
+    for epochs in (1, 2, 3):
+        recipe = contrastive_recipe({"epochs": epochs, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.0,
+                                     "milestones": "auto"}, "baselines.softcon")
+        opt = recipe_optimizer(recipe, [torch.nn.Parameter(torch.zeros(1))])
+        recipe_scheduler(recipe, opt, 1)
+        assert opt.param_groups[0]["lr"] == 1e-3, epochs

@@ -219,5 +219,7 @@ def train_contrastive(model: nn.Module, split: Split, recipe: TrainRecipe, *,
 
 
 def default_milestones(epochs: int) -> list[int]:
-    """The authors' schedule: the learning rate divided by 10 after a third and after two thirds of the epochs."""
-    return [epochs // 3, epochs * 2 // 3]
+    """The authors' schedule: the learning rate divided by 10 after a third and after two thirds of the epochs.
+    Below 3 epochs their formula gives a milestone 0, which MultiStepLR applies before the first step (1 epoch:
+    lr / 100 throughout); such milestones are dropped, so a short run trains at the configured rate."""
+    return [m for m in (epochs // 3, epochs * 2 // 3) if m > 0]

@@ -110,10 +110,10 @@ SPECS: tuple[StageSpec, ...] = (
     StageSpec("softcon", "SoftCon", "tab:gray",
               "soft bias-contrastive learning from scratch, pairs weighted by the vanilla model's features "
               "(Hong & Yang, NeurIPS 2021)",
-              version=1, run="bise_cli.run.stages:contrastive", reads=("baselines.softcon",)),
+              version=2, run="bise_cli.run.stages:contrastive", reads=("baselines.softcon",)),
     StageSpec("bcon_bbal", "BCon+BBal", "gold",
               "bias-contrastive + bias-balanced learning from scratch with bias labels (Hong & Yang, NeurIPS 2021)",
-              version=1, run="bise_cli.run.stages:contrastive", reads=("baselines.bcon_bbal",), needs_bias_labels=True),
+              version=2, run="bise_cli.run.stages:contrastive", reads=("baselines.bcon_bbal",), needs_bias_labels=True),
 )
 _SPECS = {spec.name: spec for spec in SPECS}
 STAGE_NAMES: tuple[str, ...] = tuple(spec.name for spec in SPECS)

@@ -295,35 +295,21 @@ def audit_task(cfg: DictConfig):
 def _compose(overrides: list[str]) -> dict:
     """The resolved config for `overrides` through Hydra's compose API (no run folder, no log file)."""
     from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException, MissingConfigException
+    from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    _check_group_choices(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            try:
-                return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
-            except MissingConfigException as error:  # inside: the group's choices are read from Hydra's loader
-                raise _missing_config(error, overrides, GlobalHydra.instance().config_loader()) from None
+            return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
         raise BiseError(_hydra_message(error)) from None
 
 
 def _hydra_message(error: Exception) -> str:
-    """Hydra's message on one line, without the config search path it appends to "not found" messages."""
+    """Hydra's message on one line, without the config search path it appends to "not found" messages (a missing
+    config no override names, e.g. one in a config file's defaults list)."""
     return " ".join(str(error).split("Config search path")[0].split())[:300]
-
-
-def _missing_config(error, overrides: list[str], loader) -> BiseError:
-    """A group choice with no config file (`backbone=resnet19`) as every bad choice is worded: the override as
-    typed and the group's choices. One that no override names (a config file's defaults list) keeps Hydra's
-    message, on one line."""
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
-        group = key.split("@")[0]  # `group@package=choice`
-        if f"{group}/{value}" == error.missing_cfg_file:
-            return unknown_choice(key, value, _group_choices(loader, group))
-    return BiseError(_hydra_message(error))
 
 
 def _check_group_choices(overrides: list[str]) -> None:

@@ -172,8 +172,8 @@ def test_a_group_choice_without_a_config_is_one_line_naming_it_and_the_choices(t
     # the config search path.
     hydra_text = ("In 'config': Could not find 'backbone/gone'\n\nAvailable options in 'backbone':\n\tmlp\n"
                   "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf")
-    fallback = cli._missing_config(MissingConfigException(hydra_text, "backbone/gone", ["mlp"]), ["seed=1"], None)
-    assert str(fallback) == "In 'config': Could not find 'backbone/gone' Available options in 'backbone': mlp"
+    fallback = cli._hydra_message(MissingConfigException(hydra_text, "backbone/gone", ["mlp"]))
+    assert fallback == "In 'config': Could not find 'backbone/gone' Available options in 'backbone': mlp"
 
 
 @pytest.mark.parametrize("command, override, what, bad", [

@@ -187,11 +187,11 @@ def _stage_performance(record: dict, matrices: dict, names: list[str], num_bias:
     per_attribute = [f"leakage_{name}" for name in names if len(names) > 1]  # right after `leakage`
     rows = [*[x for m in PERFORMANCE_ROWS for x in ([m, *per_attribute] if m == "leakage" else [m])],
             "leakage_head_vanilla", *EXTRA_SPLIT_ROWS]
-    metrics = {name: record[name] for name in rows if record.get(name) is not None}
+    metrics, intervals = _metric_values(record, rows)
     aligned, conflicting = record.get("acc_aligned"), record.get("acc_conflicting")
     return {
         "metrics": metrics,
-        "intervals": {name: record[f"{name}_ci"] for name in rows if isinstance(record.get(f"{name}_ci"), list)},
+        "intervals": intervals,
         "gap_aligned_conflicting": aligned - conflicting if None not in (aligned, conflicting) else None,
         "group_accuracy": {name: m["accuracy"] for name, m in (matrices or {}).items()},
         "disparity": {name: disparity(m["accuracy"]) for name, m in (matrices or {}).items()},
@@ -204,10 +204,19 @@ def _other_stages(records: list[dict], stages: list[str]) -> list[dict]:
     """Every record the before/after columns do not show (baselines, alternative mask selections), with the
     declared metrics it carries and their bootstrap intervals: the run's comparison."""
     shown = [id(_first(records, s)) for s in stages]
-    return [{"stage": r["stage"], "selection": r.get("selection"),
-             "metrics": {m: r[m] for m in METRIC_NAMES if r.get(m) is not None},
-             "intervals": {m: r[f"{m}_ci"] for m in METRIC_NAMES if isinstance(r.get(f"{m}_ci"), list)}}
-            for r in records if id(r) not in shown]
+    others = []
+    for record in records:
+        if id(record) not in shown:
+            metrics, intervals = _metric_values(record, METRIC_NAMES)
+            others.append({"stage": record["stage"], "selection": record.get("selection"), "metrics": metrics,
+                           "intervals": intervals})
+    return others
+
+
+def _metric_values(record: dict, names) -> tuple[dict, dict]:
+    """The values of `names` that `record` carries, and their bootstrap intervals (`<name>_ci`) where recorded."""
+    return ({name: record[name] for name in names if record.get(name) is not None},
+            {name: record[f"{name}_ci"] for name in names if isinstance(record.get(f"{name}_ci"), list)})
 
 
 def _limitations(cfg: dict, records: list[dict], data: dict, performance: dict, audit: bool) -> list[str]:

@@ -324,9 +324,10 @@ def _check_group_choices(overrides: list[str]) -> None:
         if (not sep or override.startswith("~") or any(c in value for c in "()*[]{}$'\" ")
                 or not (group.startswith("hydra/") or (CONF_DIR / group).is_dir())):
             continue
-        # The project's groups are checked on disk; Hydra's own groups (launchers, sweepers) come from plugins.
+        # A config file in conf/ settles it; anything else (a typo, or a plugin's launcher or sweeper) is asked of
+        # Hydra's loader below, which knows the plugins' choices too.
         suspects += [(key, group, choice) for choice in value.split(",") if choice and choice != "null"
-                     and (group.startswith("hydra/") or not (CONF_DIR / group / f"{choice}.yaml").is_file())]
+                     and not (CONF_DIR / group / f"{choice}.yaml").is_file()]
     if not suspects:
         return
     from hydra import initialize_config_dir

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from bise_cli.core.precision import autocast
+from bise_cli.core.precision import autocast, with_eval_batch
 from bise_cli.data.base import Split
 from bise_cli.method.probe import feature_epoch, make_head
 from bise_cli.method.recipe import TrainRecipe
@@ -248,7 +248,7 @@ def fixed_costs(mnist: str, reps: int) -> list[str]:
                                      for k, v in bundle.splits.items()})
     model = freeze(build_backbone("simple_convnet", 10, width=0.25))
     started = time.perf_counter()
-    metrics = evaluate_model(model, bundle, batch_size=cfg["eval_batch_size"], device="cpu",
+    metrics = evaluate_model(model, bundle, batch_size=with_eval_batch(cfg, "cpu")["eval_batch_size"], device="cpu",
                              probe=cfg["leakage_probe"], seed=0)
     evaluation = time.perf_counter() - started
     example = bundle["test"].encode(bundle["test"].x[:1])

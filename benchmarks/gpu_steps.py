@@ -176,7 +176,7 @@ def throughput(args) -> None:
     loop("vanilla: fit epoch", len(train), lambda: fit(model, train, one_epoch, device=device))
     freeze(model)
     # The pass the search and fine-tuning make every epoch to select their result (on val).
-    loop("evaluation: predict pass", len(val), lambda: predict(model, val, cfg["eval_batch_size"], device))
+    loop("evaluation: predict pass", len(val), lambda: predict(model, val, ctx.cfg["eval_batch_size"], device))
     z = loop("search: feature pass (head cache)", len(search),
              lambda: predict(model, search, p.eval_batch_size, device, features=True, host=False)["z"])
     gates = GateSet(model.gate_points(), init=p.gate_init).to(device).attach(model)

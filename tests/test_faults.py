@@ -50,7 +50,7 @@ def test_known_stages_match_pipeline():
     (["rho=abc"], "rho must be in (0, 1], got 'abc'"),
     (["dataset.max_samples=abc"], "dataset.max_samples must be an integer >= 1 or null, got 'abc'"),
     (["dataset.max_samples=0"], "dataset.max_samples must be an integer >= 1 or null, got 0"),
-    (["eval_batch_size=0"], "eval_batch_size must be an integer >= 1, got 0"),
+    (["eval_batch_size=0"], "eval_batch_size must be auto or an integer >= 1, got 0"),
     (["leakage_probe.batch_size=0"], "leakage_probe.batch_size must be an integer >= 1, got 0"),
     (["leakage_probe.epochs=-1"], "leakage_probe.epochs must be an integer >= 0, got -1"),
     (["leakage_probe.lr=0"], "leakage_probe.lr must be a number > 0, got 0"),

@@ -315,6 +315,29 @@ def test_input_column_equal_to_target_or_bias_is_refused(table, tmp_path, column
     one_line_error(result, message)
 
 
+@pytest.mark.parametrize("column, clash", [("head", "leakage_head"), ("head_vanilla", "leakage_head")])
+def test_a_bias_column_whose_leakage_key_reads_as_another_metric_is_refused(table, tmp_path, column, clash):
+    """A bias column named `head` would record the fresh probe's per-attribute leakage as `leakage_head`, the key
+    of BISE's own bias-head metric (one would overwrite the other in the record): refused in one line, before
+    anything is read."""
+    data, _ = table
+    result = run_bise("data", *table_args(data, tmp_path / "out", f"dataset.bias_columns=[place,{column}]",
+                                          f"hydra.run.dir={tmp_path / 'd'}"), cwd=tmp_path)
+    one_line_error(result, f"dataset.bias_columns: a bias column named '{column}' would record its leakage as "
+                           f"leakage_{column}, which reads as the metric {clash}; rename that column in the manifest")
+
+
+def test_per_attribute_leakage_displays_as_the_bias_probe():
+    """`leakage_left` is shown like `leakage` (a percentage, titled by its attribute), not as a raw undeclared
+    number; `leakage_head_vanilla` like `leakage_head`."""
+    from bise_cli.core.names import format_value, metric
+
+    left = metric("leakage_left")
+    assert left.title == "bias probe (left)" and left.scale == metric("leakage").scale
+    assert format_value("leakage_left", 0.8854) == format_value("leakage", 0.8854)
+    assert metric("leakage_head_vanilla").scale == metric("leakage_head").scale
+
+
 # ------------------------------------------------------------------------------------ 11. round_to
 
 def test_round_to_that_undoes_the_search_warns_and_records_both_sparsities(tmp_path):

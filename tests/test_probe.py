@@ -47,48 +47,59 @@ def test_cached_feature_probe_equals_the_recomputed_probe(smoke_model):
     bundle, model = smoke_model.bundle, smoke_model.model
     assert bundle["search"].augment is None  # un-augmented inputs: the case where caching is exact
     options = {"epochs": 3, "batch_size": 50, "lr": 0.1, "seed": 7}
-    cached = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, **options)
+    cached = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, **options,
+                                 feature_batch_size=100)
     reference, _ = recomputed_probe(model, bundle["search"], bundle["test"], bundle.num_bias, **options)
     assert cached == reference
     # The same seed is the same probe; another seed draws another one (the comparison is not vacuous).
-    assert fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, **options) == cached
-    other = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, **{**options, "seed": 8})
+    assert fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, **options,
+                               feature_batch_size=100) == cached
+    other = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, **{**options, "seed": 8},
+                                feature_batch_size=100)
     assert other != cached
 
 
-def test_evaluation_hands_its_test_features_to_the_probe(smoke_model):
-    """At the probe's feature batch size, evaluation passes over the test split once and the probe uses that
-    pass's features: the metrics are exactly those of the separate passes (test metrics, then a probe computing
-    its own test features), and the test split is forwarded once instead of twice."""
+@pytest.mark.parametrize("batch_size", [64, 100])
+def test_evaluation_hands_its_test_features_to_the_probe(smoke_model, batch_size):
+    """Evaluation passes over the test split once and the probe uses that pass's features: the metrics are
+    exactly those of the separate passes at the same batch size (test metrics, then a probe computing its own
+    test features), and the test split is forwarded once instead of twice."""
     from bise_cli.method.evaluate import evaluate_model, split_metrics
-    from bise_cli.method.probe import FEATURE_BATCH
 
     bundle, model, probe = smoke_model.bundle, smoke_model.model, smoke_model.probe
     smoke_model.sizes.clear()
-    shared = evaluate_model(model, bundle, batch_size=FEATURE_BATCH, device="cpu", probe=probe, seed=3)
+    shared = evaluate_model(model, bundle, batch_size=batch_size, device="cpu", probe=probe, seed=3)
     evaluated = sum(len(bundle[name]) for name in ("test", "val", "search") if bundle.get(name) is not None)
     assert sum(smoke_model.sizes) == evaluated  # test, val and the probe's search features: each split once
+    assert max(smoke_model.sizes) == batch_size
 
-    separate = split_metrics(model, bundle, "test", FEATURE_BATCH, "cpu")
+    separate = split_metrics(model, bundle, "test", batch_size, "cpu")
     for name in ("val", "test_conflicting"):
         if bundle.get(name) is not None:
-            extra = split_metrics(model, bundle, name, FEATURE_BATCH, "cpu")
+            extra = split_metrics(model, bundle, name, batch_size, "cpu")
             separate.update({f"{name}_{k}": v for k, v in extra.items() if isinstance(v, float)})
-    leakage = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, seed=3, **probe)
+    leakage = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, seed=3, **probe,
+                                  feature_batch_size=batch_size)
     separate["leakage"] = sum(leakage) / len(leakage)
     assert shared == separate
 
 
-def test_evaluation_at_another_batch_size_lets_the_probe_compute_its_own_features(smoke_model):
-    """Features from a pass at another batch size may round differently: then the probe makes its own pass at
-    FEATURE_BATCH, so its leakage is the one it always reported."""
+def test_the_evaluation_batch_size_changes_no_metric_on_a_cpu(smoke_model):
+    """`eval_batch_size: auto` evaluates in batches of 100 on a CPU instead of 500: every metric, the probe's
+    leakage included, is the same at either size (and at an odd one), so the faster size changes no result."""
     from bise_cli.method.evaluate import evaluate_model
-    from bise_cli.method.probe import FEATURE_BATCH
 
     bundle, model, probe = smoke_model.bundle, smoke_model.model, smoke_model.probe
-    smoke_model.sizes.clear()
-    metrics = evaluate_model(model, bundle, batch_size=64, device="cpu", probe=probe, seed=3)
-    forwarded = sum(len(bundle[name]) for name in ("test", "val", "search", "test") if bundle.get(name) is not None)
-    assert FEATURE_BATCH != 64 and sum(smoke_model.sizes) == forwarded
-    leakage = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, seed=3, **probe)
-    assert metrics["leakage"] == sum(leakage) / len(leakage)
+    metrics = {size: evaluate_model(model, bundle, batch_size=size, device="cpu", probe=probe, seed=3)
+               for size in (100, 500, 37)}
+    assert metrics[100] == metrics[500] == metrics[37]
+    assert 0 < metrics[100]["acc"] < 1 and 0 < metrics[100]["leakage"] <= 1  # real metrics, not empty ones
+
+
+def test_eval_batch_size_auto_resolves_by_device_and_a_number_is_kept():
+    """`auto` is 100 on a CPU and 500 on a GPU; a number the user gives is used as it is."""
+    from bise_cli.core.precision import with_eval_batch
+
+    assert with_eval_batch({"eval_batch_size": "auto"}, "cpu")["eval_batch_size"] == 100
+    assert with_eval_batch({"eval_batch_size": "auto"}, torch.device("cuda"))["eval_batch_size"] == 500
+    assert with_eval_batch({"eval_batch_size": 64}, "cpu")["eval_batch_size"] == 64

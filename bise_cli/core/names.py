@@ -73,27 +73,58 @@ METRICS: tuple[Metric, ...] = _parse_metrics(_METRIC_TABLE)
 METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
 _METRICS = {m.name: m for m in METRICS}
 
-# Record keys derived from a declared metric display like it: `val_acc`, `wilds_acc_worst_group`, `macs_dense`.
+# Record keys derived from a declared metric display like it: `val_acc`, `wilds_acc_worst_group`, `macs_dense`,
+# `leakage_head_vanilla` (the metric on the vanilla model).
 DERIVED_PREFIXES = ("val_", "test_conflicting_", "test_", "wilds_", "coarse_")
-DERIVED_SUFFIXES = ("_dense", "_unrounded")
+DERIVED_SUFFIXES = ("_dense", "_unrounded", "_vanilla")
+# Metrics also recorded per bias attribute, as `<metric>_<attribute>` (`leakage_left`), when there are several.
+PER_ATTRIBUTE = ("leakage",)
 MISSING = "–"
 
 
-def metric(name: str | Metric) -> Metric:
-    """The declared metric; a derived key (`val_acc`, `macs_dense`, ...) displays like its base metric; anything
-    else is shown unscaled with 4 significant digits."""
-    if isinstance(name, Metric):
-        return name
-    if name in _METRICS:
-        return _METRICS[name]
+def per_attribute(name: str, attribute: str) -> str:
+    """The record key of metric `name` (one of PER_ATTRIBUTE) for one bias attribute."""
+    return f"{name}_{attribute}"
+
+
+def _declared_base(name: str) -> str | None:
+    """The declared metric that record key `name` is, or derives from by a prefix and a suffix; None if none."""
     base = name
     for prefix in DERIVED_PREFIXES:
         base = base.removeprefix(prefix)
     for suffix in DERIVED_SUFFIXES:
         base = base.removesuffix(suffix)
-    if base in _METRICS:
+    return name if name in _METRICS else base if base in _METRICS else None
+
+
+def attribute_clash(attribute: str) -> str | None:
+    """The declared metric that a per-attribute key of `attribute` would be mistaken for (a bias attribute named
+    `head` would record `leakage_head`, BISE's bias-head metric), or None."""
+    for name in PER_ATTRIBUTE:
+        base = _declared_base(per_attribute(name, attribute))
+        if base is not None:
+            return base
+    return None
+
+
+def metric(name: str | Metric) -> Metric:
+    """The declared metric; a derived key (`val_acc`, `macs_dense`, ...) displays like its base metric, a
+    per-attribute key (`leakage_left`) like its metric; anything else is shown unscaled with 4 significant
+    digits."""
+    if isinstance(name, Metric):
+        return name
+    if name in _METRICS:
+        return _METRICS[name]
+    base = _declared_base(name)
+    if base is not None:
         return dataclasses.replace(_METRICS[base], name=name, title=name,
                                    description=f"{_METRICS[base].description} ({name})")
+    for parent in PER_ATTRIBUTE:
+        if name.startswith(f"{parent}_"):
+            attribute = name.removeprefix(f"{parent}_")
+            declared = _METRICS[parent]
+            return dataclasses.replace(declared, name=name, title=f"{declared.title} ({attribute})",
+                                       description=f"{declared.description}, bias attribute {attribute}")
     return Metric(name, name, 1.0, "", None, "undeclared metric", None)
 
 

@@ -15,9 +15,10 @@ from torch import nn
 
 from bise_cli.core.errors import BiseError
 from bise_cli.core.metrics import accuracy_metrics, disparity_metrics, group_proportions, overlapping_group_metrics
+from bise_cli.core.names import per_attribute
 from bise_cli.data.base import DatasetBundle, Split
 from bise_cli.method.bootstrap import bootstrap_ci
-from bise_cli.method.probe import FEATURE_BATCH, fresh_probe_leakage, mean_over_attributes
+from bise_cli.method.probe import fresh_probe_leakage, mean_over_attributes
 from bise_cli.method.train import predict
 
 
@@ -142,10 +143,9 @@ def evaluate_model(model: nn.Module, bundle: DatasetBundle, *, batch_size: int, 
     """Test metrics at the top level, validation metrics prefixed `val_`, and the fresh-probe `leakage` (the
     mean over bias attributes; `leakage_<attribute>` each when there are several)."""
     model.eval()
-    # The probe's test features come from this pass when it runs at the probe's batch size (then they are exactly
-    # the features a second pass would give), saving a second forward pass over the test split.
-    share = bool(probe) and batch_size == FEATURE_BATCH
-    test = checked_predict(model, bundle["test"], "test", batch_size, device, features=share)
+    # The probe's test features come from this pass (the features a second pass would give), saving a second
+    # forward pass over the test split.
+    test = checked_predict(model, bundle["test"], "test", batch_size, device, features=bool(probe))
     metrics = split_metrics(model, bundle, "test", batch_size, device, bootstrap, seed, out=test)
     # Extra evaluation splits (CelebA's conflicting test set) and validation, prefixed with their name.
     for name in ("val", "test_conflicting"):
@@ -155,8 +155,10 @@ def evaluate_model(model: nn.Module, bundle: DatasetBundle, *, batch_size: int, 
     if probe:
         with torch.random.fork_rng(devices=[]):
             leakage = fresh_probe_leakage(model, bundle["search"], bundle["test"], bundle.num_bias, seed=seed,
-                                          device=device, test_features=test.get("z"), **probe)
+                                          feature_batch_size=batch_size, device=device, test_features=test["z"],
+                                          **probe)
         metrics["leakage"] = mean_over_attributes(leakage)
         if len(leakage) > 1:
-            metrics.update({f"leakage_{name}": value for name, value in zip(bundle.bias_names, leakage, strict=True)})
+            metrics.update({per_attribute("leakage", name): value
+                            for name, value in zip(bundle.bias_names, leakage, strict=True)})
     return metrics

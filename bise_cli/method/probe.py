@@ -25,11 +25,6 @@ from bise_cli.data.base import Split, bias_columns
 from bise_cli.method.train import predict
 from bise_cli.models.masking import capture_input
 
-# The batch size at which the probes compute bottleneck features. A test pass at this batch size gives exactly the
-# features the probe would compute (the same batches through the same kernels), so evaluation hands them over
-# instead of a second pass; at another batch size the kernels may round differently, so the probe recomputes.
-FEATURE_BATCH = 500
-
 
 @dataclass
 class HeadOptimiser:
@@ -143,17 +138,19 @@ def head_loss(head: nn.Linear, z: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cross_entropy(head(_on(z, device)), _on(b, device)))
 
 
-def fresh_probe_leakage(model: nn.Module, train: Split, test: Split, num_bias: int, *, epochs: int = 20,
-                        batch_size: int = 100, lr: float = 0.1, seed: int = 0, device="cpu",
+def fresh_probe_leakage(model: nn.Module, train: Split, test: Split, num_bias: int, *, feature_batch_size: int,
+                        epochs: int = 20, batch_size: int = 100, lr: float = 0.1, seed: int = 0, device="cpu",
                         test_features: torch.Tensor | None = None) -> list[float]:
-    """Per bias attribute: accuracy on `test` of a new linear probe trained on `train` bottleneck features.
+    """Per bias attribute: accuracy on `test` of a new linear probe trained (`epochs`, `batch_size`, `lr`) on
+    `train` bottleneck features, computed in batches of `feature_batch_size` (the evaluation's batch size).
 
-    `test_features`: the bottleneck features of `test` from a pass at FEATURE_BATCH (evaluation's own test pass),
-    used instead of a second pass over `test`. Fails (BiseError) when a probe ends worse on its own training set
-    than it started (a diverged probe reads as 'no leakage', which would look like a removed bias)."""
-    z_train = predict(model, train, FEATURE_BATCH, device, features=True, host=False)["z"]
+    `test_features`: the bottleneck features of `test` from the evaluation's own test pass (the same batches
+    through the same kernels), used instead of a second pass over `test`. Fails (BiseError) when a probe ends
+    worse on its own training set than it started (a diverged probe reads as 'no leakage', which would look like
+    a removed bias)."""
+    z_train = predict(model, train, feature_batch_size, device, features=True, host=False)["z"]
     z_test = test_features if test_features is not None else \
-        predict(model, test, FEATURE_BATCH, device, features=True, host=False)["z"]
+        predict(model, test, feature_batch_size, device, features=True, host=False)["z"]
     columns = bias_columns(train.b)
     heads = [make_head(z_train.shape[1], num_bias, lr, 0.9, 1e-4, seed + k) for k in range(len(columns))]
     for head, _ in heads:
@@ -174,7 +171,9 @@ def fresh_probe_leakage(model: nn.Module, train: Split, test: Split, num_bias: i
     return leakage
 
 
-def head_leakage(head_states: list[dict], model: nn.Module, test: Split, device="cpu") -> list[float]:
-    """Per bias attribute: accuracy of the search's own bias head on `test` bottleneck features of `model`."""
-    z = predict(model, test, FEATURE_BATCH, device, features=True, host=False)["z"]
+def head_leakage(head_states: list[dict], model: nn.Module, test: Split, batch_size: int,
+                 device="cpu") -> list[float]:
+    """Per bias attribute: accuracy of the search's own bias head on `test` bottleneck features of `model`
+    (computed in batches of `batch_size`, the evaluation's)."""
+    z = predict(model, test, batch_size, device, features=True, host=False)["z"]
     return head_accuracies([head_from_state(state).to(device) for state in head_states], z, test.b)

@@ -33,7 +33,7 @@ from bise_cli import __version__
 from bise_cli.core.errors import BiseError
 from bise_cli.core.escape import markdown, plot_label
 from bise_cli.core.files import read_jsonl, write_json, write_text
-from bise_cli.core.names import METRIC_NAMES, format_value, heading
+from bise_cli.core.names import METRIC_NAMES, format_value, heading, per_attribute
 from bise_cli.core.names import metric as declared_metric
 from bise_cli.reporting.deviations import deviations
 from bise_cli.reporting.labels import stage_label
@@ -184,8 +184,8 @@ def _data_section(cfg: dict, records: list[dict], data_summary: dict, names: lis
 
 
 def _stage_performance(record: dict, matrices: dict, names: list[str], num_bias: int | None) -> dict:
-    per_attribute = [f"leakage_{name}" for name in names if len(names) > 1]  # right after `leakage`
-    rows = [*[x for m in PERFORMANCE_ROWS for x in ([m, *per_attribute] if m == "leakage" else [m])],
+    attributes = [per_attribute("leakage", name) for name in names if len(names) > 1]  # right after `leakage`
+    rows = [*[x for m in PERFORMANCE_ROWS for x in ([m, *attributes] if m == "leakage" else [m])],
             "leakage_head_vanilla", *EXTRA_SPLIT_ROWS]
     metrics, intervals = _metric_values(record, rows)
     aligned, conflicting = record.get("acc_aligned"), record.get("acc_conflicting")

@@ -30,6 +30,7 @@ from bise_cli.core.precision import (
     reset_peak_memory,
     tensor_bytes,
     training_memory_bytes,
+    with_eval_batch,
 )
 from bise_cli.data import build_dataset, summarize_bundle
 from bise_cli.data.base import DatasetBundle, Split, place_splits
@@ -70,6 +71,7 @@ def run(cfg: dict, out_dir: str | Path) -> list[dict]:
     stages.pruning_settings(cfg["pruning"])
     check_tracker(cfg.get("logger"))
     device = resolve_device(cfg["device"])
+    cfg = with_eval_batch(cfg, device)  # `auto` -> the device's number, in the run's identity and records
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     run_dir = RunDir(out_dir)

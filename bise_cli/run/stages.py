@@ -23,7 +23,7 @@ from bise_cli.core.defaults import PATH_SETTINGS
 from bise_cli.core.errors import BiseError, check_choice
 from bise_cli.core.files import save_torch, write_json
 from bise_cli.core.metrics import METRICS_VERSION
-from bise_cli.core.precision import FP32, Autocast
+from bise_cli.core.precision import FP32, Autocast, with_eval_batch
 from bise_cli.data.base import DatasetBundle
 from bise_cli.data.registry import resolve_milestones
 from bise_cli.method.evaluate import evaluate_model, train_group_weights
@@ -153,6 +153,11 @@ class Context:
     data_fingerprint: str
     stage: StageSpec | None = None
     amp: Autocast = FP32
+
+    def __post_init__(self):
+        # `eval_batch_size: auto` becomes the device's number here too, for callers that build a Context from a
+        # composed config (the pipeline resolves it first, for its records).
+        self.cfg = with_eval_batch(self.cfg, self.device)
 
     @property
     def seed(self) -> int:
@@ -318,9 +323,11 @@ def bise_search(ctx: Context, up: Upstream) -> dict:
         # zeros there), before and after the search.
         gates.load_binary_masks(result.masks)
         with gates.mode("fixed"):
-            after = head_leakage(result.head_states, model, ctx.bundle["test"], ctx.device)
+            after = head_leakage(result.head_states, model, ctx.bundle["test"], ctx.cfg["eval_batch_size"],
+                                 ctx.device)
         with gates.mode("vanilla"):
-            before = head_leakage(result.pretrain_head_states, model, ctx.bundle["test"], ctx.device)
+            before = head_leakage(result.pretrain_head_states, model, ctx.bundle["test"],
+                                  ctx.cfg["eval_batch_size"], ctx.device)
     finally:
         gates.detach()
     metrics = ctx.evaluate(prune_model(model, result.masks), dense=model, masks=result.masks)

@@ -145,12 +145,12 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _int(cfg: dict, key: str, minimum: int, optional: bool = False) -> None:
+def _int(cfg: dict, key: str, minimum: int, optional: bool = False, allowed: str | None = None) -> None:
     value = _get(cfg, key)
     if value is _MISSING or (optional and value is None):
         return
     if not _is_int(value) or value < minimum:
-        allowed = f"an integer >= {minimum}" + (" or null" if optional else "")
+        allowed = allowed or f"an integer >= {minimum}" + (" or null" if optional else "")
         raise BiseError(f"{key} must be {allowed}, got {value!r}")
 
 
@@ -242,7 +242,8 @@ def validate_config(cfg: dict, stages: tuple[str, ...] | None = None, conf_dir: 
         value = _get(cfg, key)
         if value is not _MISSING and (not isinstance(value, str) or not value):
             raise BiseError(f"{key} must be a non-empty string, got {value!r}")
-    _int(cfg, "eval_batch_size", 1)
+    if _get(cfg, "eval_batch_size") != "auto":
+        _int(cfg, "eval_batch_size", 1, allowed="auto or an integer >= 1")
     _int(cfg, "threads", 1, optional=True)
     check_precision(cfg.get("precision", "fp32"))
     _int(cfg, "identification.epochs", 0)

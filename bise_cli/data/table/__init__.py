@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from bise_cli.core.errors import BiseError, check_choice
+from bise_cli.core.names import attribute_clash, per_attribute
 from bise_cli.data.base import DatasetBundle, Split
 from bise_cli.data.image_cache import DEFAULT_CACHE_DIR
 from bise_cli.data.table.images import (
@@ -109,6 +110,12 @@ def _check_options(source, manifest, bias_columns, val_fraction, image_size, nor
                         f"dataset.bias_columns=[place] (got {bias_columns!r})")
     if len(set(bias_columns)) < len(bias_columns):
         raise BiseError(f"dataset.bias_columns lists a column twice: {list(bias_columns)}")
+    for column in bias_columns:
+        clash = attribute_clash(str(column))
+        if clash is not None:
+            raise BiseError(f"dataset.bias_columns: a bias column named {column!r} would record its leakage as "
+                            f"{per_attribute('leakage', str(column))}, which reads as the metric {clash}; rename "
+                            "that column in the manifest")
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise BiseError(f"dataset.val_fraction must be a number in (0, 1), got {val_fraction!r}")
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)

@@ -1,8 +1,9 @@
 """A run's fixed costs, part by part, and its whole-run throughput against the bare PyTorch loop, for one or more
 source trees.
 
-For a short vanilla run (BiasedMNIST from `--mnist`, `--max-samples` training images, SimpleConvNet `--width`) it
-times, in one process and alternating (so a change in the machine's load hits every variant alike):
+For a short vanilla run (BiasedMNIST from `--mnist` or the embedded digits, `--source`; `--max-samples` training
+images, SimpleConvNet `--width`) it times, in one process and alternating (so a change in the machine's load
+hits every variant alike):
 - the bare loop: the same backbone, SGD, batch size and epochs over the same training tensors, nothing else;
 - `pipeline.run` with stages=[vanilla] and an empty cache, from each source tree given with `--trees` (e.g. a
   worktree of the start commit and this checkout), in a subprocess. Its clock for the run starts at
@@ -128,7 +129,7 @@ print(json.dumps({"wall": wall, "train": records[0]["train_seconds"], "estimate"
 
 
 def overrides(args, epochs: int) -> list[str]:
-    return ["dataset=biased_mnist", "dataset.source=files", f"dataset.root={args.mnist}",
+    return ["dataset=biased_mnist", f"dataset.source={args.source}", f"dataset.root={args.mnist}",
             f"dataset.max_samples={args.max_samples}", f"backbone.width={args.width}", f"train.epochs={epochs}",
             "train.milestones=[1000]", "stages=[vanilla]", "cache=false", f"threads={args.threads}"]
 
@@ -217,6 +218,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trees", default=".", help="comma-separated source trees to time (default: this one)")
     parser.add_argument("--mnist", default=str(REPO / "datasets" / "mnist"))
+    parser.add_argument("--source", choices=("files", "embedded"), default="files",
+                        help="files: the MNIST files in --mnist (test 10k images); embedded: the package's 5k "
+                        "digits (4,000 training, test 1,000, search 3,333, val 667), a run whose evaluation "
+                        "is small")
     parser.add_argument("--max-samples", type=int, default=5000)
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--epochs", type=int, default=3)
@@ -243,7 +248,8 @@ def main() -> None:
     if args.breakdown_epochs:
         print("\n".join(breakdown_table(parts, args.breakdown_epochs)) + "\n")
     (b, b_cpu), (e, e_cpu) = sorted(bare)[len(bare) // 2], sorted(bare_eval)[len(bare_eval) // 2]
-    print(f"{args.epochs}-epoch vanilla run, BiasedMNIST {args.max_samples} training images, width {args.width}, "
+    print(f"{args.epochs}-epoch vanilla run, BiasedMNIST ({args.source}) {args.max_samples} training images, "
+          f"width {args.width}, "
           f"{args.threads} thread(s), median of {args.reps}. bare loop: training only; bare eval: forward passes "
           "over test, val and search (the evaluation's own work, which the bare loop does not do)")
     print("| tree | whole run (s) | training (s) | fixed cost (s) | estimate (s) | bare loop (s) | ratio bare/run "

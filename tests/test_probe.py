@@ -85,14 +85,22 @@ def test_evaluation_hands_its_test_features_to_the_probe(smoke_model, batch_size
 
 
 def test_the_evaluation_batch_size_changes_no_metric_on_a_cpu(smoke_model):
-    """`eval_batch_size: auto` evaluates in batches of 100 on a CPU instead of 500: every metric, the probe's
-    leakage included, is the same at either size (and at an odd one), so the faster size changes no result."""
+    """`eval_batch_size: auto` evaluates in batches of 100 on a CPU instead of 500: the bottleneck features and the
+    predictions agree (bit for bit on the AVX-512 machine where it was measured; a kernel that blocks by batch may
+    differ in the last bit elsewhere, hence the tolerance), so every accuracy metric is the same and the probe's
+    leakage agrees."""
     from bise_cli.method.evaluate import evaluate_model
 
     bundle, model, probe = smoke_model.bundle, smoke_model.model, smoke_model.probe
+    passes = {size: predict(model, bundle["test"], size, "cpu", features=True) for size in (100, 500, 37)}
+    for size in (100, 37):
+        assert torch.allclose(passes[size]["z"], passes[500]["z"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(passes[size]["pred"], passes[500]["pred"])
     metrics = {size: evaluate_model(model, bundle, batch_size=size, device="cpu", probe=probe, seed=3)
-               for size in (100, 500, 37)}
-    assert metrics[100] == metrics[500] == metrics[37]
+               for size in (100, 500)}
+    accuracy = [k for k in metrics[500] if k.startswith(("acc", "val_acc"))]
+    assert len(accuracy) > 5 and all(metrics[100][k] == metrics[500][k] for k in accuracy)
+    assert abs(metrics[100]["leakage"] - metrics[500]["leakage"]) < 0.005
     assert 0 < metrics[100]["acc"] < 1 and 0 < metrics[100]["leakage"] <= 1  # real metrics, not empty ones
 
 

@@ -43,8 +43,8 @@ _DTYPES = {"bf16": torch.bfloat16}
 
 # `eval_batch_size: auto`, by device type. On a CPU, batches of 100 keep a convolutional network's activations in
 # cache: SimpleConvNet needs 30 % (width 0.25) and 10 % (width 1.0) less time per image than at 500, ResNet18 at
-# 32 px 7 % more, the MLP the same, and every output is bit-identical (benchmarks/results/eval_batch); a GPU wants
-# large batches.
+# 32 px 7 % more, the MLP the same, and every output bit-identical on the AVX-512 CPU where this was measured
+# (benchmarks/results/eval_batch; other kernels may differ in the last bit); a GPU wants large batches.
 EVAL_BATCH_AUTO = {"cpu": 100, "cuda": 500}
 
 

@@ -66,6 +66,11 @@ SEARCHES = {
     "l0_3": {"sparsity_weight": 3.0},
     "gamma_0": {"gamma": 0.0},
     "gamma_10": {"gamma": 10.0},
+    # Slower annealing: tau halves every 8 epochs instead of the quickstart's 4 (twice the mask epochs down to the
+    # same tau_min), so the straight-through gradient sigma'(m/tau)/tau stays non-zero for more steps.
+    "tau_period_8": {"tau_period": 8},
+    # Cosine annealing from tau0 to tau_min over the same number of epochs (high temperatures last longer).
+    "tau_cosine": {"tau_schedule": "cosine"},
 }
 RESTARTS = 3
 # Fine-tuning recipes: the package's (Adam 1e-3, 20 epochs) for both fine-tunings; the control may also try

@@ -77,7 +77,9 @@ SEARCHES = {
     "floor_0.01": {"tau_floor": 0.01},
     "mi_all": {"mi_subset": "all"},
     "l0_3": {"sparsity_weight": 3.0},
+    "l0_0.3": {"sparsity_weight": 0.3},  # l0_3 switched off every unit on the quickstart: a tenth of it
     "gamma_0": {"gamma": 0.0},
+    "gamma_3": {"gamma": 3.0},  # gamma_10 collapsed the quickstart's subnetwork: between it and the paper's 1
     "gamma_10": {"gamma": 10.0},
     # Slower annealing: tau halves every 8 epochs instead of the quickstart's 4 (twice the mask epochs down to the
     # same tau_min), so the straight-through gradient sigma'(m/tau)/tau stays non-zero for more steps.

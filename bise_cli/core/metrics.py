@@ -44,7 +44,9 @@ import torch
 
 # Bumped when a metric's definition changes or one is added: cached stage results hold their metrics, so the
 # evaluation part of every cache key carries this version (bise_cli.run.stages.Context.eval_key).
-METRICS_VERSION = 2  # 2: acc_unbiased_cells; dp_diff / eo_diff by fairlearn (a missing rate counts as 0)
+# 2: acc_unbiased_cells; dp_diff / eo_diff by fairlearn (a missing rate counts as 0). 3: the leakage probes read
+# features at the evaluation's batch size (always batch 500 before).
+METRICS_VERSION = 3
 ACCURACY_METRICS = ("acc", "acc_unbiased", "acc_aligned", "acc_conflicting", "acc_worst_group")
 MULTI_ATTRIBUTE_METRICS = ("acc_unbiased_cells",)  # only with several bias attributes
 DISPARITY_METRICS = ("dp_diff", "eo_diff")

@@ -105,6 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     lines, csv_rows = build(load(Path(args.records)))
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     pd.DataFrame(csv_rows).to_csv(out / "table.csv", index=False)
     print("\n".join(lines))

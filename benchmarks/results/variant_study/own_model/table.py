@@ -63,29 +63,37 @@ def build(df: pd.DataFrame) -> tuple[list[str], list[dict]]:
     bise = df[df.stage == "bise"]
     ref = bise[bise.variant == REFERENCE].set_index("seed")
     heads = " | ".join(h for _, h in COLUMNS)
-    lines = [f"| stage | variant | n | seeds | {heads} | test unbiased vs paper: diff [95 % CI] | p |",
-             "|---|---|---|---|" + "---|" * len(COLUMNS) + "---|---|"]
+    lines = [f"| stage | variant | n | seeds | {heads} | test unbiased vs paper: diff [95 % CI] | p "
+             "| val unbiased vs paper: diff [95 % CI], p |",
+             "|---|---|---|---|" + "---|" * len(COLUMNS) + "---|---|---|"]
     csv_rows = []
     groups = [("vanilla", "user's checkpoint", vanilla)] + [
         ("bise", v, bise[bise.variant == v]) for v in sorted(bise.variant.unique(), key=lambda v: (v != REFERENCE, v))]
     for stage, name, group in groups:
         group = group.sort_values("seed")
         common = [s for s in group.seed if s in ref.index]
-        diff = None
+        diff = val_diff = None
         if stage == "bise" and name != REFERENCE and len(common) >= 2:
-            a = group.set_index("seed").loc[common, "acc_unbiased"].mul(100).tolist()
-            diff = paired(a, ref.loc[common, "acc_unbiased"].mul(100).tolist())
+            mine = group.set_index("seed").loc[common]
+            diff = paired(mine.acc_unbiased.mul(100).tolist(), ref.loc[common, "acc_unbiased"].mul(100).tolist())
+            # what a user choosing by validation sees: the same paired difference on the validation split
+            val_diff = paired(mine.val_acc_unbiased.mul(100).tolist(),
+                              ref.loc[common, "val_acc_unbiased"].mul(100).tolist())
         diff_text = "(reference)" if name == REFERENCE else (f"{diff[0]:+.1f} [{diff[1]:+.1f}, {diff[2]:+.1f}]"
                                                               if diff else "–")
         p_text = f"{diff[3]:.3f}" if diff else "–"
+        val_text = (f"{val_diff[0]:+.1f} [{val_diff[1]:+.1f}, {val_diff[2]:+.1f}], p {val_diff[3]:.3f}" if val_diff
+                    else diff_text if name == REFERENCE else "–")
         seeds = " ".join(map(str, group.seed))
         lines.append(f"| {stage} | {name} | {len(group)} | {seeds} | "
-                     + " | ".join(cell(group[c]) for c, _ in COLUMNS) + f" | {diff_text} | {p_text} |")
+                     + " | ".join(cell(group[c]) for c, _ in COLUMNS) + f" | {diff_text} | {p_text} | {val_text} |")
         csv_rows.append({"stage": stage, "variant": name, "n": len(group), "seeds": seeds,
                          **{f"{c}_mean": group[c].mean() * 100 for c, _ in COLUMNS},
                          **{f"{c}_sd": group[c].std(ddof=1) * 100 for c, _ in COLUMNS},
                          "diff_vs_paper": diff[0] if diff else None, "ci_low": diff[1] if diff else None,
-                         "ci_high": diff[2] if diff else None, "p": diff[3] if diff else None})
+                         "ci_high": diff[2] if diff else None, "p": diff[3] if diff else None,
+                         "val_diff_vs_paper": val_diff[0] if val_diff else None,
+                         "val_p": val_diff[3] if val_diff else None})
     seeds = sorted(bise.seed.unique())
     lines += ["", "Test unbiased accuracy per seed (in brackets: minus the same seed's paper row)", "",
               "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install bise with all extras
 
-quickstart: $(STAMP)  ## reduced Multi-Color MNIST protocol: vanilla -> BISE -> prune -> baselines, ~2 min on CPU
+quickstart: $(STAMP)  ## reduced Multi-Color MNIST protocol: vanilla -> BISE -> prune -> baselines, ~3 min on CPU
 	$(BIN)/bise run experiment=quickstart
 
 example-own-model: $(STAMP)  ## your model + your data: PNG manifest, a user-trained torchvision ResNet-18 -> BISE -> card -> ONNX

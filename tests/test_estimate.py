@@ -30,7 +30,7 @@ def test_estimate_scales_with_the_epochs_at_a_given_speed(monkeypatch):
     # epochs is exactly twice the vanilla estimate, and the other stages do not move.
     cfg = compose_config(TINY_OVERRIDES)
     bundle = pipeline.load_data(cfg)
-    monkeypatch.setattr("bise_cli.run.estimate.seconds_per_sample", lambda *args: (0.01, 64))
+    monkeypatch.setattr("bise_cli.run.estimate.seconds_per_sample", lambda *args: (0.01, 64, 0.001))
     estimate = estimate_run(cfg, bundle, torch.device("cpu"))["per_stage"]
     longer = {**cfg, "train": {**cfg["train"], "epochs": 2 * cfg["train"]["epochs"]}}
     doubled = estimate_run(longer, bundle, torch.device("cpu"))["per_stage"]
@@ -44,7 +44,7 @@ def test_gpu_work_on_a_cpu_is_said_in_one_line_with_the_alternatives():
     lines = report(estimate, {"gpu_work": True}, torch.device("cpu"))
     assert lines[0].startswith("estimated wall time of this run on cpu: 19.2 h (vanilla 17.2 h, bise 1.9 h;")
     assert lines[1] == ("this is GPU work running on a CPU: about 19.2 h; on a machine with a GPU use device=cuda, "
-                        "or try experiment=quickstart (a reduced run of about 2 minutes)")
+                        "or try experiment=quickstart (a reduced run of about 3 minutes)")
     assert len(report({**estimate, "estimated_seconds": 60.0}, {"gpu_work": False}, torch.device("cpu"))) == 1
     assert len(report(estimate, {"gpu_work": True}, torch.device("cuda"))) == 1
     # Unmarked but far beyond a CPU's reach: said too.

@@ -92,6 +92,12 @@ def recipe_optimizer(recipe: TrainRecipe, params) -> torch.optim.Optimizer:
     return make_optimizer(recipe.optimizer, params, recipe.lr, recipe.momentum, recipe.weight_decay)
 
 
+def model_optimizer(recipe: TrainRecipe, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimiser `recipe` names over `model`'s trainable parameters (named ones for AdamW)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return recipe_optimizer(recipe, named if recipe.optimizer == "adamw" else [p for _, p in named])
+
+
 def recipe_scheduler(recipe: TrainRecipe, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     """`make_scheduler` for `recipe`'s schedule: (scheduler or None, "epoch" | "step")."""
     return make_scheduler(recipe.scheduler, optimizer, recipe.epochs, steps_per_epoch, list(recipe.milestones),
@@ -104,9 +110,7 @@ def fit(model: nn.Module, split: Split, recipe: TrainRecipe, *, sample_weights: 
     """Train `model`'s trainable parameters on `split` with `recipe` and return one {epoch, loss, lr} row per
     epoch. Forward passes run inside `amp` (the run's autocast); the loss is computed on fp32 logits."""
     epochs, batch_size, lr = recipe.epochs, recipe.batch_size, recipe.lr
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = named if recipe.optimizer == "adamw" else [p for _, p in named]
-    opt = recipe_optimizer(recipe, params)
+    opt = model_optimizer(recipe, model)
     sched, sched_unit = recipe_scheduler(recipe, opt, split.num_batches(batch_size))
     generator = torch.Generator().manual_seed(seed)
     history, start, first_loss = [], None, None

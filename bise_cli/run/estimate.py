@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from bise_cli.data.base import DatasetBundle
 from bise_cli.method.probe import head_step, make_head, single_thread
-from bise_cli.method.train import make_optimizer
+from bise_cli.method.recipe import TrainRecipe
+from bise_cli.method.train import model_optimizer
 from bise_cli.models import build_backbone
 from bise_cli.run.registry import required_pruning
 
@@ -46,10 +47,7 @@ def seconds_per_sample(cfg: dict, bundle: DatasetBundle, device: torch.device) -
         model = build_backbone(b["name"], bundle.num_classes, **{k: v for k, v in b.items() if k != "name"})
         model = model.to(device).train()
         # The recipe's own optimiser: Adam's step costs about a fifth more than SGD's on the quickstart's MLP.
-        t = cfg["train"]
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        opt = make_optimizer(t["optimizer"], named if t["optimizer"] == "adamw" else [p for _, p in named],
-                             float(t["lr"]), float(t.get("momentum", 0.0)), float(t.get("weight_decay", 0.0)))
+        opt = model_optimizer(TrainRecipe.from_section(cfg["train"], "train", milestones=()), model)
         batches = split.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0), device=device,
                                 augment=True)
         times, warmup = [], math.nan

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[2]))  # benchmarks/: the variant study's own paired statistics
+from variant_study import paired  # noqa: E402
+
 REFERENCE = "paper"  # the example's defaults: the row every variant is paired with
 # (column in the records, header): what each row reports, in %.
 COLUMNS = (("acc_unbiased", "test unbiased"), ("acc_worst_group", "worst group"),
@@ -34,17 +38,6 @@ def load(records: Path) -> pd.DataFrame:
             rows.append({"variant": variant, "seed": int(record["seed"]), "stage": record["stage"],
                          **{c: record.get(c) for c, _ in COLUMNS}})
     return pd.DataFrame(rows)
-
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float, float, float]:
-    """Mean of a - b, its 95 % t interval and the two-sided paired t-test p (scipy.stats.ttest_rel)."""
-    from scipy import stats
-
-    diff = pd.Series(a) - pd.Series(b)
-    n, mean, sd = len(diff), float(diff.mean()), float(diff.std(ddof=1))
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / n ** 0.5
-    p = float(stats.ttest_rel(a, b).pvalue) if sd > 0 else (1.0 if mean == 0 else 0.0)
-    return mean, mean - half, mean + half, p
 
 
 def cell(values: pd.Series) -> str:

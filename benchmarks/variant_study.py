@@ -89,6 +89,10 @@ SEARCHES = {
     "tau_period_8": {"tau_period": 8},
     # Cosine annealing from tau0 to tau_min over the same number of epochs (high temperatures last longer).
     "tau_cosine": {"tau_schedule": "cosine"},
+    # Hard concrete gates (Louizos et al. 2018, pruning.estimator=hard_concrete, beta 2/3): from m = 0 each gate is
+    # a fair coin per batch at first; from m = 2 it drops its unit in about 12 % of the batches.
+    "hard_concrete": {"estimator": "hard_concrete"},
+    "hc_init_2": {"estimator": "hard_concrete", "gate_init": 2.0},
 }
 RESTARTS = 3
 # Fine-tuning recipes: the package's (Adam 1e-3, 20 epochs) for both fine-tunings; the control may also try

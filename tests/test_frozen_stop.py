@@ -133,7 +133,8 @@ def test_the_dead_unit_branch_refuses_what_breaks_its_argument(killed_mlp):
     plain = SearchSettings()
     assert dead_unit_refusal(model, plain, same_inputs=True) is None
     assert "augmented" in dead_unit_refusal(model, plain, same_inputs=False)
-    for option, value, reason in (("gate_noise", 0.1, "noise"), ("mask_optimizer", "adam", "adam"),
+    for option, value, reason in (("gate_noise", 0.1, "noise"), ("estimator", "hard_concrete", "noise"),
+                                  ("mask_optimizer", "adam", "adam"),
                                   ("sparsity_weight", 0.1, "sparsity")):
         assert reason in dead_unit_refusal(model, dataclasses.replace(plain, **{option: value}), True)
     training = copy.deepcopy(model)

@@ -44,6 +44,7 @@ def _search(tiny, gate_init=0.5, val=True, **options):
 def test_defaults_are_the_papers():
     s = SearchSettings()
     assert (s.tau_floor, s.gate_noise, s.sparsity_weight, s.restarts) == (0.0, 0.0, 0.0, 1)
+    assert s.estimator == "straight_through" and s.noise_scale == 0
     # On by default: it changes no result (test_stop_when_frozen_changes_no_result); the bounded branch is opt-in.
     assert s.stop_when_frozen and s.frozen_grad_margin is None
 
@@ -93,6 +94,85 @@ def test_sample_noise_is_logistic_seeded_and_removable():
 def test_noisy_search_leaves_deterministic_gates(tiny):
     result, gates = _search(tiny, tau_period=1, tau_min=0.5, gate_noise=0.5)
     assert len(result.history) == 1 and all(gates.gate(p.name).noise is None for p in gates.points)
+
+
+# ------------------------------------------------------------------------------------------- hard concrete
+
+def test_hard_concrete_gate_is_the_stretched_clamped_sample_with_its_own_gradient():
+    """Louizos et al. (ICLR 2018): z = clamp(sigmoid((m + L)/beta)(zeta - gamma) + gamma, 0, 1), differentiated
+    through z; without noise the gate is the deterministic binary 1[m >= 0]."""
+    gate = Gate(4, init=0.0)
+    with torch.no_grad():
+        gate.logits.copy_(torch.tensor([0.0, 3.0, -3.0, 0.2]))
+    gate.concrete_beta, gate.tau = 0.5, 0.001
+    gate.noise = torch.tensor([0.0, 0.0, 0.0, -0.4])
+    values = gate.values()
+    s = torch.sigmoid(torch.tensor([0.0, 3.0, -3.0, -0.2]) / 0.5)
+    assert torch.allclose(values.detach(), (s * 1.2 - 0.1).clamp(0, 1))
+    assert values[1].item() == 1.0 and values[2].item() == 0.0  # clamped: exactly on and off
+    assert values[0].item() == pytest.approx(0.5)  # m + L = 0: the middle of the stretch
+    values.sum().backward()
+    # Gradient through the sample where it is not clamped (1.2 s (1 - s) / beta), exactly 0 where it is.
+    expected = 1.2 * s * (1 - s) / 0.5 * torch.tensor([1.0, 0.0, 0.0, 1.0])
+    assert torch.allclose(gate.logits.grad, expected)
+    gate.noise = None
+    assert gate.values().tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_hard_concrete_gradient_does_not_vanish_with_the_temperature():
+    """A gate at m = 2 under tau = 0.001: the straight-through slope is exactly 0 in float32, while the hard
+    concrete gate, whatever tau, is moved by the draws that land it between 0 and 1 (Monte Carlo mean of
+    dz/dm near its expected value (zeta - gamma) * sigmoid'(m) for small beta)."""
+    gates = GateSet([GatePoint("a", "x", 1)])
+    with torch.no_grad():
+        gates.gate("a").logits.fill_(2.0)
+    gates.set_tau(0.001)
+    gates.gate("a").values().sum().backward()
+    assert gates.gate("a").logits.grad.item() == 0.0  # the paper's gate is frozen
+    gates.set_hard_concrete(0.05)
+    generator, grads = torch.Generator().manual_seed(0), []
+    for _ in range(4000):
+        gates.gate("a").logits.grad = None
+        gates.sample_noise(1.0, generator)
+        gates.gate("a").values().sum().backward()
+        grads.append(gates.gate("a").logits.grad.item())
+    sig = torch.sigmoid(torch.tensor(2.0)).item()
+    assert sum(grads) / len(grads) == pytest.approx(1.2 * sig * (1 - sig), rel=0.25)
+
+
+def test_hard_concrete_search_draws_noise_never_freezes_and_leaves_binary_gates(tiny):
+    result, gates = _search(tiny, tau_period=1, tau_min=0.2, estimator="hard_concrete")
+    assert len(result.history) == 3 and result.frozen_epoch is None
+    assert all(gates.gate(p.name).noise is None and gates.gate(p.name).concrete_beta is None for p in gates.points)
+    # The recorded masks are the binary 1[m >= 0] of the gates the search leaves.
+    assert all(mask.dtype == torch.bool and torch.equal(mask, gates.gate(name).hard().bool().cpu())
+               for name, mask in result.last_masks.items())
+    # The training forward pass saw the stochastic, continuous gates: another loss than the paper's gates give.
+    straight, _ = _search(tiny, tau_period=1, tau_min=0.2)
+    assert all(a["loss_ce"] != b["loss_ce"] for a, b in zip(result.history, straight.history, strict=True))
+
+
+def test_hard_concrete_l0_is_the_probability_of_a_nonzero_gate():
+    gates = GateSet([GatePoint("a", "x", 2)])
+    with torch.no_grad():
+        gates.gate("a").logits.copy_(torch.tensor([0.0, 1.0]))
+    gates.set_hard_concrete(2 / 3)
+    expected = torch.sigmoid(torch.tensor([0.0, 1.0]) - 2 / 3 * math.log(0.1 / 1.1))
+    assert float(gates.soft_fraction().detach()) == pytest.approx(float(expected.mean()))
+    # ... which is what sampling says: P(z > 0)
+    generator, hits = torch.Generator().manual_seed(1), torch.zeros(2)
+    for _ in range(4000):
+        gates.sample_noise(1.0, generator)
+        hits += (gates.gate("a").values().detach() > 0).float()
+    assert torch.allclose(hits / 4000, expected, atol=0.03)
+
+
+@pytest.mark.parametrize("options", [{"estimator": "gumbel"}, {"estimator": "hard_concrete", "gate_noise": 0.1},
+                                     {"estimator": "hard_concrete", "hard_concrete_beta": 0.0}])
+def test_hard_concrete_bad_settings_are_one_line_errors(options):
+    with pytest.raises(BiseError, match="estimator") as error:
+        SearchSettings(**options).validate()
+    assert "\n" not in str(error.value)
 
 
 # ------------------------------------------------------------------------------------------- tau floor, L0

@@ -71,7 +71,7 @@ def dead_unit_refusal(model: nn.Module, settings, same_inputs: bool) -> str | No
     frozen model sees the same inputs every epoch (no augmentation)."""
     if not same_inputs:
         return "the search inputs are augmented (new inputs every epoch)"
-    if settings.gate_noise > 0:
+    if settings.noise_scale > 0:
         return "gate noise draws a random mask per batch"
     if settings.mask_optimizer != "sgd":
         return f"mask_optimizer={settings.mask_optimizer} (the drift bound is SGD's)"
@@ -121,7 +121,7 @@ def gate_finality(gates: GateSet, mask_opt: torch.optim.Optimizer, settings, tau
     units = sum(p.units for p in gates.points)
     group = mask_opt.param_groups[0]
     lr, mu, wd = group["lr"], group.get("momentum", 0.0), group["weight_decay"]
-    if settings.mask_optimizer != "sgd" or settings.gate_noise > 0 or mu >= 1:
+    if settings.mask_optimizer != "sgd" or settings.noise_scale > 0 or mu >= 1:
         return Finality({"live": units, "drift": 0, "saturated": 0, "dead": 0, "bounded": 0})
     tau = max(tau, settings.tau_floor)
     tallies, watch, blocking = [], {}, {}

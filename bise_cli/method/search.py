@@ -24,6 +24,12 @@ Variants of our own (issue 22's study, benchmarks/results/variant_study; every d
 - `gate_noise`: a Gumbel-sigmoid (binary Concrete, Maddison et al. / Jang et al., ICLR 2017) straight-through
   gate, forward 1[m + s*L >= 0] with a fresh logistic L per unit and batch, backward sigma'((m + s*L)/tau)/tau;
   the stochastic-gate idea of hard concrete (Louizos et al., ICLR 2018) kept with the paper's hard forward pass;
+- `estimator=hard_concrete`: the hard concrete gate itself (Louizos et al., ICLR 2018; bise_cli.models.masking):
+  during the search every unit's gate is a fresh stretched, clamped binary-concrete sample per batch at
+  temperature `hard_concrete_beta`, differentiated through the sample rather than straight through, so the
+  expected gradient of a gate far from 0 decays like sigmoid'(m), not sigmoid'(m/tau)/tau: the masks do not
+  freeze as tau falls. The temperature schedule still sets the epochs and the heads' refits; evaluation,
+  selection and pruning use the binary 1[m >= 0];
 - `sparsity_weight`: + lambda * mean_units sigmoid(m/tau), the expected-L0 penalty of Louizos et al. per unit;
 - `restarts`: k searches from the same start with different batch orders (seed + 1000 k), the one whose
   selected masks score best on validation is kept (needs a validation split);
@@ -82,6 +88,7 @@ MI_SUBSETS = ("conflicting", "all", "conflicting_plus_aligned")
 TAU_SCHEDULES = ("periodic", "cosine")
 MASK_LR_SCHEDULES = ("none", "cosine")
 MASK_OPTIMIZERS = ("sgd", "adam")
+ESTIMATORS = ("straight_through", "hard_concrete")
 CACHE_MODES = ("auto", "on", "off")
 SELECTIONS = ("best_val", "last")
 # Validation metrics a search can select its masks by (acc_weighted_avg_group needs one bias attribute).
@@ -122,6 +129,8 @@ class SearchSettings(HeadOptimiser):
     eval_batch_size: int = 500
     tau_floor: float = 0.0          # variants of our own (module docstring); 0 / 1 / False = the paper
     gate_noise: float = 0.0
+    estimator: str = "straight_through"
+    hard_concrete_beta: float = 2 / 3  # Louizos et al. (ICLR 2018)'s temperature
     sparsity_weight: float = 0.0
     restarts: int = 1
     stop_when_frozen: bool = True   # identical results by construction (module docstring)
@@ -151,6 +160,11 @@ class SearchSettings(HeadOptimiser):
             raise BiseError("pruning.batch_size must be >= 1 and the head epoch counts >= 0")
         if not 0 <= self.tau_floor < self.tau0:
             raise BiseError(f"pruning.tau_floor must be in [0, tau0) (got {self.tau_floor})")
+        check_choice("pruning.estimator", self.estimator, ESTIMATORS)
+        if self.estimator == "hard_concrete" and (self.gate_noise > 0 or not self.hard_concrete_beta > 0):
+            raise BiseError("pruning.estimator=hard_concrete draws its own noise: it needs pruning.gate_noise=0 "
+                            f"(got {self.gate_noise}) and pruning.hard_concrete_beta > 0 (got "
+                            f"{self.hard_concrete_beta})")
         if self.gate_noise < 0 or self.sparsity_weight < 0:
             raise BiseError("pruning.gate_noise and pruning.sparsity_weight must be >= 0 (got "
                             f"{self.gate_noise}, {self.sparsity_weight})")
@@ -161,6 +175,12 @@ class SearchSettings(HeadOptimiser):
         if isinstance(self.restarts, bool) or not isinstance(self.restarts, int) or self.restarts < 1:
             raise BiseError(f"pruning.restarts must be an integer >= 1 (got {self.restarts!r})")
         return self
+
+    @property
+    def noise_scale(self) -> float:
+        """The scale of the logistic noise drawn per unit and batch: 0 for the paper's deterministic gates, 1 for
+        hard concrete (its beta sets the sharpness), `gate_noise` for the Gumbel-sigmoid straight-through gates."""
+        return 1.0 if self.estimator == "hard_concrete" else self.gate_noise
 
     @property
     def num_epochs(self) -> int:
@@ -316,8 +336,8 @@ def _mask_epoch(model, gates: GateSet, heads: _Heads, mask_opt, search: Split, w
     gates.record_peaks(watch is not None)
     for x, y, b in search.batches(settings.batch_size, shuffle=True, generator=generator, device=device,
                                   augment=settings.augment):
-        if settings.gate_noise > 0:
-            gates.sample_noise(settings.gate_noise, generator)
+        if settings.noise_scale > 0:
+            gates.sample_noise(settings.noise_scale, generator)
         # Frozen: the same forward values (masked gates are exactly hard), no graph.
         with torch.set_grad_enabled(not frozen), settings.amp:
             logits = model(x)
@@ -450,6 +470,7 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
     gates.to(device)
     gates.set_tau(settings.tau0)
     gates.set_mode("masked")
+    gates.set_hard_concrete(settings.hard_concrete_beta if settings.estimator == "hard_concrete" else None)
     generator = torch.Generator().manual_seed(seed)
     weights = weights.to(device)
     augmented = settings.augment and search.augment is not None
@@ -559,6 +580,7 @@ def _one_search(model: nn.Module, gates: GateSet, search: Split, val: Split | No
         log.info("masks never frozen: at the last check %s%s; not final: %s", check.describe(),
                  f"; no dead-unit branch: {refusal}" if refusal else "",
                  describe_blocking(gates, check, checked_tau, gates.peaks() if verified is not None else {}))
+    gates.set_hard_concrete(None)  # whatever uses the gates next sees the deterministic ones
     result = _select(gates, bests, history, heads, pretrain_states, settings, val is not None, use_cache,
                      approximate)
     result.frozen_epoch = frozen_epoch

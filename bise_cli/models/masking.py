@@ -5,6 +5,12 @@ Gate (BISE, CVPR 2026, and the official BISE code): parameter m per unit, forwar
 `hard + (soft - soft.detach())` gives exactly the hard value in the forward pass (x - x == 0 in floating point)
 and the soft derivative backwards.
 
+Hard concrete (an option, Louizos et al., "Learning Sparse Neural Networks through L0 Regularization", ICLR 2018):
+while a logistic sample L is drawn (GateSet.sample_noise) and `concrete_beta` is set, the forward gate is the
+stretched and clamped binary concrete z = clamp(sigmoid((m + L)/beta) (zeta - gamma) + gamma, 0, 1), with
+(gamma, zeta) = HARD_CONCRETE_STRETCH, and the gradient flows through z itself (reparameterisation, no
+straight-through); evaluation, pruning and the recorded masks stay the deterministic 1[m >= 0] (the median gate).
+
 Modes: `vanilla` (gates are skipped, the model is untouched), `masked` (the above), `fixed` (hard binary
 values, no gradient). `masked` and `fixed` produce identical forward outputs.
 
@@ -16,6 +22,7 @@ gates, so the same mechanism serves convnets, ResNets and BERT.
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,6 +36,9 @@ log = logging.getLogger(__name__)
 ROUND_TO_WARN_SHARE = 0.5
 
 GATE_MODES = ("vanilla", "masked", "fixed")
+# The stretch interval (gamma, zeta) of the hard concrete gate, Louizos et al. (ICLR 2018)'s values: a sample
+# lands exactly on 0 or 1 with non-zero probability.
+HARD_CONCRETE_STRETCH = (-0.1, 1.1)
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,9 @@ class Gate(nn.Module):
         # Per-unit offset added to the logits in masked mode (a stochastic, Gumbel-sigmoid gate; None = the
         # paper's deterministic gate). Set per batch by GateSet.sample_noise.
         self.noise: torch.Tensor | None = None
+        # Hard concrete temperature beta (GateSet.set_hard_concrete); None: the noise, if any, is Gumbel-sigmoid
+        # straight-through.
+        self.concrete_beta: float | None = None
         # Per-unit max |h| over the tensors this gate multiplied while `recording` (GateSet.record_peaks),
         # kept on the device; `calls` counts those tensors (a gate never applied has seen nothing).
         self.recording = False
@@ -90,8 +103,11 @@ class Gate(nn.Module):
             soft = torch.sigmoid(self.logits / self.tau)
             # Parenthesised on purpose: (soft - soft) is exactly 0, so the forward value is exactly the hard gate.
             return self.hard() + (soft - soft.detach())
-        # Gumbel-sigmoid straight-through: hard 1[m + noise >= 0] forward, sigmoid'((m + noise)/tau)/tau back.
         noisy = self.logits + self.noise
+        if self.concrete_beta is not None:
+            low, high = HARD_CONCRETE_STRETCH
+            return (torch.sigmoid(noisy / self.concrete_beta) * (high - low) + low).clamp(0.0, 1.0)
+        # Gumbel-sigmoid straight-through: hard 1[m + noise >= 0] forward, sigmoid'((m + noise)/tau)/tau back.
         soft = torch.sigmoid(noisy / self.tau)
         return (noisy.detach() >= 0).to(self.logits.dtype) + (soft - soft.detach())
 
@@ -199,6 +215,12 @@ class GateSet(nn.Module):
             u = torch.rand(gate.logits.shape, generator=generator).clamp_(1e-6, 1 - 1e-6)
             gate.noise = (scale * (torch.log(u) - torch.log1p(-u))).to(gate.logits.device)
 
+    def set_hard_concrete(self, beta: float | None) -> None:
+        """Hard concrete gates of temperature `beta` while noise is drawn (module docstring); None: the
+        straight-through gates."""
+        for gate in self.gates.values():
+            gate.concrete_beta = None if beta is None else float(beta)
+
     def record_peaks(self, on: bool) -> None:
         """Start recording (from zero), or stop, for every unit the largest |h| of the tensors its gate
         multiplies, on the device (no value is read back); `peaks()` returns them, also after the stop."""
@@ -212,9 +234,13 @@ class GateSet(nn.Module):
         return {p.name: self.gate(p.name).peak if self.gate(p.name).calls else None for p in self.points}
 
     def soft_fraction(self) -> torch.Tensor:
-        """The mean of sigmoid(m / tau) over every unit: a differentiable stand-in for the kept fraction (the
-        expected L0 norm of Louizos et al., ICLR 2018, divided by the unit count)."""
-        soft = [torch.sigmoid(gate.logits / gate.tau) for gate in self.gates.values()]
+        """A differentiable stand-in for the kept fraction: the mean of sigmoid(m / tau) over every unit, or with
+        hard concrete gates the mean probability that a gate is non-zero, sigmoid(m - beta log(-gamma / zeta))
+        (the expected L0 norm of Louizos et al., ICLR 2018, divided by the unit count)."""
+        low, high = HARD_CONCRETE_STRETCH
+        soft = [torch.sigmoid(gate.logits / gate.tau) if gate.concrete_beta is None
+                else torch.sigmoid(gate.logits - gate.concrete_beta * math.log(-low / high))
+                for gate in self.gates.values()]
         return torch.cat(soft).mean()
 
     def binary_masks(self) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The variant study on the own-model example (README.md here): one `bise run` at a time, on one thread, from the
 # repository root. Step 1 (once): python -m bise_cli.examples.own_model --out outputs/example_own_model
-# Usage: run.sh VARIANT SEED...   VARIANT: paper | tau_period_4 | l0_0.3
+# Usage: run.sh VARIANT SEED...   VARIANT: paper | tau_period_4 | l0_0.3 | hard_concrete
 set -euo pipefail
 PY=${PY:-python}
 RECORDS=benchmarks/results/variant_study/own_model/records
@@ -10,6 +10,7 @@ case $variant in
   paper) extra=() ;;                                  # the example's defaults (tau_period 2, no L0 penalty)
   tau_period_4) extra=(pruning.tau_period=4) ;;       # tau halves every 4 epochs: 20 mask epochs to the same tau_min
   l0_0.3) extra=(pruning.sparsity_weight=0.3) ;;      # expected-L0 penalty, weight 0.3
+  hard_concrete) extra=(pruning.estimator=hard_concrete) ;;  # Louizos et al.'s gates, beta 2/3
   *) echo "unknown variant $variant" >&2; exit 2 ;;
 esac
 mkdir -p "$RECORDS" outputs/variant_logs

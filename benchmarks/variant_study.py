@@ -32,11 +32,12 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
 import torch
+
+from bise_cli.reporting.paired import format_p, paired_difference
 
 OUTPUT_ROOT = "outputs/variant_study"  # --output-root: the stage cache and the records
 HOLDOUT = "dataset.val_holdout=5000"  # of the 60k MNIST training digits
@@ -312,18 +313,9 @@ def ordered(frame, protocol: str):
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float, float, float]:
-    """Mean of a - b, its 95 % t interval and the two-sided paired t-test p (scipy.stats.ttest_rel)."""
-    from scipy import stats
-
-    diff = [x - y for x, y in zip(a, b, strict=True)]
-    n = len(diff)
-    mean = sum(diff) / n
-    if n < 2:
-        return mean, math.nan, math.nan, math.nan
-    sd = (sum((d - mean) ** 2 for d in diff) / (n - 1)) ** 0.5
-    half = stats.t.ppf(0.975, n - 1) * sd / n ** 0.5
-    p = float(stats.ttest_rel(a, b).pvalue) if sd > 0 else (1.0 if mean == 0 else 0.0)
-    return mean, mean - half, mean + half, p
+    """Mean of a - b, its 95 % t interval and the paired t-test p: `bise table --compare`'s statistic
+    (bise_cli.reporting.paired; p NaN, printed n/a, when every difference is the same)."""
+    return tuple(paired_difference(a, b))[:4]
 
 
 def load(records: Path):
@@ -379,7 +371,7 @@ def table(records: Path, out: Path) -> None:
                 b = ref.loc[common, "acc_unbiased"].mul(100).tolist()
                 diff = paired(a, b)
                 diff_text = f"{diff[0]:+.1f} [{diff[1]:+.1f}, {diff[2]:+.1f}]"
-                p_text = f"{diff[3]:.3f}"
+                p_text = format_p(diff[3])
             lines.append(f"| {stage} | {method} | {len(group)} | {cell('acc_unbiased')} | {cell('val_acc_unbiased')} "
                          f"| {cell('acc_worst_group')} | {cell('sparsity_units')} | {cell('leakage')} | {diff_text} "
                          f"| {p_text} |")

@@ -28,6 +28,7 @@ from bise_cli.core import escape
 from bise_cli.core.errors import BiseError
 from bise_cli.core.names import MISSING, format_value, heading, is_missing
 from bise_cli.core.names import metric as declared_metric
+from bise_cli.reporting.paired import format_p, paired_difference
 from bise_cli.reporting.paper_reference import PAPER_METRIC_MEANING, Reference, reference, reference_metrics
 from bise_cli.run.registry import stage_rank
 
@@ -320,7 +321,6 @@ def compare_stages(df: pd.DataFrame, stage_a: str, stage_b: str, by: list[str] |
     only one of the stages carries (e.g. BISE's `selection`) split that stage's records but never the pairing.
     Values stay in stored units; `attrs["notes"]` lists the unpaired seeds."""
     import numpy as np
-    from scipy import stats
 
     if stage_a == stage_b:
         raise BiseError(f"--compare needs two different stages, got {stage_a!r} twice")
@@ -374,17 +374,8 @@ def compare_stages(df: pd.DataFrame, stage_a: str, stage_b: str, by: list[str] |
                          if not is_missing(a[s][metric]) and not is_missing(b[s][metric])]
                 xa = np.array([p[0] for p in pairs], dtype=float)
                 xb = np.array([p[1] for p in pairs], dtype=float)
-                n, diff = len(pairs), xa - xb
-                mean = float(diff.mean()) if n else math.nan
-                low = high = p_value = math.nan
-                if n >= 2:
-                    spread = float(diff.std(ddof=1))
-                    if spread <= 1e-12 * max(1.0, abs(mean)):  # equal differences up to float rounding
-                        spread = 0.0
-                    half = float(stats.t.ppf(0.975, n - 1)) * spread / math.sqrt(n)
-                    low, high = mean - half, mean + half
-                    if spread > 0:
-                        p_value = float(stats.ttest_rel(xa, xb).pvalue)
+                n = len(pairs)
+                mean, low, high, p_value, _ = paired_difference(xa, xb)
                 rows.append({**label, "metric": metric, "mean_a": float(xa.mean()) if n else math.nan,
                              "mean_b": float(xb.mean()) if n else math.nan, "diff": mean, "ci_low": low,
                              "ci_high": high, "p_value": p_value, "n": n})
@@ -395,9 +386,7 @@ def compare_stages(df: pd.DataFrame, stage_a: str, stage_b: str, by: list[str] |
 
 
 def _p(value: float) -> str:
-    if is_missing(value):
-        return "n/a"
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
+    return "n/a" if is_missing(value) else format_p(value)
 
 
 def format_compare(result: pd.DataFrame, fmt: str) -> str:

@@ -19,7 +19,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # benchmarks/: the variant study's own paired statistics
-from variant_study import paired  # noqa: E402
+from variant_study import format_p, paired  # noqa: E402
 
 REFERENCE = "paper"  # the example's defaults: the row every variant is paired with
 # (column in the records, header): what each row reports, in %.
@@ -74,9 +74,9 @@ def build(df: pd.DataFrame) -> tuple[list[str], list[dict]]:
                               ref.loc[common, "val_acc_unbiased"].mul(100).tolist())
         diff_text = "(reference)" if name == REFERENCE else (f"{diff[0]:+.1f} [{diff[1]:+.1f}, {diff[2]:+.1f}]"
                                                               if diff else "–")
-        p_text = f"{diff[3]:.3f}" if diff else "–"
-        val_text = (f"{val_diff[0]:+.1f} [{val_diff[1]:+.1f}, {val_diff[2]:+.1f}], p {val_diff[3]:.3f}" if val_diff
-                    else diff_text if name == REFERENCE else "–")
+        p_text = format_p(diff[3]) if diff else "–"
+        val_text = (f"{val_diff[0]:+.1f} [{val_diff[1]:+.1f}, {val_diff[2]:+.1f}], p {format_p(val_diff[3])}"
+                    if val_diff else diff_text if name == REFERENCE else "–")
         seeds = " ".join(map(str, group.seed))
         lines.append(f"| {stage} | {name} | {len(group)} | {seeds} | "
                      + " | ".join(cell(group[c]) for c, _ in COLUMNS) + f" | {diff_text} | {p_text} | {val_text} |")

@@ -162,3 +162,30 @@ def test_hf_and_bert_gate_a_bert_alike(tokens):
             logits.append(model(tokens))
         gates.detach()
     assert torch.equal(*logits)
+
+
+def test_mask_aware_layernorm_follows_the_units_a_stochastic_gate_keeps():
+    """Under gate noise or hard concrete the LayerNorm normalises over the units this draw keeps (Gate.support),
+    not over the deterministic 1[m >= 0]; without noise both are the same."""
+    from bise_cli.models.masking import Gate
+
+    norm = torch.nn.LayerNorm(4)
+    aware = MaskAwareLayerNorm(norm)
+    gate = Gate(4, init=0.0)
+    with torch.no_grad():
+        gate.logits.copy_(torch.tensor([1.0, 1.0, 1.0, -1.0]))
+    aware.bind(gate)
+    x = torch.tensor([[1.0, 3.0, 100.0, 5.0]])
+    assert torch.equal(gate.support(), gate.hard())
+    gate.noise = torch.tensor([0.0, 0.0, -3.0, 0.0])  # this draw drops unit 2 (Gumbel-sigmoid: 1[m + L >= 0])
+    assert gate.support().tolist() == [1.0, 1.0, 0.0, 0.0]
+    aware.fixed_mask = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    expected = MaskAwareLayerNorm(norm)
+    expected.fixed_mask = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    assert torch.allclose(aware(x), expected(x))
+    gate.concrete_beta = 2 / 3  # hard concrete: z > 0 unless sigmoid((m + L)/beta) < 1/12
+    gate.noise = torch.tensor([0.0, -3.0, 0.0, 0.0])
+    z = torch.sigmoid(torch.tensor([1.0, -2.0, 1.0, -1.0]) * 1.5) * 1.2 - 0.1  # unit 3: 0.118, still on
+    assert gate.support().tolist() == (z > 0).float().tolist() == [1.0, 0.0, 1.0, 1.0]
+    gate.mode = "fixed"  # outside the search's masked mode the deterministic mask again
+    assert torch.equal(gate.support(), gate.hard())

@@ -58,7 +58,7 @@ class MaskAwareLayerNorm(nn.Module):
 
     def current_mask(self) -> torch.Tensor | None:
         if self.gate is not None and self.gate.mode != "vanilla":
-            return self.gate.hard()
+            return self.gate.support()
         return self.fixed_mask
 
     def _fixed_case(self, mask: torch.Tensor) -> tuple[str, int]:
@@ -87,8 +87,9 @@ class MaskAwareLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None and self.gate.mode != "vanilla":
             # The search's gates change every step: both results are computed and the mask picks one on the
-            # device (no branch on a device value). An empty mask keeps every dimension unchanged.
-            mask = self.gate.hard().to(x)
+            # device (no branch on a device value). An empty mask keeps every dimension unchanged. Stochastic
+            # search gates (gate noise, hard concrete) normalise over the units this draw keeps.
+            mask = self.gate.support().to(x)
             kept = mask.sum()
             plain = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
             return torch.where(kept == mask.numel(), plain, self._masked_norm(x, mask, kept.clamp(min=1)))

@@ -93,6 +93,18 @@ class Gate(nn.Module):
         """The binary mask 1[m >= 0] as a float tensor (no gradient)."""
         return (self.logits.detach() >= 0).to(self.logits.dtype)
 
+    def support(self) -> torch.Tensor:
+        """The units whose gate is non-zero in this forward pass, as a float 0/1 tensor (no gradient): 1[m >= 0]
+        without noise or outside `masked` mode, 1[m + noise >= 0] for a Gumbel-sigmoid draw, z > 0 for a hard
+        concrete draw. What mask-dependent layers (BERT's mask-aware LayerNorm) normalise over."""
+        if self.noise is None or self.mode != "masked":
+            return self.hard()
+        noisy = (self.logits.detach() + self.noise) / (self.concrete_beta or 1.0)
+        if self.concrete_beta is None:
+            return (noisy >= 0).to(self.logits.dtype)
+        low, high = HARD_CONCRETE_STRETCH
+        return (torch.sigmoid(noisy) * (high - low) + low > 0).to(self.logits.dtype)
+
     def values(self) -> torch.Tensor | None:
         """Gate values for the current mode; None in vanilla mode."""
         if self.mode == "vanilla":

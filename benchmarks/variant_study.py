@@ -344,6 +344,31 @@ def per_seed(frame, protocol: str) -> list[str]:
     return lines
 
 
+def against_baselines(frame, protocol: str) -> list[str]:
+    """Each BISE row paired with vanilla (what the subnetwork alone adds), each BISE+FT row with the reweighted-FT
+    control under the same fine-tuning selection (what the masks add to the fine-tuning), by seed."""
+    control = {selection: f"rwft adam_1e-3 ft:{selection}" for selection in ("last", "val")}
+    lines = ["Paired by seed: BISE rows against vanilla, BISE+FT rows against the reweighted-FT control with the same "
+             "fine-tuning selection (test unbiased accuracy, %)", "",
+             "| stage | method | against | n | diff [95 % CI] | p |", "|---|---|---|---|---|---|"]
+    for (stage, method), group in ordered(frame, protocol):
+        if stage == "bise":
+            other = ("vanilla", "vanilla")
+        elif stage == "bise_ft" and method.rsplit(":", 1)[-1] in control:
+            other = ("reweighted_ft", control[method.rsplit(":", 1)[-1]])
+        else:
+            continue
+        base = frame[(frame.stage == other[0]) & (frame.method == other[1])].set_index("seed").acc_unbiased * 100
+        mine = group.set_index("seed").acc_unbiased * 100
+        common = [s for s in mine.index if s in base.index]
+        if len(common) < 2:
+            continue
+        diff = paired(mine[common].tolist(), base[common].tolist())
+        lines.append(f"| {stage} | {method} | {other[1]} | {len(common)} | {diff[0]:+.1f} [{diff[1]:+.1f}, "
+                     f"{diff[2]:+.1f}] | {format_p(diff[3])} |")
+    return lines
+
+
 def table(records: Path, out: Path) -> None:
     import pandas as pd
 
@@ -382,7 +407,7 @@ def table(records: Path, out: Path) -> None:
                              "diff_vs_paper": diff[0] if diff else None, "ci_low": diff[1] if diff else None,
                              "ci_high": diff[2] if diff else None, "p": diff[3] if diff else None,
                              "seeds": " ".join(map(str, group.seed))})
-        lines += ["", *per_seed(frame, protocol), ""]
+        lines += ["", *per_seed(frame, protocol), "", *against_baselines(frame, protocol), ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text("\n".join(lines))
     pd.DataFrame(csv_rows).to_csv(out / "table.csv", index=False)

@@ -59,3 +59,24 @@ def test_table_reference_row_follows_the_datasets_selection(study, tmp_path):
     # BiasedMNIST: the best-validation masks are the reference, the last masks -9.5 below them.
     assert any("paper masks:val" in line and "(reference)" in line for line in section["bm"])
     assert any("paper masks:last" in line and "-9.5" in line for line in section["bm"])
+
+
+def test_table_pairs_bise_with_vanilla_and_bise_ft_with_the_control_of_the_same_selection(study, tmp_path):
+    rows = []
+    for seed, shift in enumerate([0.0, 0.01, 0.03]):
+        base = {"protocol": "paper", "seed": seed, "val_acc_unbiased": 0.5}
+        rows += [{**base, "stage": "vanilla", "method": "vanilla", "acc_unbiased": 0.50 + shift},
+                 {**base, "stage": "bise", "method": "paper masks:last", "acc_unbiased": 0.52 + 2 * shift},
+                 {**base, "stage": "reweighted_ft", "method": "rwft adam_1e-3 ft:last", "acc_unbiased": 0.60},
+                 {**base, "stage": "reweighted_ft", "method": "rwft adam_1e-3 ft:val", "acc_unbiased": 0.70},
+                 {**base, "stage": "bise_ft", "method": "paper masks:last adam_1e-3 ft:val",
+                  "acc_unbiased": 0.71 + shift}]
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    study.table(tmp_path / "records", tmp_path / "out")
+    lines = (tmp_path / "out" / "table.md").read_text().splitlines()
+    paired = lines[next(i for i, line in enumerate(lines) if line.startswith("Paired by seed")):]
+    # BISE - vanilla = 2 + 100 * shift points per seed: mean 2 + 4/3 = +3.3; BISE+FT - control(ft:val) = +1 + shift
+    assert any(line.startswith("| bise | paper masks:last | vanilla | 3 | +3.3 [") for line in paired)
+    assert any(line.startswith("| bise_ft | paper masks:last adam_1e-3 ft:val | rwft adam_1e-3 ft:val | 3 | +2.3 [")
+               for line in paired)

@@ -79,6 +79,9 @@ SEARCHES = {
     # The paper protocol's masks stop changing at tau 0.03-0.06 (epochs 42-52 of 100): a floor just below keeps
     # the straight-through gradient alive for the second half of the schedule.
     "floor_0.05": {"tau_floor": 0.05},
+    # floor_0.05 repeated the paper's masks exactly on seed 0 (its gates had settled by tau 0.06): a floor at the
+    # temperature of epochs 21-30 keeps a slope sigma'(m/0.2)/0.2 for the 70 epochs after them.
+    "floor_0.2": {"tau_floor": 0.2},
     "mi_all": {"mi_subset": "all"},
     "l0_3": {"sparsity_weight": 3.0},
     "l0_0.3": {"sparsity_weight": 0.3},  # l0_3 switched off every unit on the quickstart: a tenth of it

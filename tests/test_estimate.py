@@ -38,6 +38,18 @@ def test_estimate_scales_with_the_epochs_at_a_given_speed(monkeypatch):
     assert {k: v for k, v in doubled.items() if k != "vanilla"} == {k: v for k, v in estimate.items() if k != "vanilla"}
 
 
+def test_no_probe_epochs_time_no_probe_steps(monkeypatch):
+    cfg = compose_config(TINY_OVERRIDES)
+    cfg = {**cfg, "leakage_probe": {**cfg["leakage_probe"], "epochs": 0}}
+    bundle = pipeline.load_data(cfg)
+
+    def never(*args):
+        raise AssertionError("timed a probe that has no epochs")
+
+    monkeypatch.setattr("bise_cli.run.estimate.probe_step_seconds", never)
+    assert estimate_run(cfg, bundle, torch.device("cpu"))["estimated_seconds"] > 0
+
+
 def test_gpu_work_on_a_cpu_is_said_in_one_line_with_the_alternatives():
     estimate = {"estimated_seconds": 69000.0, "per_stage": {"vanilla": 62000.0, "bise": 7000.0},
                 "seconds_per_sample": 0.0129, "timed_batch_size": 256}

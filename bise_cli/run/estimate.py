@@ -65,7 +65,9 @@ def seconds_per_sample(cfg: dict, bundle: DatasetBundle, device: torch.device) -
                 warmup = (time.perf_counter() - started) / len(y)
             if step >= TIMED_BATCHES:
                 break
-        probe_step = probe_step_seconds(cfg, bundle, model.classifier.in_features, device)
+        # Without probe epochs nothing would use the timing (the estimate multiplies it by zero steps).
+        probe_step = (probe_step_seconds(cfg, bundle, model.classifier.in_features, device)
+                      if int(cfg["leakage_probe"]["epochs"]) > 0 else 0.0)
     if not times:  # a training split of one batch: its warm-up step is all there is
         times = [warmup]
     return sorted(times)[len(times) // 2], batch_size, probe_step

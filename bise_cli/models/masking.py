@@ -94,16 +94,13 @@ class Gate(nn.Module):
         return (self.logits.detach() >= 0).to(self.logits.dtype)
 
     def support(self) -> torch.Tensor:
-        """The units whose gate is non-zero in this forward pass, as a float 0/1 tensor (no gradient): 1[m >= 0]
-        without noise or outside `masked` mode, 1[m + noise >= 0] for a Gumbel-sigmoid draw, z > 0 for a hard
-        concrete draw. What mask-dependent layers (BERT's mask-aware LayerNorm) normalise over."""
-        if self.noise is None or self.mode != "masked":
-            return self.hard()
-        noisy = (self.logits.detach() + self.noise) / (self.concrete_beta or 1.0)
-        if self.concrete_beta is None:
-            return (noisy >= 0).to(self.logits.dtype)
-        low, high = HARD_CONCRETE_STRETCH
-        return (torch.sigmoid(noisy) * (high - low) + low > 0).to(self.logits.dtype)
+        """The units whose gate is non-zero in this forward pass, as a float 0/1 tensor (no gradient): the forward
+        value of `values()` (1[m >= 0] without noise, 1[m + noise >= 0] for a Gumbel-sigmoid draw, z > 0 for a
+        hard concrete draw), 1[m >= 0] in vanilla mode. What mask-dependent layers (BERT's mask-aware LayerNorm)
+        normalise over."""
+        with torch.no_grad():
+            gate = self.values()
+        return self.hard() if gate is None else (gate > 0).to(self.logits.dtype)
 
     def values(self) -> torch.Tensor | None:
         """Gate values for the current mode; None in vanilla mode."""

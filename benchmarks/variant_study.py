@@ -102,6 +102,7 @@ RESTARTS = 3
 # Fine-tuning recipes: the package's (Adam 1e-3, 20 epochs) for both fine-tunings; the control may also try
 # Adam 1e-4 (--control-recipes), so that it is at least as tuned as BISE+FT.
 FINETUNES = {"adam_1e-3": {}, "adam_1e-4": {"lr": 1e-4}}
+PACKAGE_FINETUNE = "adam_1e-3"  # the package's recipe: the reference rows' fine-tuning and the control's
 VAL_METRIC = "acc_unbiased"
 # The paper's mask selection for the protocol's dataset: the reference row of the BISE and BISE+FT stages.
 PAPER_MASKS = {"paper": "last", "quickstart": "last", "smoke": "last", "biased_mnist_reduced": "val"}
@@ -254,7 +255,7 @@ def run(protocol: str, seeds: list[int], searches: list[str], ft_searches: list[
         for recipe_name in control_recipes:
             tuned = finetune(ctx, model, None, vanilla_key, FINETUNES[recipe_name], "none")
             for selection in ("last", "val"):
-                rows.append({**base, "stage": "reweighted_ft", "method": f"rwft {recipe_name} ft:{selection}",
+                rows.append({**base, "stage": "reweighted_ft", "method": control_method(recipe_name, selection),
                              **tuned[selection]})
         trajectories = {}
         for name in searches:
@@ -299,11 +300,16 @@ def run(protocol: str, seeds: list[int], searches: list[str], ft_searches: list[
 
 # ----------------------------------------------------------------------------------------------- table
 
+def control_method(recipe_name: str, selection: str) -> str:
+    """The record name of the reweighted-FT control fine-tuned with `recipe_name`, epoch chosen by `selection`."""
+    return f"rwft {recipe_name} ft:{selection}"
+
+
 def reference(protocol: str, stage: str) -> str | None:
     """The row of `stage` that the others of `protocol` are compared with: the paper's recipe and selection."""
     masks = f"paper masks:{PAPER_MASKS.get(protocol, 'last')}"
-    return {"vanilla": "vanilla", "bise": masks, "bise_ft": f"{masks} adam_1e-3 ft:last",
-            "reweighted_ft": "rwft adam_1e-3 ft:last"}.get(stage)
+    return {"vanilla": "vanilla", "bise": masks, "bise_ft": f"{masks} {PACKAGE_FINETUNE} ft:last",
+            "reweighted_ft": control_method(PACKAGE_FINETUNE, "last")}.get(stage)
 
 
 def ordered(frame, protocol: str):
@@ -331,6 +337,14 @@ def load(records: Path):
     return df.drop_duplicates(["protocol", "seed", "stage", "method"], keep="last")
 
 
+def mean_sd(values) -> str:
+    """A column of fractions as % mean ± sample sd over its non-missing values, the single value, or '–'."""
+    values = values.dropna() * 100
+    if values.empty:
+        return "–"
+    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" if len(values) > 1 else f"{values.mean():.1f}"
+
+
 def per_seed(frame, protocol: str) -> list[str]:
     """Markdown lines: the test unbiased accuracy of every (stage, method) per seed, and its difference from the
     same seed's vanilla model (the quickstart target reads seeds 0 and 1: BISE alone >= vanilla + 5 points)."""
@@ -350,15 +364,15 @@ def per_seed(frame, protocol: str) -> list[str]:
 def against_baselines(frame, protocol: str) -> list[str]:
     """Each BISE row paired with vanilla (what the subnetwork alone adds), each BISE+FT row with the reweighted-FT
     control under the same fine-tuning selection (what the masks add to the fine-tuning), by seed."""
-    control = {selection: f"rwft adam_1e-3 ft:{selection}" for selection in ("last", "val")}
     lines = ["Paired by seed: BISE rows against vanilla, BISE+FT rows against the reweighted-FT control with the same "
              "fine-tuning selection (test unbiased accuracy, %)", "",
              "| stage | method | against | n | diff [95 % CI] | p |", "|---|---|---|---|---|---|"]
     for (stage, method), group in ordered(frame, protocol):
+        selection = method.rsplit(":", 1)[-1]
         if stage == "bise":
             other = ("vanilla", "vanilla")
-        elif stage == "bise_ft" and method.rsplit(":", 1)[-1] in control:
-            other = ("reweighted_ft", control[method.rsplit(":", 1)[-1]])
+        elif stage == "bise_ft" and selection in ("last", "val"):
+            other = ("reweighted_ft", control_method(PACKAGE_FINETUNE, selection))
         else:
             continue
         base = frame[(frame.stage == other[0]) & (frame.method == other[1])].set_index("seed").acc_unbiased * 100
@@ -387,10 +401,7 @@ def table(records: Path, out: Path) -> None:
             common = [s for s in group.seed if s in ref.index]
 
             def cell(column, frame=group):
-                values = frame[column].dropna() * 100 if column in frame else []
-                if len(values) == 0:
-                    return "–"
-                return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" if len(values) > 1 else f"{values.mean():.1f}"
+                return mean_sd(frame[column]) if column in frame else "–"
 
             if method == ref_method or len(common) < 2:
                 diff_text, p_text, diff = "(reference)" if method == ref_method else "–", "–", None

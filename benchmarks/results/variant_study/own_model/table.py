@@ -19,7 +19,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # benchmarks/: the variant study's own paired statistics
-from variant_study import format_p, paired  # noqa: E402
+from variant_study import format_p, mean_sd, paired  # noqa: E402
 
 REFERENCE = "paper"  # the example's defaults: the row every variant is paired with
 # (column in the records, header): what each row reports, in %.
@@ -38,14 +38,6 @@ def load(records: Path) -> pd.DataFrame:
             rows.append({"variant": variant, "seed": int(record["seed"]), "stage": record["stage"],
                          **{c: record.get(c) for c, _ in COLUMNS}})
     return pd.DataFrame(rows)
-
-
-def cell(values: pd.Series) -> str:
-    """Mean ± sample sd in %, or the single value."""
-    values = values.dropna() * 100
-    if values.empty:
-        return "–"
-    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" if len(values) > 1 else f"{values.mean():.1f}"
 
 
 def build(df: pd.DataFrame) -> tuple[list[str], list[dict]]:
@@ -79,7 +71,7 @@ def build(df: pd.DataFrame) -> tuple[list[str], list[dict]]:
                     if val_diff else diff_text if name == REFERENCE else "–")
         seeds = " ".join(map(str, group.seed))
         lines.append(f"| {stage} | {name} | {len(group)} | {seeds} | "
-                     + " | ".join(cell(group[c]) for c, _ in COLUMNS) + f" | {diff_text} | {p_text} | {val_text} |")
+                     + " | ".join(mean_sd(group[c]) for c, _ in COLUMNS) + f" | {diff_text} | {p_text} | {val_text} |")
         csv_rows.append({"stage": stage, "variant": name, "n": len(group), "seeds": seeds,
                          **{f"{c}_mean": group[c].mean() * 100 for c, _ in COLUMNS},
                          **{f"{c}_sd": group[c].std(ddof=1) * 100 for c, _ in COLUMNS},
